@@ -1,0 +1,3 @@
+"""Veilnet per-host data-plane agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Agent configuration: a TOML file, every key checked, errors name the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from . import validate as v
+from .errors import ValidationError
+
+DEFAULT_CONFIG_PATH = Path("/etc/veilnet/agent.toml")
+
+WgBackend = Literal["auto", "kernel", "userspace"]
+LogFormat = Literal["json", "console"]
+
+
+@dataclass(frozen=True)
+class UnderlayConfig:
+    interface: str
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    mtu: int | None  # None: read from the interface
+
+    @property
+    def family(self) -> Literal[4, 6]:
+        return 4 if self.address.version == 4 else 6
+
+
+@dataclass(frozen=True)
+class WireGuardConfig:
+    backend: WgBackend
+    listen_port: int
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    state_dir: Path
+    resync_interval: float
+    log_format: LogFormat
+    log_level: str
+    underlay: UnderlayConfig
+    wireguard: WireGuardConfig
+
+
+_TOP = {"node_name", "state_dir", "resync_interval", "log_format", "log_level", "underlay", "wireguard"}
+_UNDERLAY = {"interface", "address", "mtu"}
+_WIREGUARD = {"backend", "listen_port"}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_config(data: dict[str, Any]) -> AgentConfig:
+    v.no_unknown_keys(data, _TOP, "")
+    node_name = v.name(v.required(data, "node_name", ""), "node_name")
+    state_dir_text = v.string(data.get("state_dir", "/var/lib/veilnet"), "state_dir")
+    if not state_dir_text.startswith("/"):
+        raise ValidationError("state_dir", state_dir_text, "must be an absolute path")
+    resync = v.number(data.get("resync_interval", 30.0), "resync_interval", 0.2, 86400.0)
+    log_format = v.choice(data.get("log_format", "json"), "log_format", ("json", "console"))
+    log_level = v.choice(data.get("log_level", "info"), "log_level", _LOG_LEVELS)
+
+    underlay_raw = v.mapping(v.required(data, "underlay", ""), "underlay")
+    v.no_unknown_keys(underlay_raw, _UNDERLAY, "underlay")
+    mtu_raw = underlay_raw.get("mtu")
+    underlay = UnderlayConfig(
+        interface=v.ifname(v.required(underlay_raw, "interface", "underlay"), "underlay.interface"),
+        address=v.ip_address(v.required(underlay_raw, "address", "underlay"), "underlay.address"),
+        mtu=None if mtu_raw is None else v.integer(mtu_raw, "underlay.mtu", 1280, 65535),
+    )
+
+    wg_raw = v.mapping(data.get("wireguard", {}), "wireguard")
+    v.no_unknown_keys(wg_raw, _WIREGUARD, "wireguard")
+    backend = v.choice(wg_raw.get("backend", "auto"), "wireguard.backend", ("auto", "kernel", "userspace"))
+    wireguard = WireGuardConfig(
+        backend="auto" if backend == "auto" else "kernel" if backend == "kernel" else "userspace",
+        listen_port=v.integer(wg_raw.get("listen_port", 51820), "wireguard.listen_port", 1, 65535),
+    )
+    return AgentConfig(
+        node_name=node_name,
+        state_dir=Path(state_dir_text),
+        resync_interval=resync,
+        log_format="json" if log_format == "json" else "console",
+        log_level=log_level,
+        underlay=underlay,
+        wireguard=wireguard,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValidationError("config", str(path), f"cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError("config", str(path), f"not valid TOML: {exc}") from None
+    return parse_config(data)

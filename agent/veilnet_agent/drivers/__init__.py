@@ -1,0 +1,1 @@
+"""Thin drivers: each observes and applies one kind of kernel object."""

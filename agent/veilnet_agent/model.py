@@ -1,0 +1,329 @@
+"""The desired state of one node: typed, immutable, validated whole.
+
+``parse_node_state`` either returns a complete ``NodeState`` or raises one
+``ValidationError`` naming the field path and value; nothing partial escapes.
+The same structure comes from a local state file today and from the
+controller later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from . import naming
+from . import validate as v
+from .errors import ValidationError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Encapsulation = Literal["vxlan", "geneve"]
+
+VNI_MAX = 16_777_215
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    vni: int
+    encapsulation: Encapsulation
+    ipv4_subnet: ipaddress.IPv4Network | None
+    ipv4_gateway: ipaddress.IPv4Address | None
+    ipv6_subnet: ipaddress.IPv6Network | None
+    ipv6_gateway: ipaddress.IPv6Address | None
+    gateway_mac: str
+
+    def subnet_for(self, address: IPAddress) -> IPNetwork | None:
+        return self.ipv4_subnet if address.version == 4 else self.ipv6_subnet
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    name: str
+    segment: str
+    mac: str
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
+    netns: str
+    ifname: str
+
+    @property
+    def ips(self) -> tuple[IPAddress, ...]:
+        return tuple(ip for ip in (self.ipv4, self.ipv6) if ip is not None)
+
+
+@dataclass(frozen=True)
+class RemoteEndpoint:
+    segment: str
+    mac: str
+    ips: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    underlay_address: IPAddress
+    underlay_port: int
+    public_key: str
+    transport_address: IPAddress
+    keepalive: int
+    endpoints: tuple[RemoteEndpoint, ...]
+
+
+@dataclass(frozen=True)
+class NodeState:
+    node: str
+    transport_address: IPInterface
+    segments: tuple[Segment, ...]
+    endpoints: tuple[LocalEndpoint, ...]
+    peers: tuple[Peer, ...]
+
+    def segment(self, name: str) -> Segment:
+        for segment in self.segments:
+            if segment.name == name:
+                return segment
+        raise KeyError(name)
+
+
+def empty_state(node: str, transport_address: IPInterface) -> NodeState:
+    return NodeState(node, transport_address, (), (), ())
+
+
+_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers"}
+_SEGMENT_KEYS = {
+    "name", "vni", "encapsulation", "ipv4_subnet", "ipv4_gateway",
+    "ipv6_subnet", "ipv6_gateway", "gateway_mac",
+}
+_ENDPOINT_KEYS = {"name", "segment", "mac", "ipv4", "ipv6", "netns", "ifname"}
+_PEER_KEYS = {
+    "name", "underlay_address", "underlay_port", "public_key",
+    "transport_address", "keepalive", "endpoints",
+}
+_REMOTE_ENDPOINT_KEYS = {"segment", "mac", "ips"}
+
+
+def _host_in(address: IPAddress, subnet: IPNetwork, path: str) -> None:
+    if address not in subnet:
+        raise ValidationError(path, str(address), f"is outside the subnet {subnet}")
+    if subnet.num_addresses > 2 and address in (subnet.network_address, subnet.broadcast_address):
+        raise ValidationError(path, str(address), f"is the network or broadcast address of {subnet}")
+
+
+def _parse_segment(raw: object, path: str) -> Segment:
+    data = v.mapping(raw, path)
+    v.no_unknown_keys(data, _SEGMENT_KEYS, path)
+    name = v.name(v.required(data, "name", path), v.join(path, "name"))
+    vni = v.integer(v.required(data, "vni", path), v.join(path, "vni"), 1, VNI_MAX)
+    encap = v.choice(data.get("encapsulation", "vxlan"), v.join(path, "encapsulation"), ("vxlan", "geneve"))
+
+    def family_pair(version: int) -> tuple[IPNetwork | None, IPAddress | None]:
+        subnet_key, gateway_key = f"ipv{version}_subnet", f"ipv{version}_gateway"
+        if data.get(subnet_key) is None:
+            if data.get(gateway_key) is not None:
+                raise ValidationError(v.join(path, gateway_key), data[gateway_key], f"given without {subnet_key}")
+            return None, None
+        subnet = v.ip_network(data[subnet_key], v.join(path, subnet_key))
+        if subnet.version != version:
+            raise ValidationError(v.join(path, subnet_key), data[subnet_key], f"must be an IPv{version} network")
+        gateway = v.ip_address(v.required(data, gateway_key, path), v.join(path, gateway_key))
+        _host_in(gateway, subnet, v.join(path, gateway_key))
+        return subnet, gateway
+
+    v4_subnet, v4_gateway = family_pair(4)
+    v6_subnet, v6_gateway = family_pair(6)
+    if v4_subnet is None and v6_subnet is None:
+        raise ValidationError(v.join(path, "ipv4_subnet"), None, "a segment needs an IPv4 or IPv6 subnet")
+    mac_raw = data.get("gateway_mac")
+    gateway_mac = naming.gateway_mac(vni) if mac_raw is None else v.unicast_mac(mac_raw, v.join(path, "gateway_mac"))
+    assert v4_subnet is None or isinstance(v4_subnet, ipaddress.IPv4Network)
+    assert v4_gateway is None or isinstance(v4_gateway, ipaddress.IPv4Address)
+    assert v6_subnet is None or isinstance(v6_subnet, ipaddress.IPv6Network)
+    assert v6_gateway is None or isinstance(v6_gateway, ipaddress.IPv6Address)
+    return Segment(
+        name=name,
+        vni=vni,
+        encapsulation="vxlan" if encap == "vxlan" else "geneve",
+        ipv4_subnet=v4_subnet,
+        ipv4_gateway=v4_gateway,
+        ipv6_subnet=v6_subnet,
+        ipv6_gateway=v6_gateway,
+        gateway_mac=gateway_mac,
+    )
+
+
+class _SegmentIndex:
+    """Tracks per-segment uniqueness of MACs and IPs across local and remote endpoints."""
+
+    def __init__(self, segments: tuple[Segment, ...]) -> None:
+        self.by_name = {s.name: s for s in segments}
+        self.macs: dict[tuple[str, str], str] = {}
+        self.ips: dict[tuple[str, IPAddress], str] = {}
+        for s in segments:
+            self.macs[(s.name, s.gateway_mac)] = f"the gateway of segment {s.name}"
+            for gw in (s.ipv4_gateway, s.ipv6_gateway):
+                if gw is not None:
+                    self.ips[(s.name, gw)] = f"the gateway of segment {s.name}"
+
+    def segment(self, raw: object, path: str) -> Segment:
+        name = v.name(raw, path)
+        if name not in self.by_name:
+            raise ValidationError(path, raw, "names no segment of this node")
+        return self.by_name[name]
+
+    def claim_mac(self, segment: Segment, mac: str, path: str) -> None:
+        key = (segment.name, mac)
+        if key in self.macs:
+            raise ValidationError(path, mac, f"is already used by {self.macs[key]}")
+        self.macs[key] = path
+
+    def claim_ip(self, segment: Segment, ip: IPAddress, path: str) -> None:
+        subnet = segment.subnet_for(ip)
+        if subnet is None:
+            raise ValidationError(path, str(ip), f"segment {segment.name} has no IPv{ip.version} subnet")
+        _host_in(ip, subnet, path)
+        key = (segment.name, ip)
+        if key in self.ips:
+            raise ValidationError(path, str(ip), f"is already used by {self.ips[key]}")
+        self.ips[key] = path
+
+
+def _parse_endpoint(raw: object, path: str, index: _SegmentIndex) -> LocalEndpoint:
+    data = v.mapping(raw, path)
+    v.no_unknown_keys(data, _ENDPOINT_KEYS, path)
+    name = v.name(v.required(data, "name", path), v.join(path, "name"))
+    segment = index.segment(v.required(data, "segment", path), v.join(path, "segment"))
+    mac = v.unicast_mac(v.required(data, "mac", path), v.join(path, "mac"))
+    index.claim_mac(segment, mac, v.join(path, "mac"))
+    ips: dict[int, IPAddress] = {}
+    for version in (4, 6):
+        key = f"ipv{version}"
+        if data.get(key) is None:
+            continue
+        ip = v.ip_address(data[key], v.join(path, key))
+        if ip.version != version:
+            raise ValidationError(v.join(path, key), data[key], f"must be an IPv{version} address")
+        index.claim_ip(segment, ip, v.join(path, key))
+        ips[version] = ip
+    if not ips:
+        raise ValidationError(v.join(path, "ipv4"), None, "an endpoint needs an IPv4 or IPv6 address")
+    ipv4, ipv6 = ips.get(4), ips.get(6)
+    assert ipv4 is None or isinstance(ipv4, ipaddress.IPv4Address)
+    assert ipv6 is None or isinstance(ipv6, ipaddress.IPv6Address)
+    return LocalEndpoint(
+        name=name,
+        segment=segment.name,
+        mac=mac,
+        ipv4=ipv4,
+        ipv6=ipv6,
+        netns=v.netns_name(v.required(data, "netns", path), v.join(path, "netns")),
+        ifname=v.ifname(data.get("ifname", "eth0"), v.join(path, "ifname")),
+    )
+
+
+def _parse_remote_endpoint(raw: object, path: str, index: _SegmentIndex) -> RemoteEndpoint:
+    data = v.mapping(raw, path)
+    v.no_unknown_keys(data, _REMOTE_ENDPOINT_KEYS, path)
+    segment = index.segment(v.required(data, "segment", path), v.join(path, "segment"))
+    mac = v.unicast_mac(v.required(data, "mac", path), v.join(path, "mac"))
+    index.claim_mac(segment, mac, v.join(path, "mac"))
+    ips_raw = v.sequence(v.required(data, "ips", path), v.join(path, "ips"))
+    if not ips_raw:
+        raise ValidationError(v.join(path, "ips"), [], "needs at least one address")
+    ips: list[IPAddress] = []
+    for i, item in enumerate(ips_raw):
+        ip_path = v.join(v.join(path, "ips"), i)
+        ip = v.ip_address(item, ip_path)
+        index.claim_ip(segment, ip, ip_path)
+        ips.append(ip)
+    return RemoteEndpoint(segment=segment.name, mac=mac, ips=tuple(ips))
+
+
+def _parse_peer(
+    raw: object, path: str, index: _SegmentIndex, transport: IPInterface
+) -> Peer:
+    data = v.mapping(raw, path)
+    v.no_unknown_keys(data, _PEER_KEYS, path)
+    name = v.name(v.required(data, "name", path), v.join(path, "name"))
+    transport_path = v.join(path, "transport_address")
+    transport_address = v.ip_address(v.required(data, "transport_address", path), transport_path)
+    if transport_address not in transport.network or transport_address == transport.ip:
+        raise ValidationError(
+            transport_path, str(transport_address),
+            f"must be another address in this node's transport network {transport.network}",
+        )
+    endpoints_raw = v.sequence(data.get("endpoints", []), v.join(path, "endpoints"))
+    return Peer(
+        name=name,
+        underlay_address=v.ip_address(v.required(data, "underlay_address", path), v.join(path, "underlay_address")),
+        underlay_port=v.integer(data.get("underlay_port", 51820), v.join(path, "underlay_port"), 1, 65535),
+        public_key=v.wg_public_key(v.required(data, "public_key", path), v.join(path, "public_key")),
+        transport_address=transport_address,
+        keepalive=v.integer(data.get("keepalive", 0), v.join(path, "keepalive"), 0, 65535),
+        endpoints=tuple(
+            _parse_remote_endpoint(item, v.join(v.join(path, "endpoints"), i), index)
+            for i, item in enumerate(endpoints_raw)
+        ),
+    )
+
+
+def _unique(items: Sequence[tuple[object, str]], what: str) -> None:
+    seen: dict[object, str] = {}
+    for key, path in items:
+        if key in seen:
+            raise ValidationError(path, key if isinstance(key, (int, str)) else str(key),
+                                  f"duplicate {what}, also at {seen[key]}")
+        seen[key] = path
+
+
+def parse_node_state(raw: object) -> NodeState:
+    data = v.mapping(raw, "")
+    v.no_unknown_keys(data, _STATE_KEYS, "")
+    node = v.name(v.required(data, "node", ""), "node")
+    transport = v.ip_interface(v.required(data, "transport_address", ""), "transport_address")
+
+    segments_raw = v.sequence(data.get("segments", []), "segments")
+    segments = tuple(_parse_segment(item, f"segments[{i}]") for i, item in enumerate(segments_raw))
+    _unique([(s.name, f"segments[{i}].name") for i, s in enumerate(segments)], "segment name")
+    _unique([(s.vni, f"segments[{i}].vni") for i, s in enumerate(segments)], "VNI")
+    _check_subnets_disjoint(segments, transport)
+
+    index = _SegmentIndex(segments)
+    endpoints_raw = v.sequence(data.get("endpoints", []), "endpoints")
+    endpoints = tuple(
+        _parse_endpoint(item, f"endpoints[{i}]", index) for i, item in enumerate(endpoints_raw)
+    )
+    _unique([(e.name, f"endpoints[{i}].name") for i, e in enumerate(endpoints)], "endpoint name")
+    _unique([(e.netns + "/" + e.ifname, f"endpoints[{i}].netns") for i, e in enumerate(endpoints)],
+            "namespace and interface name")
+
+    peers_raw = v.sequence(data.get("peers", []), "peers")
+    peers = tuple(
+        _parse_peer(item, f"peers[{i}]", index, transport) for i, item in enumerate(peers_raw)
+    )
+    _unique([(node, "node")] + [(p.name, f"peers[{i}].name") for i, p in enumerate(peers)], "node name")
+    _unique([(p.public_key, f"peers[{i}].public_key") for i, p in enumerate(peers)], "public key")
+    _unique([(p.transport_address, f"peers[{i}].transport_address") for i, p in enumerate(peers)],
+            "transport address")
+    _unique(
+        [((p.underlay_address, p.underlay_port), f"peers[{i}].underlay_address") for i, p in enumerate(peers)],
+        "underlay address and port",
+    )
+    return NodeState(node=node, transport_address=transport, segments=segments, endpoints=endpoints, peers=peers)
+
+
+def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:
+    claimed: list[tuple[IPNetwork, str]] = [(transport.network, "transport_address")]
+    for i, segment in enumerate(segments):
+        for key, subnet in (("ipv4_subnet", segment.ipv4_subnet), ("ipv6_subnet", segment.ipv6_subnet)):
+            if subnet is None:
+                continue
+            path = f"segments[{i}].{key}"
+            for other, other_path in claimed:
+                if other.version == subnet.version and subnet.overlaps(other):
+                    raise ValidationError(path, str(subnet), f"overlaps {other} at {other_path}")
+            claimed.append((subnet, path))
+
+

@@ -1,0 +1,103 @@
+"""Operations the planner emits and the drivers apply, in the order given.
+
+Each op names one kernel change. ``cost`` is the number of kernel requests it
+takes (netlink messages, or peers in a WireGuard batch), used by benchmarks
+and logs to show that a small change does small work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .objects import FdbEntry, Link, NeighEntry, WgInterface, WgPeer
+
+
+@dataclass(frozen=True)
+class EnsureWgInterface:
+    """Create the WireGuard interface, or bring its settings to ``target``."""
+
+    target: WgInterface
+    create: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class SyncWgPeers:
+    """Add or replace ``upserts`` and remove ``removes`` (public keys) in one batch."""
+
+    upserts: tuple[WgPeer, ...]
+    removes: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class CreateLink:
+    link: Link
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeleteLink:
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UpdateLink:
+    """Change mutable attributes in place; None means unchanged."""
+
+    name: str
+    mtu: int | None
+    master: str | None
+    mac: str | None
+    add_addresses: frozenset[str]
+    remove_addresses: frozenset[str]
+    reason: str
+
+
+@dataclass(frozen=True)
+class AddFdb:
+    entry: FdbEntry
+    reason: str
+
+
+@dataclass(frozen=True)
+class DelFdb:
+    entry: FdbEntry
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetNeigh:
+    """Add or replace a permanent neighbour entry."""
+
+    entry: NeighEntry
+    reason: str
+
+
+@dataclass(frozen=True)
+class DelNeigh:
+    entry: NeighEntry
+    reason: str
+
+
+WgOp = EnsureWgInterface | SyncWgPeers
+LinkOp = CreateLink | DeleteLink | UpdateLink
+EntryOp = AddFdb | DelFdb | SetNeigh | DelNeigh
+Op = WgOp | LinkOp | EntryOp
+
+
+def cost(op: Op) -> int:
+    """Kernel requests an op takes."""
+    if isinstance(op, SyncWgPeers):
+        return len(op.upserts) + len(op.removes)
+    if isinstance(op, UpdateLink):
+        return (
+            int(op.mtu is not None)
+            + int(op.master is not None)
+            + int(op.mac is not None)
+            + len(op.add_addresses)
+            + len(op.remove_addresses)
+        )
+    return 1

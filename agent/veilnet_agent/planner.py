@@ -1,0 +1,151 @@
+"""Target vs observed kernel state -> the minimal ordered list of operations (pure).
+
+Order respects dependencies: the WireGuard interface and its peers first;
+stale entries, then stale links (ports before bridges); new bridges, then
+their ports and in-place updates; finally FDB and neighbour entries. Entries
+on links that are deleted or recreated go with the link and are not deleted
+one by one; entries on recreated links are added again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .objects import FdbEntry, KernelState, Link, NeighEntry
+from .ops import (
+    AddFdb,
+    CreateLink,
+    DeleteLink,
+    DelFdb,
+    DelNeigh,
+    EnsureWgInterface,
+    Op,
+    SetNeigh,
+    SyncWgPeers,
+    UpdateLink,
+)
+
+_DELETE_ORDER = {"veth": 0, "geneve": 1, "vxlan": 1, "bridge": 2}
+_CREATE_ORDER = {"bridge": 0, "vxlan": 1, "geneve": 1, "veth": 2}
+
+
+def plan(target: KernelState, observed: KernelState) -> list[Op]:
+    ops: list[Op] = []
+    ops.extend(_plan_wireguard(target, observed))
+    doomed = _doomed_links(target, observed)
+    # Bridges that are (re)created lose their ports' master entries and neighbours.
+    reset_bridges = {n for n in doomed if observed.links[n].kind == "bridge"}
+    reset_bridges |= {n for n, link in target.links.items() if link.kind == "bridge" and n not in observed.links}
+    reset_ports = set(doomed) | {
+        n for n, link in observed.links.items() if link.master in reset_bridges and n not in doomed
+    }
+    gone = set(doomed) | (set(target.links) - set(observed.links))
+
+    def survives_fdb(entry: FdbEntry) -> bool:
+        return entry.ifname not in gone and not (entry.dst is None and entry.ifname in reset_ports)
+
+    def survives_neigh(entry: NeighEntry) -> bool:
+        return entry.ifname not in gone and entry.ifname not in reset_bridges
+
+    live_fdb = {e for e in observed.fdb if survives_fdb(e)}
+    live_neigh = {(e.ifname, e.ip): e for e in observed.neigh if survives_neigh(e)}
+    target_neigh = {(e.ifname, e.ip): e for e in target.neigh}
+
+    ops.extend(DelFdb(e, "not desired") for e in sorted(live_fdb - target.fdb, key=_fdb_key))
+    ops.extend(DelNeigh(e, "not desired") for k, e in sorted(live_neigh.items()) if k not in target_neigh)
+    ops.extend(_delete_links(doomed, observed, target))
+    ops.extend(_create_and_update_links(target, observed, doomed, reset_bridges))
+    ops.extend(AddFdb(e, "missing") for e in sorted(target.fdb - live_fdb, key=_fdb_key))
+    for key, entry in sorted(target_neigh.items()):
+        current = live_neigh.get(key)
+        if current is None:
+            ops.append(SetNeigh(entry, "missing"))
+        elif current.mac != entry.mac:
+            ops.append(SetNeigh(entry, f"lladdr {current.mac} -> {entry.mac}"))
+    return ops
+
+
+def _fdb_key(entry: FdbEntry) -> tuple[str, str, str]:
+    return (entry.ifname, entry.mac, entry.dst or "")
+
+
+def _plan_wireguard(target: KernelState, observed: KernelState) -> Iterable[Op]:
+    if target.wg is not None:
+        if observed.wg is None:
+            yield EnsureWgInterface(target.wg, create=True, reason="missing")
+        elif observed.wg != target.wg:
+            yield EnsureWgInterface(target.wg, create=False, reason=_diff_fields(observed.wg, target.wg))
+    upserts = tuple(
+        peer for key, peer in sorted(target.wg_peers.items()) if observed.wg_peers.get(key) != peer
+    )
+    removes = tuple(sorted(k for k in observed.wg_peers if k not in target.wg_peers))
+    if upserts or removes:
+        reason = f"{len(upserts)} to add or change, {len(removes)} to remove"
+        yield SyncWgPeers(upserts, removes, reason)
+
+
+def _doomed_links(target: KernelState, observed: KernelState) -> list[str]:
+    """Observed links to delete: not desired, or desired with other creation-time attributes."""
+    doomed = []
+    for name, link in observed.links.items():
+        wanted = target.links.get(name)
+        if wanted is None or wanted.kind != link.kind or wanted.alias != link.alias:
+            doomed.append(name)
+    return doomed
+
+
+def _delete_links(doomed: list[str], observed: KernelState, target: KernelState) -> Iterable[Op]:
+    for name in sorted(doomed, key=lambda n: (_DELETE_ORDER[observed.links[n].kind], n)):
+        link = observed.links[name]
+        reason = "not desired" if name not in target.links else f"recreate: {_diff_fields(link, target.links[name])}"
+        yield DeleteLink(name, link.kind, reason)
+
+
+def _create_and_update_links(
+    target: KernelState, observed: KernelState, doomed: list[str], reset_bridges: set[str]
+) -> Iterable[Op]:
+    for name in sorted(target.links, key=lambda n: (_CREATE_ORDER[target.links[n].kind], n)):
+        wanted = target.links[name]
+        current = observed.links.get(name)
+        if current is None or name in doomed:
+            yield CreateLink(wanted, "missing" if current is None else "recreate")
+            continue
+        update = _update(current, wanted, master_reset=current.master in reset_bridges)
+        if update is not None:
+            yield update
+
+
+def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | None:
+    mtu = wanted.mtu if current.mtu != wanted.mtu else None
+    master = wanted.master if (current.master != wanted.master or master_reset) and wanted.master else None
+    mac = wanted.mac if wanted.mac is not None and current.mac != wanted.mac else None
+    add = wanted.addresses - current.addresses
+    remove = current.addresses - wanted.addresses
+    if mtu is None and master is None and mac is None and not add and not remove:
+        return None
+    return UpdateLink(
+        name=wanted.name,
+        mtu=mtu,
+        master=master,
+        mac=mac,
+        add_addresses=frozenset(add),
+        remove_addresses=frozenset(remove),
+        reason=_diff_fields(current, wanted),
+    )
+
+
+def _diff_fields(current: object, wanted: object) -> str:
+    fields = getattr(wanted, "__dataclass_fields__", {})
+    changes = []
+    for field_name, spec in fields.items():
+        if not spec.compare:
+            continue
+        old, new = getattr(current, field_name), getattr(wanted, field_name)
+        if old != new:
+            if isinstance(old, frozenset) and isinstance(new, frozenset):
+                changes.append(f"{field_name} +{sorted(new - old)} -{sorted(old - new)}")
+            elif field_name in ("public_key",):
+                changes.append(f"{field_name} changed")
+            else:
+                changes.append(f"{field_name} {old!r} -> {new!r}")
+    return ", ".join(changes) or "changed"

@@ -15,7 +15,7 @@ def wg_key(seed: str) -> str:
 
 
 def peer(index: int, segment: str = "blue", endpoints: int = 1) -> dict[str, Any]:
-    hi, lo = divmod(index, 250)
+    hi = index // 250
     return {
         "name": f"peer-{index}",
         "underlay_address": f"192.0.2.{(index % 250) + 1}" if index < 250 else f"2001:db8::{index:x}",

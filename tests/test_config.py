@@ -4,7 +4,6 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-
 from veilnet_agent.config import load_config, parse_config
 from veilnet_agent.errors import ValidationError
 

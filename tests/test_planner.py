@@ -7,15 +7,14 @@ from typing import Any
 from factories import peer, state, v4_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from veilnet_agent import naming
 from veilnet_agent.model import parse_node_state
 from veilnet_agent.objects import FdbEntry, KernelState, NeighEntry
 from veilnet_agent.ops import (
     AddFdb,
     CreateLink,
-    DelFdb,
     DeleteLink,
+    DelFdb,
     DelNeigh,
     EnsureWgInterface,
     Op,
@@ -216,7 +215,9 @@ def test_bridge_recreated_reattaches_ports_and_entries() -> None:
     # Ports of a missing bridge are detached: the kernel shows them without master.
     observed = replace(
         observed,
-        links={n: (replace(link, master=None) if link.master == "vnbr100" else link) for n, link in observed.links.items()},
+        links={
+            n: (replace(link, master=None) if link.master == "vnbr100" else link) for n, link in observed.links.items()
+        },
         fdb=frozenset(e for e in observed.fdb if not (e.dst is None and e.ifname == "vnvx100")),
     )
     ops = plan(want, observed)

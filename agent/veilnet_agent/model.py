@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from . import naming
@@ -80,6 +80,9 @@ class NodeState:
     segments: tuple[Segment, ...]
     endpoints: tuple[LocalEndpoint, ...]
     peers: tuple[Peer, ...]
+    # Uniqueness claims of every name, key, address and MAC, so that a peer delta is
+    # validated against the rest without re-validating everything (see update_peers).
+    claims: Claims = field(default_factory=lambda: Claims(), compare=False, repr=False)
 
     def segment(self, name: str) -> Segment:
         for segment in self.segments:
@@ -90,6 +93,39 @@ class NodeState:
 
 def empty_state(node: str, transport_address: IPInterface) -> NodeState:
     return NodeState(node, transport_address, (), (), ())
+
+
+class Claims:
+    """Who holds each unique value (names, keys, addresses, MACs per segment).
+
+    Claims made while parsing a peer are recorded under the peer's name so a
+    later delta can release them. Owned by one NodeState; copied, never shared,
+    when a delta derives a new state.
+    """
+
+    def __init__(self) -> None:
+        self.holder: dict[tuple[object, ...], str] = {}
+        self.by_peer: dict[str, list[tuple[object, ...]]] = {}
+        self.peer: str | None = None  # the peer whose claims are being recorded
+
+    def copy(self) -> Claims:
+        other = Claims()
+        other.holder = dict(self.holder)
+        other.by_peer = dict(self.by_peer)
+        return other
+
+    def claim(self, key: tuple[object, ...], path: str, value: object, message: str) -> None:
+        """Record ``key`` as held by ``path``; ``message`` may use {holder}."""
+        if key in self.holder:
+            raise ValidationError(path, value, message.format(holder=self.holder[key]))
+        self.holder[key] = path
+        if self.peer is not None:
+            # Lists may be shared with the state this one was copied from: never mutate them.
+            self.by_peer[self.peer] = [*self.by_peer.get(self.peer, ()), key]
+
+    def release_peer(self, name: str) -> None:
+        for key in self.by_peer.pop(name, []):
+            del self.holder[key]
 
 
 _STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers"}
@@ -155,17 +191,19 @@ def _parse_segment(raw: object, path: str) -> Segment:
 
 
 class _SegmentIndex:
-    """Tracks per-segment uniqueness of MACs and IPs across local and remote endpoints."""
+    """Per-segment uniqueness of MACs and IPs across local and remote endpoints."""
 
-    def __init__(self, segments: tuple[Segment, ...]) -> None:
+    def __init__(self, segments: tuple[Segment, ...], claims: Claims) -> None:
         self.by_name = {s.name: s for s in segments}
-        self.macs: dict[tuple[str, str], str] = {}
-        self.ips: dict[tuple[str, IPAddress], str] = {}
-        for s in segments:
-            self.macs[(s.name, s.gateway_mac)] = f"the gateway of segment {s.name}"
+        self.claims = claims
+
+    def reserve_gateways(self) -> None:
+        for s in self.by_name.values():
+            holder = f"the gateway of segment {s.name}"
+            self.claims.holder[("mac", s.name, s.gateway_mac)] = holder
             for gw in (s.ipv4_gateway, s.ipv6_gateway):
                 if gw is not None:
-                    self.ips[(s.name, gw)] = f"the gateway of segment {s.name}"
+                    self.claims.holder[("ip", s.name, gw)] = holder
 
     def segment(self, raw: object, path: str) -> Segment:
         name = v.name(raw, path)
@@ -174,20 +212,14 @@ class _SegmentIndex:
         return self.by_name[name]
 
     def claim_mac(self, segment: Segment, mac: str, path: str) -> None:
-        key = (segment.name, mac)
-        if key in self.macs:
-            raise ValidationError(path, mac, f"is already used by {self.macs[key]}")
-        self.macs[key] = path
+        self.claims.claim(("mac", segment.name, mac), path, mac, "is already used by {holder}")
 
     def claim_ip(self, segment: Segment, ip: IPAddress, path: str) -> None:
         subnet = segment.subnet_for(ip)
         if subnet is None:
             raise ValidationError(path, str(ip), f"segment {segment.name} has no IPv{ip.version} subnet")
         _host_in(ip, subnet, path)
-        key = (segment.name, ip)
-        if key in self.ips:
-            raise ValidationError(path, str(ip), f"is already used by {self.ips[key]}")
-        self.ips[key] = path
+        self.claims.claim(("ip", segment.name, ip), path, str(ip), "is already used by {holder}")
 
 
 def _parse_endpoint(raw: object, path: str, index: _SegmentIndex) -> LocalEndpoint:
@@ -254,18 +286,34 @@ def _parse_peer(
             transport_path, str(transport_address),
             f"must be another address in this node's transport network {transport.network}",
         )
-    endpoints_raw = v.sequence(data.get("endpoints", []), v.join(path, "endpoints"))
-    return Peer(
-        name=name,
-        underlay_address=v.ip_address(v.required(data, "underlay_address", path), v.join(path, "underlay_address")),
-        underlay_port=v.integer(data.get("underlay_port", 51820), v.join(path, "underlay_port"), 1, 65535),
-        public_key=v.wg_public_key(v.required(data, "public_key", path), v.join(path, "public_key")),
-        transport_address=transport_address,
-        keepalive=v.integer(data.get("keepalive", 0), v.join(path, "keepalive"), 0, 65535),
-        endpoints=tuple(
+    claims = index.claims
+    claims.peer = name
+    try:
+        claims.claim(("node", name), v.join(path, "name"), name, "duplicate node name, also at {holder}")
+        public_key = v.wg_public_key(v.required(data, "public_key", path), v.join(path, "public_key"))
+        claims.claim(("key", public_key), v.join(path, "public_key"), public_key,
+                     "duplicate public key, also at {holder}")
+        claims.claim(("transport", transport_address), transport_path, str(transport_address),
+                     "duplicate transport address, also at {holder}")
+        underlay_address = v.ip_address(v.required(data, "underlay_address", path), v.join(path, "underlay_address"))
+        underlay_port = v.integer(data.get("underlay_port", 51820), v.join(path, "underlay_port"), 1, 65535)
+        claims.claim(("underlay", underlay_address, underlay_port), v.join(path, "underlay_address"),
+                     str(underlay_address), "duplicate underlay address and port, also at {holder}")
+        endpoints_raw = v.sequence(data.get("endpoints", []), v.join(path, "endpoints"))
+        endpoints = tuple(
             _parse_remote_endpoint(item, v.join(v.join(path, "endpoints"), i), index)
             for i, item in enumerate(endpoints_raw)
-        ),
+        )
+    finally:
+        claims.peer = None
+    return Peer(
+        name=name,
+        underlay_address=underlay_address,
+        underlay_port=underlay_port,
+        public_key=public_key,
+        transport_address=transport_address,
+        keepalive=v.integer(data.get("keepalive", 0), v.join(path, "keepalive"), 0, 65535),
+        endpoints=endpoints,
     )
 
 
@@ -290,7 +338,10 @@ def parse_node_state(raw: object) -> NodeState:
     _unique([(s.vni, f"segments[{i}].vni") for i, s in enumerate(segments)], "VNI")
     _check_subnets_disjoint(segments, transport)
 
-    index = _SegmentIndex(segments)
+    claims = Claims()
+    claims.holder[("node", node)] = "node"
+    index = _SegmentIndex(segments, claims)
+    index.reserve_gateways()
     endpoints_raw = v.sequence(data.get("endpoints", []), "endpoints")
     endpoints = tuple(
         _parse_endpoint(item, f"endpoints[{i}]", index) for i, item in enumerate(endpoints_raw)
@@ -303,15 +354,32 @@ def parse_node_state(raw: object) -> NodeState:
     peers = tuple(
         _parse_peer(item, f"peers[{i}]", index, transport) for i, item in enumerate(peers_raw)
     )
-    _unique([(node, "node")] + [(p.name, f"peers[{i}].name") for i, p in enumerate(peers)], "node name")
-    _unique([(p.public_key, f"peers[{i}].public_key") for i, p in enumerate(peers)], "public key")
-    _unique([(p.transport_address, f"peers[{i}].transport_address") for i, p in enumerate(peers)],
-            "transport address")
-    _unique(
-        [((p.underlay_address, p.underlay_port), f"peers[{i}].underlay_address") for i, p in enumerate(peers)],
-        "underlay address and port",
-    )
-    return NodeState(node=node, transport_address=transport, segments=segments, endpoints=endpoints, peers=peers)
+    return NodeState(node=node, transport_address=transport, segments=segments, endpoints=endpoints, peers=peers,
+                     claims=claims)
+
+
+def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], removes: Sequence[str]) -> NodeState:
+    """A new state with peers added or replaced and others removed, validated against the rest.
+
+    ``upserts`` are (field path, raw peer mapping); ``removes`` are peer names.
+    Costs O(changed peers) validation plus O(N) pointer copies; ``state`` is unchanged
+    and nothing is returned unless every change is valid.
+    """
+    claims = state.claims.copy()
+    current = {p.name: p for p in state.peers}
+    for name in removes:
+        if name not in current:
+            raise ValidationError("peers", name, "names no peer of this node")
+        claims.release_peer(name)
+    for path, raw in upserts:
+        upsert_name = v.mapping(raw, path).get("name")
+        if isinstance(upsert_name, str) and upsert_name in current and upsert_name not in removes:
+            claims.release_peer(upsert_name)
+    index = _SegmentIndex(state.segments, claims)
+    parsed = [_parse_peer(raw, path, index, state.transport_address) for path, raw in upserts]
+    touched = set(removes) | {p.name for p in parsed}
+    peers = tuple(p for p in state.peers if p.name not in touched) + tuple(parsed)
+    return NodeState(state.node, state.transport_address, state.segments, state.endpoints, peers, claims)
 
 
 def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:

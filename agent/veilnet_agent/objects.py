@@ -1,5 +1,8 @@
 """Kernel objects as plain values: what the planner wants and what drivers read back.
 
+FDB and neighbour entries are NamedTuples: there are tens of thousands of
+them and set arithmetic on them must hash at C speed.
+
 The renderer turns the desired node state into a ``KernelState`` (the target);
 drivers read the same shape back from the kernel (the observed state); the
 planner diffs the two. Observed values carry only what can be read back:
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 LinkKind = Literal["bridge", "vxlan", "geneve", "veth"]
 
@@ -58,8 +61,7 @@ class Link:
     spec: LinkSpec = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
-class FdbEntry:
+class FdbEntry(NamedTuple):
     """A static forwarding entry.
 
     ``dst`` set: a tunnel device's own entry (``bridge fdb ... self dst``), the
@@ -72,8 +74,7 @@ class FdbEntry:
     dst: str | None = None
 
 
-@dataclass(frozen=True, order=True)
-class NeighEntry:
+class NeighEntry(NamedTuple):
     """A permanent ARP/ND entry for a remote endpoint, on its segment's bridge."""
 
     ifname: str

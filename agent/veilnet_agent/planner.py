@@ -47,21 +47,22 @@ def plan(target: KernelState, observed: KernelState) -> list[Op]:
     def survives_neigh(entry: NeighEntry) -> bool:
         return entry.ifname not in gone and entry.ifname not in reset_bridges
 
-    live_fdb = {e for e in observed.fdb if survives_fdb(e)}
-    live_neigh = {(e.ifname, e.ip): e for e in observed.neigh if survives_neigh(e)}
-    target_neigh = {(e.ifname, e.ip): e for e in target.neigh}
+    # Only the differences are materialised and sorted: a one-peer change costs O(changes) beyond set arithmetic.
+    live_fdb = observed.fdb if not gone else frozenset(e for e in observed.fdb if survives_fdb(e))
+    live_neigh = observed.neigh if not gone else frozenset(e for e in observed.neigh if survives_neigh(e))
+    stale_neigh = live_neigh - target.neigh
+    missing_neigh = target.neigh - live_neigh
+    replaced = {(e.ifname, e.ip) for e in missing_neigh}
 
     ops.extend(DelFdb(e, "not desired") for e in sorted(live_fdb - target.fdb, key=_fdb_key))
-    ops.extend(DelNeigh(e, "not desired") for k, e in sorted(live_neigh.items()) if k not in target_neigh)
+    ops.extend(DelNeigh(e, "not desired") for e in sorted(stale_neigh) if (e.ifname, e.ip) not in replaced)
     ops.extend(_delete_links(doomed, observed, target))
     ops.extend(_create_and_update_links(target, observed, doomed, reset_bridges))
     ops.extend(AddFdb(e, "missing") for e in sorted(target.fdb - live_fdb, key=_fdb_key))
-    for key, entry in sorted(target_neigh.items()):
-        current = live_neigh.get(key)
-        if current is None:
-            ops.append(SetNeigh(entry, "missing"))
-        elif current.mac != entry.mac:
-            ops.append(SetNeigh(entry, f"lladdr {current.mac} -> {entry.mac}"))
+    current_mac = {(e.ifname, e.ip): e.mac for e in stale_neigh}
+    for entry in sorted(missing_neigh):
+        old_mac = current_mac.get((entry.ifname, entry.ip))
+        ops.append(SetNeigh(entry, "missing" if old_mac is None else f"lladdr {old_mac} -> {entry.mac}"))
     return ops
 
 
@@ -76,7 +77,10 @@ def _plan_wireguard(target: KernelState, observed: KernelState) -> Iterable[Op]:
         elif observed.wg != target.wg:
             yield EnsureWgInterface(target.wg, create=False, reason=_diff_fields(observed.wg, target.wg))
     upserts = tuple(
-        peer for key, peer in sorted(target.wg_peers.items()) if observed.wg_peers.get(key) != peer
+        sorted(
+            (peer for key, peer in target.wg_peers.items() if observed.wg_peers.get(key) != peer),
+            key=lambda p: p.public_key,
+        )
     )
     removes = tuple(sorted(k for k in observed.wg_peers if k not in target.wg_peers))
     if upserts or removes:

@@ -13,10 +13,11 @@ overlay sends is encrypted on the underlay.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from . import addr, naming
 from . import mtu as mtu_math
-from . import naming
 from .model import IPAddress, LocalEndpoint, NodeState, Peer, Segment
 from .objects import (
     FdbEntry,
@@ -44,11 +45,11 @@ class NodeContext:
 
 
 def wg_endpoint(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+    return f"[{addr.text(address)}]:{port}" if address.version == 6 else f"{addr.text(address)}:{port}"
 
 
 def host_prefix(address: IPAddress) -> str:
-    return f"{address}/{address.max_prefixlen}"
+    return f"{addr.text(address)}/{address.max_prefixlen}"
 
 
 def underlay_family(state: NodeState, ctx: NodeContext) -> mtu_math.Family:
@@ -58,39 +59,135 @@ def underlay_family(state: NodeState, ctx: NodeContext) -> mtu_math.Family:
     return 4
 
 
-def segment_mtu(state: NodeState, ctx: NodeContext, segment: Segment) -> int:
+def segment_mtus(state: NodeState, ctx: NodeContext, family: mtu_math.Family) -> dict[str, int]:
     transport: mtu_math.Family = 4 if state.transport_address.version == 4 else 6
-    return mtu_math.segment_mtu(ctx.underlay_mtu, underlay_family(state, ctx), segment.encapsulation, transport)
+    return {
+        s.name: mtu_math.segment_mtu(ctx.underlay_mtu, family, s.encapsulation, transport) for s in state.segments
+    }
+
+
+@dataclass(frozen=True)
+class PeerParts:
+    """Everything one peer contributes to the target; disjoint from every other peer's."""
+
+    wg_peer: WgPeer
+    links: Mapping[str, Link]
+    fdb: frozenset[FdbEntry]
+    neigh: frozenset[NeighEntry]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The target plus what each peer contributed to it, so peer changes can be patched in."""
+
+    target: KernelState
+    peers: Mapping[str, PeerParts]
+    family: mtu_math.Family  # the underlay family the MTUs were computed for
+    ctx: NodeContext
 
 
 def render(state: NodeState, ctx: NodeContext) -> KernelState:
+    return render_all(state, ctx).target
+
+
+def render_all(state: NodeState, ctx: NodeContext) -> Rendered:
+    family = underlay_family(state, ctx)
+    mtus = segment_mtus(state, ctx, family)
     links: dict[str, Link] = {}
-    fdb: set[FdbEntry] = set()
-    neigh: set[NeighEntry] = set()
     for segment in state.segments:
-        seg_mtu = segment_mtu(state, ctx, segment)
-        members = [p for p in state.peers if any(e.segment == segment.name for e in p.endpoints)]
-        bridge = _bridge(segment, seg_mtu)
+        bridge = _bridge(segment, mtus[segment.name])
         links[bridge.name] = bridge
         if segment.encapsulation == "vxlan":
-            _vxlan_segment(state, segment, seg_mtu, members, links, fdb)
-        else:
-            _geneve_segment(segment, seg_mtu, members, links, fdb)
-        for peer in members:
-            for remote in peer.endpoints:
-                if remote.segment == segment.name:
-                    neigh.update(NeighEntry(bridge.name, str(ip), remote.mac) for ip in remote.ips)
+            vxlan = _vxlan(state, segment, mtus[segment.name])
+            links[vxlan.name] = vxlan
     for local in state.endpoints:
         segment = state.segment(local.segment)
-        link = _endpoint_link(local, segment, segment_mtu(state, ctx, segment))
+        link = _endpoint_link(local, segment, mtus[segment.name])
         links[link.name] = link
-    return KernelState(
+    segments = {s.name: s for s in state.segments}
+    parts = {p.name: _peer_parts(segments, mtus, p) for p in state.peers}
+    fdb: set[FdbEntry] = set()
+    neigh: set[NeighEntry] = set()
+    for part in parts.values():
+        links.update(part.links)
+        fdb.update(part.fdb)
+        neigh.update(part.neigh)
+    target = KernelState(
         links=links,
         fdb=frozenset(fdb),
         neigh=frozenset(neigh),
         wg=_wg_interface(state, ctx),
-        wg_peers={p.public_key: _wg_peer(p) for p in state.peers},
+        wg_peers={part.wg_peer.public_key: part.wg_peer for part in parts.values()},
     )
+    return Rendered(target, parts, family, ctx)
+
+
+def render_peer_changes(previous: Rendered, state: NodeState, ctx: NodeContext, changed: Iterable[str]) -> Rendered:
+    """``previous`` with the named peers' parts replaced by those of ``state`` (absent there = removed).
+
+    Valid when only peers changed between the two states. If the host context or the
+    underlay family (and so every MTU) changed, everything is rendered again.
+    """
+    if ctx != previous.ctx or underlay_family(state, ctx) != previous.family:
+        return render_all(state, ctx)
+    names = set(changed)
+    segments = {s.name: s for s in state.segments}
+    mtus = segment_mtus(state, ctx, previous.family)
+    new_parts = {p.name: _peer_parts(segments, mtus, p) for p in state.peers if p.name in names}
+    old_parts = [previous.peers[n] for n in names if n in previous.peers]
+    old = previous.target
+    links = dict(old.links)
+    wg_peers = dict(old.wg_peers)
+    old_fdb: set[FdbEntry] = set()
+    old_neigh: set[NeighEntry] = set()
+    for part in old_parts:
+        for name in part.links:
+            del links[name]
+        del wg_peers[part.wg_peer.public_key]
+        old_fdb.update(part.fdb)
+        old_neigh.update(part.neigh)
+    new_fdb: set[FdbEntry] = set()
+    new_neigh: set[NeighEntry] = set()
+    for part in new_parts.values():
+        links.update(part.links)
+        wg_peers[part.wg_peer.public_key] = part.wg_peer
+        new_fdb.update(part.fdb)
+        new_neigh.update(part.neigh)
+    peers = {n: p for n, p in previous.peers.items() if n not in names}
+    peers.update(new_parts)
+    target = KernelState(
+        links=links,
+        fdb=(old.fdb - old_fdb) | new_fdb,
+        neigh=(old.neigh - old_neigh) | new_neigh,
+        wg=old.wg,
+        wg_peers=wg_peers,
+    )
+    return Rendered(target, peers, previous.family, ctx)
+
+
+def _peer_parts(segments: Mapping[str, Segment], mtus: Mapping[str, int], peer: Peer) -> PeerParts:
+    links: dict[str, Link] = {}
+    fdb: set[FdbEntry] = set()
+    neigh: set[NeighEntry] = set()
+    remote = addr.text(peer.transport_address)
+    for segment_name in dict.fromkeys(e.segment for e in peer.endpoints):
+        segment = segments[segment_name]
+        bridge = naming.bridge_name(segment.vni)
+        if segment.encapsulation == "vxlan":
+            port = naming.vxlan_name(segment.vni)
+            fdb.add(FdbEntry(port, BUM_MAC, remote))
+        else:
+            geneve = _geneve(segment, mtus[segment_name], peer)
+            links[geneve.name] = geneve
+            port = geneve.name
+        for endpoint in peer.endpoints:
+            if endpoint.segment != segment_name:
+                continue
+            if segment.encapsulation == "vxlan":
+                fdb.add(FdbEntry(port, endpoint.mac, remote))
+            fdb.add(FdbEntry(port, endpoint.mac, None))
+            neigh.update(NeighEntry(bridge, addr.text(ip), endpoint.mac) for ip in endpoint.ips)
+    return PeerParts(_wg_peer(peer), links, frozenset(fdb), frozenset(neigh))
 
 
 def _wg_interface(state: NodeState, ctx: NodeContext) -> WgInterface:
@@ -129,56 +226,31 @@ def _bridge(segment: Segment, seg_mtu: int) -> Link:
     )
 
 
-def _vxlan_segment(
-    state: NodeState,
-    segment: Segment,
-    seg_mtu: int,
-    members: list[Peer],
-    links: dict[str, Link],
-    fdb: set[FdbEntry],
-) -> None:
+def _vxlan(state: NodeState, segment: Segment, seg_mtu: int) -> Link:
     spec = VxlanSpec(vni=segment.vni, local=str(state.transport_address.ip))
-    name = naming.vxlan_name(segment.vni)
-    links[name] = Link(
-        name=name,
+    return Link(
+        name=naming.vxlan_name(segment.vni),
         kind="vxlan",
         alias=naming.alias("vxlan", segment.name, naming.fingerprint("vxlan", spec.vni, spec.local, spec.port)),
         mtu=seg_mtu,
         master=naming.bridge_name(segment.vni),
         spec=spec,
     )
-    for peer in members:
-        remote = str(peer.transport_address)
-        fdb.add(FdbEntry(name, BUM_MAC, remote))
-        for endpoint in peer.endpoints:
-            if endpoint.segment == segment.name:
-                fdb.add(FdbEntry(name, endpoint.mac, remote))
-                fdb.add(FdbEntry(name, endpoint.mac, None))
 
 
-def _geneve_segment(
-    segment: Segment,
-    seg_mtu: int,
-    members: list[Peer],
-    links: dict[str, Link],
-    fdb: set[FdbEntry],
-) -> None:
-    for peer in members:
-        spec = GeneveSpec(vni=segment.vni, remote=str(peer.transport_address))
-        name = naming.geneve_name(segment.vni, peer.name)
-        links[name] = Link(
-            name=name,
-            kind="geneve",
-            alias=naming.alias(
-                "geneve", f"{segment.name}/{peer.name}", naming.fingerprint("geneve", spec.vni, spec.remote, spec.port)
-            ),
-            mtu=seg_mtu,
-            master=naming.bridge_name(segment.vni),
-            spec=spec,
-        )
-        for endpoint in peer.endpoints:
-            if endpoint.segment == segment.name:
-                fdb.add(FdbEntry(name, endpoint.mac, None))
+def _geneve(segment: Segment, seg_mtu: int, peer: Peer) -> Link:
+    """One Geneve device per (segment, peer): Geneve has no FDB to pick a remote per MAC."""
+    spec = GeneveSpec(vni=segment.vni, remote=str(peer.transport_address))
+    return Link(
+        name=naming.geneve_name(segment.vni, peer.name),
+        kind="geneve",
+        alias=naming.alias(
+            "geneve", f"{segment.name}/{peer.name}", naming.fingerprint("geneve", spec.vni, spec.remote, spec.port)
+        ),
+        mtu=seg_mtu,
+        master=naming.bridge_name(segment.vni),
+        spec=spec,
+    )
 
 
 def _endpoint_link(endpoint: LocalEndpoint, segment: Segment, seg_mtu: int) -> Link:

@@ -1,19 +1,30 @@
-"""Read a desired-state file (JSON or YAML) into a validated ``NodeState``."""
+"""Read a desired-state file (JSON or YAML) and turn successive versions into validated states.
+
+``StateFileTracker`` remembers the last accepted file contents: when only
+peers changed, the new state is derived from the old one with
+``model.update_peers`` (validating just those peers), so a one-peer change
+in a 5,000-peer file does not re-validate and re-render 5,000 peers.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .errors import ValidationError
-from .model import NodeState, parse_node_state
+from .model import NodeState, parse_node_state, update_peers
 
 MAX_STATE_FILE_BYTES = 64 * 1024 * 1024
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_state_file(path: Path) -> NodeState:
+def read_state_file(path: Path) -> object:
+    """The file's parsed contents, not yet validated."""
     try:
         size = path.stat().st_size
         if size > MAX_STATE_FILE_BYTES:
@@ -23,12 +34,74 @@ def load_state_file(path: Path) -> NodeState:
         raise ValidationError("state-file", str(path), f"cannot read: {exc.strerror}") from None
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValidationError("state-file", str(path), f"not valid JSON: {exc}") from None
-    else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValidationError("state-file", str(path), f"not valid YAML: {exc}") from None
-    return parse_node_state(data)
+    try:
+        return yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        raise ValidationError("state-file", str(path), f"not valid YAML: {exc}") from None
+
+
+def load_state_file(path: Path) -> NodeState:
+    return parse_node_state(read_state_file(path))
+
+
+@dataclass(frozen=True)
+class PendingState:
+    """A validated new state, not yet accepted. ``changed_peers`` None means everything may have changed."""
+
+    state: NodeState
+    changed_peers: frozenset[str] | None
+    raw_rest: Mapping[str, Any]
+    raw_peers: Mapping[str, Any]
+
+
+class StateFileTracker:
+    def __init__(self) -> None:
+        self.state: NodeState | None = None
+        self._raw_rest: Mapping[str, Any] | None = None
+        self._raw_peers: Mapping[str, Any] = {}
+
+    def prepare(self, raw: object) -> PendingState | None:
+        """Validate ``raw`` against the last committed state; None if nothing changed. Raises ValidationError."""
+        by_name = _peers_by_name(raw)
+        if self.state is None or by_name is None or not isinstance(raw, Mapping):
+            return self._full(raw)
+        rest = {k: v for k, v in raw.items() if k != "peers"}
+        if rest != self._raw_rest:
+            return self._full(raw)
+        upserts = [(path, peer) for name, (path, peer) in by_name.items() if self._raw_peers.get(name) != peer]
+        removes = [name for name in self._raw_peers if name not in by_name]
+        if not upserts and not removes:
+            return None
+        state = update_peers(self.state, upserts, removes)
+        changed = frozenset(removes) | frozenset(peer["name"] for _, peer in upserts)
+        return PendingState(state, changed, rest, {n: p for n, (_, p) in by_name.items()})
+
+    def _full(self, raw: object) -> PendingState:
+        state = parse_node_state(raw)
+        assert isinstance(raw, Mapping)
+        by_name = _peers_by_name(raw) or {}
+        rest = {k: v for k, v in raw.items() if k != "peers"}
+        return PendingState(state, None, rest, {n: p for n, (_, p) in by_name.items()})
+
+    def commit(self, pending: PendingState) -> None:
+        self.state = pending.state
+        self._raw_rest = pending.raw_rest
+        self._raw_peers = pending.raw_peers
+
+
+def _peers_by_name(raw: object) -> dict[str, tuple[str, Any]] | None:
+    """Raw peers by name with their field path, or None if they are not well-formed enough to diff."""
+    if not isinstance(raw, Mapping):
+        return None
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list):
+        return None
+    by_name: dict[str, tuple[str, Any]] = {}
+    for i, peer in enumerate(peers):
+        if not isinstance(peer, Mapping) or not isinstance(peer.get("name"), str) or peer["name"] in by_name:
+            return None
+        by_name[peer["name"]] = (f"peers[{i}]", peer)
+    return by_name

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import addr
 from .errors import ValidationError
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -88,7 +89,7 @@ def sequence(value: object, path: str) -> Sequence[Any]:
 def ip_address(value: object, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     text = string(value, path)
     try:
-        return ipaddress.ip_address(text)
+        return addr.parse(text)
     except ValueError:
         raise ValidationError(path, value, "must be an IPv4 or IPv6 address") from None
 

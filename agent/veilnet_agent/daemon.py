@@ -1,0 +1,104 @@
+"""The ``run`` loop: watch the state file, reconcile on change, resync on a timer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from .config import AgentConfig
+from .errors import ValidationError
+from .logs import get_logger
+from .reconciler import Reconciler
+from .statefile import StateFileTracker, read_state_file
+
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def stamp(path: Path) -> FileStamp | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Daemon:
+    def __init__(self, config: AgentConfig, state_file: Path, reconciler: Reconciler) -> None:
+        self.config = config
+        self.state_file = state_file
+        self.reconciler = reconciler
+        self.log = get_logger(node=config.node_name)
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+        self._stamp: FileStamp | None = None
+        self.tracker = StateFileTracker()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def load_desired(self) -> bool:
+        """Read and accept the state file; on any error keep the running state. True if a new state was accepted."""
+        self._stamp = stamp(self.state_file)
+        try:
+            pending = self.tracker.prepare(read_state_file(self.state_file))
+            if pending is None:
+                return False
+            self.reconciler.accept(pending.state, pending.changed_peers)
+        except ValidationError as exc:
+            self.log.error("state_rejected", field=exc.field, value=str(exc.value), reason=exc.reason,
+                           file=str(self.state_file))
+            return False
+        self.tracker.commit(pending)
+        state = pending.state
+        changed = "all" if pending.changed_peers is None else sorted(pending.changed_peers)[:20]
+        self.log.info("state_accepted", file=str(self.state_file), segments=len(state.segments),
+                      endpoints=len(state.endpoints), peers=len(state.peers), changed_peers=changed)
+        return True
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        self.log.info("starting", pid=os.getpid(), state_file=str(self.state_file),
+                      resync_interval=self.config.resync_interval)
+        self.load_desired()
+        self.reconciler.reconcile(full=True)
+        leftover = self.reconciler.converged()
+        if leftover:
+            self.log.warning("not_converged", ops=len(leftover), first=str(leftover[0]))
+        self.log.info("ready", public_key=self.reconciler.public_key)
+        next_resync = time.monotonic() + self.config.resync_interval
+        while not self._stop:
+            self._wake.wait(timeout=min(POLL_SECONDS, max(0.0, next_resync - time.monotonic())))
+            self._wake.clear()
+            if self._stop:
+                break
+            if self._reload or stamp(self.state_file) != self._stamp:
+                self._reload = False
+                if self.load_desired():
+                    self.reconciler.reconcile(full=False)
+            if time.monotonic() >= next_resync:
+                self.reconciler.reconcile(full=True)
+                next_resync = time.monotonic() + self.config.resync_interval
+        self.log.info("stopping", note="data plane left in place; a restart adopts it")
+        self.reconciler.close()
+        return 0

@@ -1,0 +1,45 @@
+"""One-line, log-friendly descriptions of ops (never any key material)."""
+
+from __future__ import annotations
+
+from .ops import (
+    AddFdb,
+    CreateLink,
+    DeleteLink,
+    DelFdb,
+    DelNeigh,
+    EnsureWgInterface,
+    Op,
+    SetNeigh,
+    SyncWgPeers,
+    UpdateLink,
+)
+
+
+def op_fields(op: Op) -> dict[str, object]:
+    """Structured fields naming the op's object: action, object, and details."""
+    if isinstance(op, EnsureWgInterface):
+        return {"action": "create" if op.create else "update", "object": f"wireguard/{op.target.name}"}
+    if isinstance(op, SyncWgPeers):
+        return {
+            "action": "sync-peers",
+            "object": "wireguard/peers",
+            "upserts": [p.public_key for p in op.upserts[:20]],
+            "removes": list(op.removes[:20]),
+            "count": len(op.upserts) + len(op.removes),
+        }
+    if isinstance(op, CreateLink):
+        return {"action": "create", "object": f"link/{op.link.name}", "kind": op.link.kind}
+    if isinstance(op, DeleteLink):
+        return {"action": "delete", "object": f"link/{op.name}", "kind": op.kind}
+    if isinstance(op, UpdateLink):
+        return {"action": "update", "object": f"link/{op.name}"}
+    if isinstance(op, (AddFdb, DelFdb)):
+        e = op.entry
+        where = f"dst {e.dst}" if e.dst else "master"
+        return {"action": "add" if isinstance(op, AddFdb) else "delete", "object": f"fdb/{e.ifname}/{e.mac} {where}"}
+    if isinstance(op, (SetNeigh, DelNeigh)):
+        n = op.entry
+        return {"action": "set" if isinstance(op, SetNeigh) else "delete", "object": f"neigh/{n.ifname}/{n.ip}",
+                "lladdr": n.mac}
+    raise TypeError(op)

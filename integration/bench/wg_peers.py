@@ -1,11 +1,11 @@
 """Time WireGuardDriver peer batches against `wg setconf` (run inside a simulated host).
 
-    nsenter --mount=M --net=N python wg_driver_bench.py --state-dir D [--keepalive S]
+    nsenter --mount=M --net=N python integration/bench/wg_peers.py --state-dir D [--keepalive S]
 
 For each size: a fresh interface, the driver's SyncWgPeers upsert from empty,
 then a fresh interface and one `wg setconf` of the same peers. At the largest
 size: one-peer changes through the driver and a full observe().
-Fake peers: random keys, endpoints in 192.0.2.0/24, one /32 each from 198.18.0.0/15.
+Fake peers: random keys, endpoints in 192.0.2.0/24, one /128 each from fd00:18::/64 (no traffic is sent).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from veilnet_agent.ops import EnsureWgInterface, SyncWgPeers
 
 
 def fake_peers(count: int, keepalive: int, offset: int = 0) -> list[WgPeer]:
-    base = int(ipaddress.ip_address("198.18.0.0")) + offset
+    base = int(ipaddress.ip_address("fd00:18::")) + offset
     return [
         WgPeer(
             public_key=base64.b64encode(os.urandom(32)).decode(),
             endpoint=f"192.0.2.{i % 250 + 3}:{20000 + i % 40000}",
-            allowed_ips=frozenset({f"{ipaddress.ip_address(base + i)}/32"}),
+            allowed_ips=frozenset({f"{ipaddress.ip_address(base + i)}/128"}),
             keepalive=keepalive,
         )
         for i in range(count)
@@ -102,7 +102,7 @@ def single_changes(driver: WireGuardDriver, size: int, keepalive: int, rounds: i
     extra = fake_peers(rounds, keepalive, offset=size)
     for i in range(rounds):
         moved = WgPeer(peers[i].public_key, "192.0.2.254:1",
-                       frozenset({f"198.51.100.{i + 1}/32"}), 0)
+                       frozenset({f"198.51.100.{i + 1}/128"}), 0)
         updates.append(timed(lambda moved=moved: sync(driver, [moved], [])))  # type: ignore[misc]
         adds.append(timed(lambda i=i: sync(driver, [extra[i]], [])))  # type: ignore[misc]
         key = peers[size - 1 - i].public_key

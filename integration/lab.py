@@ -589,8 +589,9 @@ class Host:
                 ["ip", "-6", "neigh", "show", "nud", "permanent"]
             ).stdout.splitlines()
         )
+        # "tentative" (IPv6 DAD still running on a new link) is the kernel's transient, not ours.
         addrs = sorted(
-            line.split("\\")[0].strip()
+            line.split("\\")[0].replace(" tentative", "").strip()
             for line in self.run(["ip", "-o", "addr", "show"]).stdout.splitlines()
         )
         peers = {

@@ -452,6 +452,56 @@ def test_invalid_state_rejected_data_plane_unchanged(
     ping_ok(lab, "a-db", ip_of(lab, "b-db", 4))
 
 
+def test_deleted_link_is_recreated_with_its_entries(overlay: Lab) -> None:
+    """A hand-deleted VXLAN device comes back, enslaved, with its FDB entries; traffic resumes."""
+    lab = overlay
+    a = lab.host("host-a")
+    before = a.run(["bridge", "fdb", "show", "dev", "vnvx200"]).stdout
+    assert "dst" in before, "precondition: vnvx200 has static FDB entries"
+    mark = a.log_offset()
+    a.run(["ip", "link", "del", "vnvx200"])
+
+    def back() -> bool:
+        links = a.links()
+        return "vnvx200" in links and links["vnvx200"].get("master") == "vnbr200"
+
+    wait_until(back, 6 * RESYNC + 3, 0.2, "vnvx200 recreated")
+    wait_until(lambda: a.run(["bridge", "fdb", "show", "dev", "vnvx200"]).stdout.count("dst") == before.count("dst"),
+               6 * RESYNC + 3, 0.2, "vnvx200 FDB entries restored")
+    drift = events(a, mark, "drift")
+    assert any(mentions(e, "link/vnvx200") for e in drift), drift
+    assert lab.endpoint("a-db").wait_ping(ip_of(lab, "b-db", 4), 10), "a-db -> b-db after the repair"
+
+
+def test_geneve_on_a_kernel_without_it_is_rejected_whole(overlay: Lab) -> None:
+    """This kernel has no geneve: asking for it is a clear, whole rejection, not a traceback."""
+    lab = overlay
+    a = lab.host("host-a")
+    probe = a.run(["ip", "link", "add", "vngeneveprobe", "type", "geneve", "id", "1", "remote", "198.51.100.99"],
+                  check=False)
+    if probe.returncode == 0:
+        a.run(["ip", "link", "del", "vngeneveprobe"])
+        pytest.fail("this test expects a kernel without geneve; run the VM suite for geneve")
+    good = a.state_path.read_text()
+    bad = json.loads(good)
+    bad["segments"][1]["encapsulation"] = "geneve"
+    before = a.snapshot()
+    mark = a.log_offset()
+    a.write_state(bad)
+    try:
+        ev = a.wait_for_log("state_rejected", timeout=10, since=mark)
+        assert ev.get("field") == "segments[1].encapsulation", ev
+        assert "not supported by this kernel" in str(ev.get("reason")), ev
+        time.sleep(2 * RESYNC + 0.5)
+        after = a.snapshot()
+        assert after == before, "data plane changed:\n" + diff_snapshots(before, after)
+        assert a.agent_running()
+        assert not any(e.get("level") == "error" and "Traceback" in json.dumps(e) for e in a.log_events(mark))
+    finally:
+        a.write_state(good)
+    ping_ok(lab, "a-db", ip_of(lab, "b-db", 4))
+
+
 def test_teardown_removes_owned_objects_only(overlay: Lab) -> None:
     """``veilnet-agent teardown`` removes what the agent owns; a restart rebuilds it."""
     lab = overlay

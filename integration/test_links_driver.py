@@ -645,3 +645,18 @@ def test_link_dump_retries_while_links_change(host: str, tmp_path: Any) -> None:
     finally:
         churn.kill()
         churn.wait()
+
+
+def test_crash_leftover_staging_link_is_ours_and_never_blocks_the_real_name(driver: LinksDriver, host: str) -> None:
+    """Links are born under a staging name; a crash mid-create leaves only that, which is cleaned up."""
+    # What a crash between 'link add' and marking it would leave: an unmarked staging-named bridge.
+    sh("ip", "-n", host, "link", "add", "vnnew0badf00d", "type", "bridge")
+    observed = driver.observe()
+    assert "vnnew0badf00d" in observed.links, "a staging leftover is recognised as the agent's"
+    result = driver.apply([DeleteLink("vnnew0badf00d", "bridge", "leftover"), *segment_ops("198.51.100.1")])
+    assert_all_applied(result)
+    names = link_names(host)
+    assert "vnnew0badf00d" not in names
+    assert {"vnbr100", "vnvx100"} <= names
+    assert not any(n.startswith("vnnew") for n in names), "no staging name survives a completed create"
+    assert driver.observe().links["vnvx100"].master == "vnbr100"

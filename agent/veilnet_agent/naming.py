@@ -10,11 +10,17 @@ is never touched.
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 OWNER_MARK = "veilnet:"
 NAME_PREFIX = "vn"
 IFNAMSIZ = 15
 WG_IFNAME = "vnwg0"
+# Links are created under a staging name, marked, configured, then renamed into
+# place: the kernel ignores IFLA_IFALIAS on create, so a crash between create and
+# mark would otherwise leave an unmarked link squatting on the real name. A
+# leftover staging link is the agent's by its name alone and is deleted.
+STAGING_PREFIX = "vnnew"
 
 
 def _digest(*parts: str, length: int = 10) -> str:
@@ -51,6 +57,14 @@ def fingerprint(*parts: object) -> str:
 
 def is_owned_alias(value: str | None) -> bool:
     return value is not None and value.startswith(OWNER_MARK)
+
+
+def staging_name() -> str:
+    return f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+
+
+def is_owned_link(name: str, alias: str | None) -> bool:
+    return is_owned_alias(alias) or name.startswith(STAGING_PREFIX)
 
 
 def gateway_mac(vni: int) -> str:

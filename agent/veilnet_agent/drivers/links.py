@@ -22,7 +22,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from pyroute2 import IPRoute
@@ -216,7 +216,7 @@ class LinksDriver:
         records = self._rtnl.dump_links()
         names = {rec.ifindex: rec.name for rec in records}
         self._indexes = {rec.name: rec.ifindex for rec in records}
-        owned = [rec for rec in records if rec.kind in KINDS and naming.is_owned_alias(rec.alias)]
+        owned = [rec for rec in records if rec.kind in KINDS and naming.is_owned_link(rec.name, rec.alias)]
         bridges = {rec.ifindex for rec in owned if rec.kind == "bridge"}
         vxlans = {rec.ifindex for rec in owned if rec.kind == "vxlan"}
         addresses = self._bridge_addresses(bridges)
@@ -309,16 +309,32 @@ class LinksDriver:
     # links: create
 
     def _create(self, link: Link) -> None:
-        creators: dict[str, Callable[[Link], None]] = {
-            "bridge": self._create_bridge,
-            "vxlan": self._create_vxlan,
-            "geneve": self._create_geneve,
-            "veth": self._create_veth,
+        """Add under a staging name, mark it ours, take the real name, then finish configuring.
+
+        The kernel ignores IFLA_IFALIAS on create; renaming needs the link down, and
+        going down drops IPv6 addresses: hence this order.
+        """
+        adders: dict[str, Callable[[Link], None]] = {
+            "bridge": self._add_bridge,
+            "vxlan": self._add_vxlan,
+            "geneve": self._add_geneve,
+            "veth": self._add_veth,
         }
+        staging = replace(link, name=naming.staging_name())
         try:
-            creators[link.kind](link)
+            adders[link.kind](staging)
         finally:
             self._links_changed()
+        with self._rollback_on_failure(staging.name) as index:
+            self._set_alias(index, link.alias)
+            self._call("link", "set", index=index, ifname=link.name, state="up")
+            self._links_changed()
+            if link.kind == "bridge":
+                self._add_addresses(self._ipr, index, link.addresses)
+            elif link.kind in ("vxlan", "geneve"):
+                self._tunnel_port_flags(index, link)
+            elif isinstance(link.spec, VethSpec):
+                self._configure_endpoint(link.spec, _temp_peer_name(staging.name), link.mtu)
 
     @contextmanager
     def _rollback_on_failure(self, name: str) -> Iterator[int]:
@@ -330,28 +346,19 @@ class LinksDriver:
         except BaseException:
             with suppress(NetlinkError):
                 self._call("link", "del", index=index)
+            self._links_changed()
             raise
 
     def _master_kwargs(self, link: Link) -> dict[str, Any]:
-        return {"master": self._index(link.master)} if link.master else {}
+        if not link.master:
+            return {}
+        return {"master": self._index(link.master)}
 
-    def _create_bridge(self, link: Link) -> None:
+    def _add_bridge(self, link: Link) -> None:
         extra: dict[str, Any] = {"address": link.mac} if link.mac else {}
-        self._call(
-            "link",
-            "add",
-            ifname=link.name,
-            kind="bridge",
-            br_stp_state=0,
-            mtu=link.mtu,
-            state="up",
-            **extra,
-        )
-        with self._rollback_on_failure(link.name) as index:
-            self._set_alias(index, link.alias)
-            self._add_addresses(self._ipr, index, link.addresses)
+        self._call("link", "add", ifname=link.name, kind="bridge", br_stp_state=0, mtu=link.mtu, **extra)
 
-    def _create_vxlan(self, link: Link) -> None:
+    def _add_vxlan(self, link: Link) -> None:
         spec = link.spec
         if not isinstance(spec, VxlanSpec):
             raise OpError("vxlan link needs a VxlanSpec")
@@ -365,15 +372,11 @@ class LinksDriver:
             vxlan_port=spec.port,
             vxlan_learning=0,
             mtu=link.mtu,
-            state="up",
             **{local: spec.local},
             **self._master_kwargs(link),
         )
-        with self._rollback_on_failure(link.name) as index:
-            self._set_alias(index, link.alias)
-            self._tunnel_port_flags(index, link)
 
-    def _create_geneve(self, link: Link) -> None:
+    def _add_geneve(self, link: Link) -> None:
         spec = link.spec
         if not isinstance(spec, GeneveSpec):
             raise OpError("geneve link needs a GeneveSpec")
@@ -388,13 +391,9 @@ class LinksDriver:
             geneve_id=spec.vni,
             geneve_port=spec.port,
             mtu=link.mtu,
-            state="up",
             **{remote: spec.remote},
             **self._master_kwargs(link),
         )
-        with self._rollback_on_failure(link.name) as index:
-            self._set_alias(index, link.alias)
-            self._tunnel_port_flags(index, link)
 
     def _tunnel_port_flags(self, index: int, link: Link) -> None:
         """Tunnel ports: no learning (FDB is programmed), ARP/ND answered locally."""
@@ -415,11 +414,10 @@ class LinksDriver:
             except NetlinkError as exc:
                 raise OpError(f"address {text}: {_kernel_reason(exc)}") from exc
 
-    def _create_veth(self, link: Link) -> None:
+    def _add_veth(self, link: Link) -> None:
         spec = link.spec
         if not isinstance(spec, VethSpec):
             raise OpError("veth link needs a VethSpec")
-        peer = _temp_peer_name(link.name)
         try:
             ns_fd = os.open(rtnl.netns_path(spec.netns), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -431,16 +429,12 @@ class LinksDriver:
                 "add",
                 ifname=link.name,
                 kind="veth",
-                peer={"ifname": peer, "net_ns_fd": ns_fd},
+                peer={"ifname": _temp_peer_name(link.name), "net_ns_fd": ns_fd},
                 mtu=link.mtu,
-                state="up",
                 **self._master_kwargs(link),
             )
         finally:
             os.close(ns_fd)
-        with self._rollback_on_failure(link.name) as index:
-            self._set_alias(index, link.alias)
-            self._configure_endpoint(spec, peer, link.mtu)
 
     def _configure_endpoint(self, spec: VethSpec, peer: str, mtu: int) -> None:
         """Inside the endpoint namespace: rename, MAC, MTU, up, addresses, default routes."""
@@ -480,7 +474,7 @@ class LinksDriver:
         if not msgs:
             return  # already gone: the desired end state holds
         alias = msgs[0].get("ifalias")
-        if not naming.is_owned_alias(alias):
+        if not naming.is_owned_link(name, alias):
             raise OpError(f"link {name} is not owned by veilnet (alias {alias!r}); not deleted")
         try:
             self._call("link", "del", index=int(msgs[0]["index"]))

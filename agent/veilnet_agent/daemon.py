@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -13,10 +14,23 @@ from types import FrameType
 from .config import AgentConfig
 from .errors import ValidationError
 from .logs import get_logger
-from .reconciler import Reconciler
+from .reconciler import Outcome, Reconciler
 from .statefile import StateFileTracker, read_state_file
 
 POLL_SECONDS = 0.5
+
+
+def settle_heap() -> None:
+    """Move the long-lived objects of a freshly loaded state out of the collector's way.
+
+    A large desired state is a million small objects; without this every full
+    collection rescans them (~100 ms at 5,000 peers), landing on whatever
+    change happens next. They hold no reference cycles, so reference counting
+    still frees them when the state is replaced. Freezing is O(1); only the
+    young generation is collected first, so this costs no full collection.
+    """
+    gc.collect(0)
+    gc.freeze()
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._stamp: FileStamp | None = None
+        self._last_load_was_full = False
         self.tracker = StateFileTracker()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -56,6 +71,15 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+
+    def handle_state_file(self) -> Outcome | None:
+        """The state file may have changed: accept and apply it. None if there was nothing new to apply."""
+        if not self.load_desired():
+            return None
+        outcome = self.reconciler.reconcile(full=False)
+        if self._last_load_was_full:
+            settle_heap()
+        return outcome
 
     def load_desired(self) -> bool:
         """Read and accept the state file; on any error keep the running state. True if a new state was accepted."""
@@ -70,6 +94,7 @@ class Daemon:
                            file=str(self.state_file))
             return False
         self.tracker.commit(pending)
+        self._last_load_was_full = pending.changed_peers is None
         state = pending.state
         changed = "all" if pending.changed_peers is None else sorted(pending.changed_peers)[:20]
         self.log.info("state_accepted", file=str(self.state_file), segments=len(state.segments),
@@ -82,6 +107,7 @@ class Daemon:
                       resync_interval=self.config.resync_interval)
         self.load_desired()
         self.reconciler.reconcile(full=True)
+        settle_heap()
         leftover = self.reconciler.converged()
         if leftover:
             self.log.warning("not_converged", ops=len(leftover), first=str(leftover[0]))
@@ -94,8 +120,7 @@ class Daemon:
                 break
             if self._reload or stamp(self.state_file) != self._stamp:
                 self._reload = False
-                if self.load_desired():
-                    self.reconciler.reconcile(full=False)
+                self.handle_state_file()
             if time.monotonic() >= next_resync:
                 self.reconciler.reconcile(full=True)
                 next_resync = time.monotonic() + self.config.resync_interval

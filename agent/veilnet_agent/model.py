@@ -117,7 +117,8 @@ class Claims:
     def claim(self, key: tuple[object, ...], path: str, value: object, message: str) -> None:
         """Record ``key`` as held by ``path``; ``message`` may use {holder}."""
         if key in self.holder:
-            raise ValidationError(path, value, message.format(holder=self.holder[key]))
+            shown = value if isinstance(value, (str, int)) else str(value)  # addresses: text only on error
+            raise ValidationError(path, shown, message.format(holder=self.holder[key]))
         self.holder[key] = path
         if self.peer is not None:
             # Lists may be shared with the state this one was copied from: never mutate them.
@@ -219,7 +220,7 @@ class _SegmentIndex:
         if subnet is None:
             raise ValidationError(path, str(ip), f"segment {segment.name} has no IPv{ip.version} subnet")
         _host_in(ip, subnet, path)
-        self.claims.claim(("ip", segment.name, ip), path, str(ip), "is already used by {holder}")
+        self.claims.claim(("ip", segment.name, ip), path, ip, "is already used by {holder}")
 
 
 def _parse_endpoint(raw: object, path: str, index: _SegmentIndex) -> LocalEndpoint:
@@ -255,31 +256,33 @@ def _parse_endpoint(raw: object, path: str, index: _SegmentIndex) -> LocalEndpoi
     )
 
 
+# The two parsers below run once per peer (thousands of times per state): field
+# paths are plain f-strings rather than v.join calls.
 def _parse_remote_endpoint(raw: object, path: str, index: _SegmentIndex) -> RemoteEndpoint:
     data = v.mapping(raw, path)
     v.no_unknown_keys(data, _REMOTE_ENDPOINT_KEYS, path)
-    segment = index.segment(v.required(data, "segment", path), v.join(path, "segment"))
-    mac = v.unicast_mac(v.required(data, "mac", path), v.join(path, "mac"))
-    index.claim_mac(segment, mac, v.join(path, "mac"))
-    ips_raw = v.sequence(v.required(data, "ips", path), v.join(path, "ips"))
+    segment = index.segment(v.required(data, "segment", path), f"{path}.segment")
+    mac_path = f"{path}.mac"
+    mac = v.unicast_mac(v.required(data, "mac", path), mac_path)
+    index.claim_mac(segment, mac, mac_path)
+    ips_raw = v.sequence(v.required(data, "ips", path), f"{path}.ips")
     if not ips_raw:
-        raise ValidationError(v.join(path, "ips"), [], "needs at least one address")
+        raise ValidationError(f"{path}.ips", [], "needs at least one address")
     ips: list[IPAddress] = []
     for i, item in enumerate(ips_raw):
-        ip_path = v.join(v.join(path, "ips"), i)
+        ip_path = f"{path}.ips[{i}]"
         ip = v.ip_address(item, ip_path)
         index.claim_ip(segment, ip, ip_path)
         ips.append(ip)
     return RemoteEndpoint(segment=segment.name, mac=mac, ips=tuple(ips))
 
 
-def _parse_peer(
-    raw: object, path: str, index: _SegmentIndex, transport: IPInterface
-) -> Peer:
+def _parse_peer(raw: object, path: str, index: _SegmentIndex, transport: IPInterface) -> Peer:
     data = v.mapping(raw, path)
     v.no_unknown_keys(data, _PEER_KEYS, path)
-    name = v.name(v.required(data, "name", path), v.join(path, "name"))
-    transport_path = v.join(path, "transport_address")
+    name_path = f"{path}.name"
+    name = v.name(v.required(data, "name", path), name_path)
+    transport_path = f"{path}.transport_address"
     transport_address = v.ip_address(v.required(data, "transport_address", path), transport_path)
     if transport_address not in transport.network or transport_address == transport.ip:
         raise ValidationError(
@@ -289,20 +292,20 @@ def _parse_peer(
     claims = index.claims
     claims.peer = name
     try:
-        claims.claim(("node", name), v.join(path, "name"), name, "duplicate node name, also at {holder}")
-        public_key = v.wg_public_key(v.required(data, "public_key", path), v.join(path, "public_key"))
-        claims.claim(("key", public_key), v.join(path, "public_key"), public_key,
-                     "duplicate public key, also at {holder}")
-        claims.claim(("transport", transport_address), transport_path, str(transport_address),
+        claims.claim(("node", name), name_path, name, "duplicate node name, also at {holder}")
+        key_path = f"{path}.public_key"
+        public_key = v.wg_public_key(v.required(data, "public_key", path), key_path)
+        claims.claim(("key", public_key), key_path, public_key, "duplicate public key, also at {holder}")
+        claims.claim(("transport", transport_address), transport_path, transport_address,
                      "duplicate transport address, also at {holder}")
-        underlay_address = v.ip_address(v.required(data, "underlay_address", path), v.join(path, "underlay_address"))
-        underlay_port = v.integer(data.get("underlay_port", 51820), v.join(path, "underlay_port"), 1, 65535)
-        claims.claim(("underlay", underlay_address, underlay_port), v.join(path, "underlay_address"),
-                     str(underlay_address), "duplicate underlay address and port, also at {holder}")
-        endpoints_raw = v.sequence(data.get("endpoints", []), v.join(path, "endpoints"))
+        underlay_path = f"{path}.underlay_address"
+        underlay_address = v.ip_address(v.required(data, "underlay_address", path), underlay_path)
+        underlay_port = v.integer(data.get("underlay_port", 51820), f"{path}.underlay_port", 1, 65535)
+        claims.claim(("underlay", underlay_address, underlay_port), underlay_path,
+                     underlay_address, "duplicate underlay address and port, also at {holder}")
+        endpoints_raw = v.sequence(data.get("endpoints", []), f"{path}.endpoints")
         endpoints = tuple(
-            _parse_remote_endpoint(item, v.join(v.join(path, "endpoints"), i), index)
-            for i, item in enumerate(endpoints_raw)
+            _parse_remote_endpoint(item, f"{path}.endpoints[{i}]", index) for i, item in enumerate(endpoints_raw)
         )
     finally:
         claims.peer = None
@@ -312,7 +315,7 @@ def _parse_peer(
         underlay_port=underlay_port,
         public_key=public_key,
         transport_address=transport_address,
-        keepalive=v.integer(data.get("keepalive", 0), v.join(path, "keepalive"), 0, 65535),
+        keepalive=v.integer(data.get("keepalive", 0), f"{path}.keepalive", 0, 65535),
         endpoints=endpoints,
     )
 

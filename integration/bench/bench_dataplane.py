@@ -115,10 +115,10 @@ def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
 
     from veilnet_agent import logs, naming
     from veilnet_agent.config import parse_config
+    from veilnet_agent.daemon import Daemon
     from veilnet_agent.drivers.links import LinksDriver
     from veilnet_agent.drivers.wireguard import WireGuardDriver
     from veilnet_agent.reconciler import Outcome, Reconciler
-    from veilnet_agent.statefile import StateFileTracker, read_state_file
 
     logs.configure("json", "warning")
     config = parse_config({
@@ -133,17 +133,12 @@ def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
     with LinksDriver() as links:
         wireguard = WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend)
         reconciler = Reconciler(config, links, wireguard)
-        tracker = StateFileTracker()
+        daemon = Daemon(config, state_file, reconciler)  # not run(): its state-file handler is called directly
         state_file.write_text(json.dumps(raw))
 
-        def file_changed() -> Any:
-            """What the daemon does when the state file changes: read, diff, validate, accept, apply."""
-            pending = tracker.prepare(read_state_file(state_file))
-            if pending is None:  # unchanged contents: the daemon does nothing
-                return Outcome()
-            reconciler.accept(pending.state, pending.changed_peers)
-            tracker.commit(pending)
-            return reconciler.reconcile(full=pending.changed_peers is None)
+        def file_changed() -> Outcome:
+            """Exactly what the daemon does when the state file changes."""
+            return daemon.handle_state_file() or Outcome()
 
         t0 = time.perf_counter()
         full = file_changed()

@@ -76,7 +76,7 @@ def _kernel_reason(exc: BaseException) -> str:
 
 
 def _is_v6(ip: str) -> bool:
-    return ipaddress.ip_address(ip).version == 6
+    return ":" in ip
 
 
 def _split_prefix(text: str) -> tuple[str, int]:
@@ -326,8 +326,8 @@ class LinksDriver:
         finally:
             self._links_changed()
         with self._rollback_on_failure(staging.name) as index:
-            self._set_alias(index, link.alias)
-            self._call("link", "set", index=index, ifname=link.name, state="up")
+            # One message: the link never has its real name without its mark.
+            self._call("link", "set", index=index, ifname=link.name, ifalias=link.alias, state="up")
             self._links_changed()
             if link.kind == "bridge":
                 self._add_addresses(self._ipr, index, link.addresses)
@@ -399,10 +399,6 @@ class LinksDriver:
         """Tunnel ports: no learning (FDB is programmed), ARP/ND answered locally."""
         if link.master:
             self._call("brport", "set", index=index, learning=0, neigh_suppress=1)
-
-    def _set_alias(self, index: int, alias: str) -> None:
-        # IFLA_IFALIAS is ignored by RTM_NEWLINK on create: set it right after.
-        self._call("link", "set", index=index, ifalias=alias)
 
     def _add_addresses(self, ipr: Any, index: int, addresses: Iterable[str]) -> None:
         for text in sorted(addresses):

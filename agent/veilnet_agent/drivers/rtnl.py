@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -206,9 +205,12 @@ def mac_bytes(mac: str) -> bytes:
 
 
 def ip_bytes(ip: str) -> tuple[int, bytes]:
-    """(address family, packed address) of an IP text."""
-    addr = ipaddress.ip_address(ip)
-    return (AF_INET if addr.version == 4 else AF_INET6), addr.packed
+    """(address family, packed address) of an IP text (C inet_pton: ipaddress is ~30x slower)."""
+    family = AF_INET6 if ":" in ip else AF_INET
+    try:
+        return family, socket.inet_pton(family, ip)
+    except OSError:
+        raise ValueError(f"bad IP address {ip!r}") from None
 
 
 class NeighRequest(NamedTuple):
@@ -285,7 +287,7 @@ class _Formatter:
     def ip(self, raw: bytes) -> str:
         text = self._ips.get(raw)
         if text is None:
-            text = str(ipaddress.ip_address(raw))
+            text = socket.inet_ntop(AF_INET if len(raw) == 4 else AF_INET6, raw)
             self._ips[raw] = text
         return text
 

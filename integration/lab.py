@@ -185,10 +185,18 @@ class HostSpec:
     transport_address: str  # with prefix length, e.g. 198.51.100.11/24
     underlay_ipv6: str | None = None
     listen_port: int = WG_PORT
+    ipv6_underlay: bool = False  # peers reach this host's WireGuard over its IPv6 underlay address
 
     @property
     def transport_ip(self) -> str:
         return self.transport_address.split("/")[0]
+
+    @property
+    def underlay_address(self) -> str:
+        if self.ipv6_underlay:
+            assert self.underlay_ipv6 is not None, f"{self.name}: ipv6_underlay needs underlay_ipv6"
+            return self.underlay_ipv6
+        return self.underlay_ipv4
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,7 @@ class Topology:
             "peers": [
                 {
                     "name": p.name,
-                    "underlay_address": p.underlay_ipv4,
+                    "underlay_address": p.underlay_address,
                     "underlay_port": p.listen_port,
                     "public_key": public_keys[p.name],
                     "transport_address": p.transport_ip,
@@ -302,6 +310,21 @@ def standard_topology() -> Topology:
         EndpointSpec("c-web", "host-c", "blue", "02:00:00:0c:00:01", "203.0.113.30", "fd00:b1::30"),
     )
     return Topology(hosts, (blue, green), eps)
+
+
+def ipv6_topology() -> Topology:
+    """2 hosts over an IPv6 underlay with IPv6 WireGuard transport: the largest overheads (80 + 70)."""
+    hosts = tuple(
+        HostSpec(f"host-{c}", f"192.0.2.{21 + i}", f"fd00:7::{21 + i}/64", f"2001:db8::{21 + i}",
+                 ipv6_underlay=True)
+        for i, c in enumerate("ab")
+    )
+    blue = SegmentSpec("blue", 100, "203.0.113.0/26", "203.0.113.1", "fd00:b1::/64", "fd00:b1::1")
+    eps = (
+        EndpointSpec("a-web", "host-a", "blue", "02:00:00:1a:00:01", "203.0.113.10", "fd00:b1::10"),
+        EndpointSpec("b-web", "host-b", "blue", "02:00:00:1b:00:01", "203.0.113.20", "fd00:b1::20"),
+    )
+    return Topology(hosts, (blue,), eps)
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -387,6 +410,7 @@ class Host:
         log_level: str = "info",
         backend: str = "auto",
         listen_port: int = WG_PORT,
+        underlay_address: str | None = None,
         extra: str = "",
     ) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -398,7 +422,7 @@ class Host:
             f'log_level = "{log_level}"\n'
             "\n[underlay]\n"
             'interface = "ul0"\n'
-            f'address = "{self.ipv4}"\n'
+            f'address = "{underlay_address or self.ipv4}"\n'
             "\n[wireguard]\n"
             f'backend = "{backend}"\n'
             f"listen_port = {listen_port}\n"
@@ -778,7 +802,8 @@ class Lab:
             if h.name not in self.hosts:
                 host = self.add_host(h.name, h.underlay_ipv4, h.underlay_ipv6)
                 host.write_config(
-                    listen_port=h.listen_port, **getattr(self, "_config_args", {})
+                    listen_port=h.listen_port, underlay_address=h.underlay_address,
+                    **getattr(self, "_config_args", {}),
                 )
                 host.identity()
                 new_hosts.append(host)
@@ -941,7 +966,8 @@ def capture(
     snaplen: int = 0,
 ) -> Iterator[Path]:
     """Run tcpdump on ``iface`` (in the namespace of ``ns_cmd``) while the block runs."""
-    argv = ["tcpdump", "-i", iface, "-n", "-U", "-w", str(pcap)]
+    # --immediate-mode: otherwise packets sit in the ring buffer for up to 1 s and a short capture misses them.
+    argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-w", str(pcap)]
     if snaplen:
         argv += ["-s", str(snaplen)]
     if bpf:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from . import naming
 from . import validate as v
 from .errors import ValidationError
+from .policy import Labels, Policy, RateLimit, SegmentMode, parse_labels, parse_mode, parse_policies, parse_rate_limit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,6 +36,8 @@ class Segment:
     ipv6_subnet: ipaddress.IPv6Network | None
     ipv6_gateway: ipaddress.IPv6Address | None
     gateway_mac: str
+    mode: SegmentMode = "isolated"
+    rate_limit: RateLimit | None = None
 
     def subnet_for(self, address: IPAddress) -> IPNetwork | None:
         return self.ipv4_subnet if address.version == 4 else self.ipv6_subnet
@@ -49,6 +52,7 @@ class LocalEndpoint:
     ipv6: ipaddress.IPv6Address | None
     netns: str
     ifname: str
+    labels: Labels = ()
 
     @property
     def ips(self) -> tuple[IPAddress, ...]:
@@ -60,6 +64,7 @@ class RemoteEndpoint:
     segment: str
     mac: str
     ips: tuple[IPAddress, ...]
+    labels: Labels = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class NodeState:
     segments: tuple[Segment, ...]
     endpoints: tuple[LocalEndpoint, ...]
     peers: tuple[Peer, ...]
+    policies: tuple[Policy, ...] = ()
     # Uniqueness claims of every name, key, address and MAC, so that a peer delta is
     # validated against the rest without re-validating everything (see update_peers).
     claims: Claims = field(default_factory=lambda: Claims(), compare=False, repr=False)
@@ -129,17 +135,17 @@ class Claims:
             del self.holder[key]
 
 
-_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers"}
+_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers", "policies"}
 _SEGMENT_KEYS = {
     "name", "vni", "encapsulation", "ipv4_subnet", "ipv4_gateway",
-    "ipv6_subnet", "ipv6_gateway", "gateway_mac",
+    "ipv6_subnet", "ipv6_gateway", "gateway_mac", "mode", "rate_limit",
 }
-_ENDPOINT_KEYS = {"name", "segment", "mac", "ipv4", "ipv6", "netns", "ifname"}
+_ENDPOINT_KEYS = {"name", "segment", "mac", "ipv4", "ipv6", "netns", "ifname", "labels"}
 _PEER_KEYS = {
     "name", "underlay_address", "underlay_port", "public_key",
     "transport_address", "keepalive", "endpoints",
 }
-_REMOTE_ENDPOINT_KEYS = {"segment", "mac", "ips"}
+_REMOTE_ENDPOINT_KEYS = {"segment", "mac", "ips", "labels"}
 
 
 def _host_in(address: IPAddress, subnet: IPNetwork, path: str) -> None:
@@ -188,6 +194,8 @@ def _parse_segment(raw: object, path: str) -> Segment:
         ipv6_subnet=v6_subnet,
         ipv6_gateway=v6_gateway,
         gateway_mac=gateway_mac,
+        mode=parse_mode(data.get("mode"), v.join(path, "mode")),
+        rate_limit=parse_rate_limit(data.get("rate_limit"), v.join(path, "rate_limit")),
     )
 
 
@@ -253,6 +261,7 @@ def _parse_endpoint(raw: object, path: str, index: _SegmentIndex) -> LocalEndpoi
         ipv6=ipv6,
         netns=v.netns_name(v.required(data, "netns", path), v.join(path, "netns")),
         ifname=v.ifname(data.get("ifname", "eth0"), v.join(path, "ifname")),
+        labels=parse_labels(data.get("labels"), v.join(path, "labels")),
     )
 
 
@@ -274,7 +283,8 @@ def _parse_remote_endpoint(raw: object, path: str, index: _SegmentIndex) -> Remo
         ip = v.ip_address(item, ip_path)
         index.claim_ip(segment, ip, ip_path)
         ips.append(ip)
-    return RemoteEndpoint(segment=segment.name, mac=mac, ips=tuple(ips))
+    labels = parse_labels(data.get("labels"), f"{path}.labels")
+    return RemoteEndpoint(segment=segment.name, mac=mac, ips=tuple(ips), labels=labels)
 
 
 def _parse_peer(raw: object, path: str, index: _SegmentIndex, transport: IPInterface) -> Peer:
@@ -357,8 +367,9 @@ def parse_node_state(raw: object) -> NodeState:
     peers = tuple(
         _parse_peer(item, f"peers[{i}]", index, transport) for i, item in enumerate(peers_raw)
     )
+    policies = parse_policies(data.get("policies"), {s.name for s in segments})
     return NodeState(node=node, transport_address=transport, segments=segments, endpoints=endpoints, peers=peers,
-                     claims=claims)
+                     policies=policies, claims=claims)
 
 
 def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], removes: Sequence[str]) -> NodeState:
@@ -382,7 +393,7 @@ def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], remove
     parsed = [_parse_peer(raw, path, index, state.transport_address) for path, raw in upserts]
     touched = set(removes) | {p.name for p in parsed}
     peers = tuple(p for p in state.peers if p.name not in touched) + tuple(parsed)
-    return NodeState(state.node, state.transport_address, state.segments, state.endpoints, peers, claims)
+    return replace(state, peers=peers, claims=claims)
 
 
 def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:

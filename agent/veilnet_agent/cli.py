@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from . import __version__, logs, naming
@@ -42,12 +43,35 @@ def _drivers(config: AgentConfig):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(config: AgentConfig, state_file: Path) -> int:
-    from .daemon import Daemon
-    from .reconciler import Reconciler
+    import threading
 
+    from .daemon import Daemon
+    from .drivers.firewall import FirewallDriver
+    from .drivers.nflog import NflogReader
+    from .firewall_manager import FirewallManager
+    from .reconciler import Reconciler
+    from .security_events import SecurityEventSink, run_reader_thread
+
+    log = logs.get_logger(node=config.node_name)
     links, wireguard = _drivers(config)
-    with links:
-        reconciler = Reconciler(config, links, wireguard)
+    firewall_driver = FirewallDriver()
+    shadowing = firewall_driver.legacy_iptables_rule_count()
+    if shadowing:
+        log.warning("iptables_legacy_rules_present", rules=shadowing,
+                    note="iptables-legacy rules run in their own hooks and can drop overlay traffic the policy allows")
+    stop = threading.Event()
+    with ExitStack() as stack:
+        stack.enter_context(links)
+        try:
+            nflog = stack.enter_context(NflogReader(config.firewall.nflog_group))
+        except OSError as exc:  # enforcement does not depend on it: run without security events
+            log.error("security_events_unavailable", nflog_group=config.firewall.nflog_group, error=str(exc))
+        else:
+            reader = run_reader_thread(nflog, SecurityEventSink(logs.get_logger(node=config.node_name)), stop)
+            stack.callback(reader.join, 2)
+            stack.callback(stop.set)
+        firewall = FirewallManager(firewall_driver, config.firewall, config.node_name)
+        reconciler = Reconciler(config, links, wireguard, firewall)
         return Daemon(config, state_file, reconciler).run()
 
 
@@ -79,6 +103,9 @@ def cmd_teardown(config: AgentConfig) -> int:
         ops = plan(KernelState(), KernelState(links=observed.links, fdb=observed.fdb, neigh=observed.neigh))
         result = links.apply([op for op in ops if not isinstance(op, SyncWgPeers)])
     wireguard.remove_interface()
+    from .drivers.firewall import FirewallDriver
+
+    FirewallDriver().remove()
     log = logs.get_logger(node=config.node_name)
     for op, reason in result.failed:
         log.error("teardown_failed", op=str(op), reason=reason)

@@ -35,6 +35,12 @@ class WireGuardConfig:
 
 
 @dataclass(frozen=True)
+class FirewallConfig:
+    nflog_group: int
+    log_per_second: int
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     node_name: str
     state_dir: Path
@@ -43,9 +49,11 @@ class AgentConfig:
     log_level: str
     underlay: UnderlayConfig
     wireguard: WireGuardConfig
+    firewall: FirewallConfig = FirewallConfig(nflog_group=7410, log_per_second=10)
 
 
-_TOP = {"node_name", "state_dir", "resync_interval", "log_format", "log_level", "underlay", "wireguard"}
+_TOP = {"node_name", "state_dir", "resync_interval", "log_format", "log_level", "underlay", "wireguard", "firewall"}
+_FIREWALL = {"nflog_group", "log_per_second"}
 _UNDERLAY = {"interface", "address", "mtu"}
 _WIREGUARD = {"backend", "listen_port"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -77,7 +85,14 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         backend="auto" if backend == "auto" else "kernel" if backend == "kernel" else "userspace",
         listen_port=v.integer(wg_raw.get("listen_port", 51820), "wireguard.listen_port", 1, 65535),
     )
+    fw_raw = v.mapping(data.get("firewall", {}), "firewall")
+    v.no_unknown_keys(fw_raw, _FIREWALL, "firewall")
+    firewall = FirewallConfig(
+        nflog_group=v.integer(fw_raw.get("nflog_group", 7410), "firewall.nflog_group", 1, 65535),
+        log_per_second=v.integer(fw_raw.get("log_per_second", 10), "firewall.log_per_second", 1, 10_000),
+    )
     return AgentConfig(
+        firewall=firewall,
         node_name=node_name,
         state_dir=Path(state_dir_text),
         resync_interval=resync,

@@ -23,6 +23,7 @@ from .drivers.base import ApplyResult
 from .drivers.links import LinksObservation
 from .drivers.wireguard import WgObservation
 from .errors import ValidationError
+from .firewall_manager import FirewallManager, FirewallOutcome
 from .logs import get_logger
 from .model import NodeState
 from .objects import KernelState
@@ -54,6 +55,7 @@ class Outcome:
     drift: bool = False
     seconds: float = 0.0
     observed: bool = False
+    firewall: FirewallOutcome | None = None
 
     @property
     def cost(self) -> int:
@@ -61,10 +63,17 @@ class Outcome:
 
 
 class Reconciler:
-    def __init__(self, config: AgentConfig, links: LinksPort, wireguard: WireGuardPort) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        links: LinksPort,
+        wireguard: WireGuardPort,
+        firewall: FirewallManager | None = None,
+    ) -> None:
         self.config = config
         self.links = links
         self.wireguard = wireguard
+        self.firewall = firewall
         self.log = get_logger(node=config.node_name)
         self.public_key = wireguard.ensure_private_key()
         self.desired: NodeState | None = None
@@ -88,6 +97,7 @@ class Reconciler:
         """
         if changed_peers is not None and self.rendered is not None and self.desired is not None:
             self.rendered = render_peer_changes(self.rendered, state, self._context(), changed_peers)
+            self._accept_firewall(state)
             self.desired = state
             self._generation += 1
             return
@@ -101,8 +111,13 @@ class Reconciler:
                     "is not supported by this kernel (no geneve module); use vxlan",
                 )
         self.rendered = render_all(state, self._context())
+        self._accept_firewall(state)
         self.desired = state
         self._generation += 1
+
+    def _accept_firewall(self, state: NodeState) -> None:
+        if self.firewall is not None:
+            self.firewall.accept(state)
 
     def _geneve_supported(self) -> bool:
         if self._geneve is None:
@@ -138,6 +153,9 @@ class Reconciler:
         if full or observed is None:
             observed = self.observe()
             outcome.observed = True
+        if self.firewall is not None:
+            # Policy first: a new endpoint must never be reachable before its filter exists.
+            outcome.firewall = self.firewall.reconcile(full=full)
         target = self.rendered.target
         outcome.ops = plan(target, observed)
         outcome.drift = full and bool(outcome.ops) and self._generation == self._converged_generation

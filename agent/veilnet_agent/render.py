@@ -219,7 +219,8 @@ def _bridge(segment: Segment, seg_mtu: int) -> Link:
     return Link(
         name=name,
         kind="bridge",
-        alias=naming.alias("segment", segment.name, naming.fingerprint("bridge", segment.vni)),
+        # "filtered": created with nf_call_ip(6)tables and routing between segments (see drivers/links.py).
+        alias=naming.alias("segment", segment.name, naming.fingerprint("bridge", segment.vni, "filtered")),
         mtu=seg_mtu,
         mac=segment.gateway_mac,
         addresses=frozenset(addresses),

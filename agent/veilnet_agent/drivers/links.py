@@ -122,6 +122,7 @@ class LinksDriver:
     """Bridges, tunnel devices and veth endpoints, and their FDB/neighbour entries."""
 
     def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
         self._ipr: Any = IPRoute(netns=netns, flags=0) if netns else IPRoute()
         try:
             self._rtnl = rtnl.RtnlSocket(netns)
@@ -331,6 +332,7 @@ class LinksDriver:
             self._links_changed()
             if link.kind == "bridge":
                 self._add_addresses(self._ipr, index, link.addresses)
+                self._route_between_segments(link.name)
             elif link.kind in ("vxlan", "geneve"):
                 self._tunnel_port_flags(index, link)
             elif isinstance(link.spec, VethSpec):
@@ -356,7 +358,24 @@ class LinksDriver:
 
     def _add_bridge(self, link: Link) -> None:
         extra: dict[str, Any] = {"address": link.mac} if link.mac else {}
-        self._call("link", "add", ifname=link.name, kind="bridge", br_stp_state=0, mtu=link.mtu, **extra)
+        # nf_call_ip(6)tables: bridged IP traffic of this bridge traverses the inet hooks, with conntrack,
+        # where the agent's firewall filters it (this kernel has no bridge-family conntrack).
+        self._call(
+            "link", "add", ifname=link.name, kind="bridge", br_stp_state=0, mtu=link.mtu,
+            br_nf_call_iptables=1, br_nf_call_ip6tables=1, **extra,
+        )
+
+    def _route_between_segments(self, bridge: str) -> None:
+        """Let the host route between segment bridges (only these): the firewall's default deny still applies.
+
+        IPv4 forwarding is per input interface; IPv6 needs force_forwarding (Linux 6.17+) to do the same
+        without turning the whole host into a router, so where it is missing IPv6 stays unrouted.
+        """
+        with rtnl.netns_entered(self._netns):
+            for path in (f"/proc/sys/net/ipv4/conf/{bridge}/forwarding",
+                         f"/proc/sys/net/ipv6/conf/{bridge}/force_forwarding"):
+                with suppress(FileNotFoundError), open(path, "w") as knob:
+                    knob.write("1")
 
     def _add_vxlan(self, link: Link) -> None:
         spec = link.spec

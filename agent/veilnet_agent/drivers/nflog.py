@@ -1,0 +1,371 @@
+"""A small reader of one NFLOG group (nfnetlink_log), with struct and socket only.
+
+The firewall's ``log group G prefix "..."`` statements hand packets to
+nfnetlink_log; this module binds a NETLINK_NETFILTER socket to group G and
+decodes each NFULNL_MSG_PACKET into a :class:`LoggedPacket` (prefix,
+addresses, protocol, ports or ICMP type/code, in/out ifindex).
+
+Details that matter:
+
+- Binding is ``NFULNL_CFG_CMD_BIND`` with the group in the nfgenmsg
+  ``res_id`` (big endian). Only one socket per network namespace may bind a
+  group: another socket's bind fails with ``EPERM`` (raised as OSError). The
+  kernel destroys the instance when the socket closes.
+- No ``PF_UNBIND``/``PF_BIND``: nftables' ``log group`` names the ULOG
+  logger type explicitly, so it reaches nfnetlink_log whatever the per-netns
+  default logger is. PF_(UN)BIND would replace that default for the whole
+  namespace (e.g. the syslog logger other tools rely on).
+- The kernel batches packets per instance until ``qthresh`` messages, the
+  buffer (``nlbufsiz``) is full, or ``timeout`` (1/100 s) passes; its
+  defaults are 100 packets / 1 s. A batch is one datagram of several
+  messages (``NLM_F_MULTI``, closed by ``NLMSG_DONE``).
+- When the socket's receive buffer overflows the next ``recv`` fails with
+  ``ENOBUFS``: the batches in between are lost. :attr:`NflogReader.dropped`
+  counts these overflow reports (at least one message lost each).
+- All numeric attributes are big endian; attribute types may carry the
+  NLA_F_NESTED / NLA_F_NET_BYTEORDER bits, masked off here.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+from .rtnl import netns_entered
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+SO_RCVBUFFORCE = 33
+
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x01
+NLM_F_ACK = 0x04
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFNETLINK_V0 = 0
+
+# enum nfulnl_msg_config_cmds
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_CFG_CMD_UNBIND = 2
+
+# enum nfulnl_attr_config
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULA_CFG_NLBUFSIZ = 3
+NFULA_CFG_TIMEOUT = 4
+NFULA_CFG_QTHRESH = 5
+
+NFULNL_COPY_PACKET = 2
+
+# enum nfulnl_attr_type
+NFULA_PACKET_HDR = 1
+NFULA_IFINDEX_INDEV = 4
+NFULA_IFINDEX_OUTDEV = 5
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+
+NLA_TYPE_MASK = 0x3FFF
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+
+IPPROTO_ICMP = 1
+IPPROTO_ICMPV6 = 58
+PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})  # tcp, udp, dccp, sctp, udplite: ports in the first 4 bytes
+IPV6_EXT_HEADERS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
+IPV6_FRAGMENT = 44
+IPV6_AH = 51
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("!BBH")
+_NLATTR = struct.Struct("=HH")
+_BE16 = struct.Struct("!H")
+_BE32 = struct.Struct("!I")
+_CFG_MODE = struct.Struct("!IBx")  # struct nfulnl_msg_config_mode (packed): copy_range, copy_mode, pad
+_PORTS = struct.Struct("!HH")
+_RECV_SIZE = 1 << 18
+_ACK_TIMEOUT = 5.0  # seconds
+_MAX_DATAGRAMS_PER_READ = 256  # so a flood cannot keep read() from returning
+
+
+@dataclass(frozen=True)
+class LoggedPacket:
+    """One packet logged to the group, as far as its copied bytes tell."""
+
+    prefix: str
+    family: int  # 4 or 6
+    src: str
+    dst: str
+    protocol: int  # upper-layer protocol (IPv6: after extension headers)
+    sport: int | None
+    dport: int | None
+    icmp_type: int | None
+    indev: int | None
+    outdev: int | None
+    icmp_code: int | None = None
+
+
+# --- encoding -------------------------------------------------------------------
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = _NLATTR.size + len(payload)
+    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def config_message(group: int, attrs: bytes, seq: int) -> bytes:
+    """An NFULNL_MSG_CONFIG request for ``group`` asking for an ack."""
+    body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + attrs
+    msg_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def bind_attrs(copy_range: int, nlbufsiz: int | None, qthresh: int | None, timeout_cs: int | None) -> bytes:
+    attrs = _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
+    attrs += _attr(NFULA_CFG_MODE, _CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET))
+    for kind, value in ((NFULA_CFG_NLBUFSIZ, nlbufsiz), (NFULA_CFG_QTHRESH, qthresh), (NFULA_CFG_TIMEOUT, timeout_cs)):
+        if value is not None:
+            attrs += _attr(kind, _BE32.pack(value))
+    return attrs
+
+
+# --- decoding -------------------------------------------------------------------
+
+
+def iter_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, seq, payload) of every netlink message in one datagram."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            return
+        yield msg_type, seq, data[offset + _NLMSGHDR.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    attrs: dict[int, bytes] = {}
+    while offset + _NLATTR.size <= len(data):
+        length, kind = _NLATTR.unpack_from(data, offset)
+        if length < _NLATTR.size or offset + length > len(data):
+            break
+        attrs[kind & NLA_TYPE_MASK] = data[offset + _NLATTR.size : offset + length]
+        offset += (length + 3) & ~3
+    return attrs
+
+
+def _ports(l4: bytes, protocol: int) -> tuple[int | None, int | None]:
+    if protocol in PORT_PROTOCOLS and len(l4) >= _PORTS.size:
+        sport, dport = _PORTS.unpack_from(l4)
+        return sport, dport
+    return None, None
+
+
+def _icmp(l4: bytes, protocol: int, icmp_protocol: int) -> tuple[int | None, int | None]:
+    if protocol == icmp_protocol and len(l4) >= 2:
+        return l4[0], l4[1]
+    return None, None
+
+
+def _ipv6_upper_layer(payload: bytes) -> tuple[int, bytes | None]:
+    """(upper-layer protocol, its bytes or None if absent/not first fragment) after extension headers."""
+    nexthdr, offset = payload[6], 40
+    while nexthdr in IPV6_EXT_HEADERS or nexthdr in (IPV6_FRAGMENT, IPV6_AH):
+        if offset + 8 > len(payload):
+            return nexthdr, None
+        following = payload[offset]
+        if nexthdr == IPV6_FRAGMENT:
+            if _BE16.unpack_from(payload, offset + 2)[0] & 0xFFF8:
+                return following, None
+            size = 8
+        elif nexthdr == IPV6_AH:
+            size = (payload[offset + 1] + 2) * 4
+        else:
+            size = (payload[offset + 1] + 1) * 8
+        nexthdr, offset = following, offset + size
+    return nexthdr, payload[offset:]
+
+
+def _parse_ip(payload: bytes) -> tuple[int, str, str, int, bytes | None] | None:
+    """(family, src, dst, protocol, l4 bytes or None) of an IP packet, None if not one."""
+    if not payload:
+        return None
+    version = payload[0] >> 4
+    if version == 4 and len(payload) >= 20:
+        header_len = (payload[0] & 0x0F) * 4
+        fragment_offset = _BE16.unpack_from(payload, 6)[0] & 0x1FFF
+        l4 = payload[header_len:] if fragment_offset == 0 and header_len >= 20 else None
+        src, dst = socket.inet_ntop(socket.AF_INET, payload[12:16]), socket.inet_ntop(socket.AF_INET, payload[16:20])
+        return 4, src, dst, payload[9], l4
+    if version == 6 and len(payload) >= 40:
+        protocol, l4 = _ipv6_upper_layer(payload)
+        src, dst = socket.inet_ntop(socket.AF_INET6, payload[8:24]), socket.inet_ntop(socket.AF_INET6, payload[24:40])
+        return 6, src, dst, protocol, l4
+    return None
+
+
+def _ifindex(attrs: dict[int, bytes], kind: int) -> int | None:
+    value = attrs.get(kind)
+    return _BE32.unpack(value[:4])[0] if value is not None and len(value) >= 4 else None
+
+
+def parse_packet(body: bytes) -> LoggedPacket | None:
+    """Decode one NFULNL_MSG_PACKET body (nfgenmsg + attributes); None if not an IP packet."""
+    attrs = parse_attrs(body, _NFGENMSG.size)
+    hdr = attrs.get(NFULA_PACKET_HDR)
+    if hdr is not None and len(hdr) >= 2 and _BE16.unpack_from(hdr)[0] not in (ETH_P_IP, ETH_P_IPV6, 0):
+        return None
+    ip = _parse_ip(attrs.get(NFULA_PAYLOAD, b""))
+    if ip is None:
+        return None
+    family, src, dst, protocol, l4 = ip
+    sport, dport = _ports(l4 or b"", protocol)
+    icmp_type, icmp_code = _icmp(l4 or b"", protocol, IPPROTO_ICMP if family == 4 else IPPROTO_ICMPV6)
+    return LoggedPacket(
+        prefix=attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("utf-8", "replace"),
+        family=family,
+        src=src,
+        dst=dst,
+        protocol=protocol,
+        sport=sport,
+        dport=dport,
+        icmp_type=icmp_type,
+        indev=_ifindex(attrs, NFULA_IFINDEX_INDEV),
+        outdev=_ifindex(attrs, NFULA_IFINDEX_OUTDEV),
+        icmp_code=icmp_code,
+    )
+
+
+def _ack_error(body: bytes) -> int:
+    return -struct.unpack_from("=i", body)[0] if len(body) >= 4 else errno.EPROTO
+
+
+# --- the reader -------------------------------------------------------------------
+
+
+class NflogReader:
+    """Receives the packets logged to one nflog group (in ``netns``, if given).
+
+    ``copy_range``: bytes of each packet copied (headers suffice);
+    ``qthresh``/``timeout_cs``: the kernel's batching (packets, 1/100 s);
+    ``nlbufsiz``: the kernel's batch buffer; ``rcvbuf``: the socket's receive
+    buffer (set with SO_RCVBUFFORCE when allowed).
+    """
+
+    def __init__(
+        self,
+        group: int,
+        netns: str | None = None,
+        *,
+        copy_range: int = 128,
+        qthresh: int | None = 16,
+        timeout_cs: int | None = 10,
+        nlbufsiz: int | None = None,
+        rcvbuf: int = 1 << 20,
+    ) -> None:
+        if not 0 <= group <= 0xFFFF:
+            raise ValueError(f"nflog group out of range: {group}")
+        self.group = group
+        self.dropped = 0  # ENOBUFS reports: receive-buffer overflows, each losing at least one message
+        self.unparsed = 0  # logged packets without a decodable IP header
+        self._seq = 0
+        self._buf = bytearray(_RECV_SIZE)
+        with netns_entered(netns):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self._setup(rcvbuf, bind_attrs(copy_range, nlbufsiz, qthresh, timeout_cs))
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _setup(self, rcvbuf: int, attrs: bytes) -> None:
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self._sock.bind((0, 0))
+        self._request(attrs)
+
+    def _request(self, attrs: bytes) -> None:
+        """Send one config request and wait for its ack (packets arriving meanwhile are discarded)."""
+        self._seq += 1
+        self._sock.send(config_message(self.group, attrs, self._seq))
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        while True:
+            if not poller.poll(int(_ACK_TIMEOUT * 1000)):
+                raise OSError(errno.ETIMEDOUT, f"nflog group {self.group}: no answer to the config request")
+            for msg_type, seq, body in iter_messages(self._sock.recv(_RECV_SIZE)):
+                if msg_type == NLMSG_ERROR and seq == self._seq:
+                    err = _ack_error(body)
+                    if err:
+                        raise OSError(err, f"nflog group {self.group}: {errno.errorcode.get(err, err)}")
+                    return
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self, timeout: float | None = None) -> list[LoggedPacket]:
+        """The packets available now, waiting up to ``timeout`` seconds (None: forever) for the first."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            return []
+        packets: list[LoggedPacket] = []
+        for _ in range(_MAX_DATAGRAMS_PER_READ):
+            size = self._recv()
+            if size is None:
+                break
+            packets.extend(self._decode(bytes(memoryview(self._buf)[:size])))
+        return packets
+
+    def _recv(self) -> int | None:
+        """Bytes of the next datagram in ``_buf``; None when nothing is queued. Counts overflows."""
+        while True:
+            try:
+                return self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.dropped += 1
+
+    def _decode(self, data: bytes) -> Iterator[LoggedPacket]:
+        packet_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+        for msg_type, _seq, body in iter_messages(data):
+            if msg_type != packet_type:
+                continue  # NLMSG_DONE closing a batch, late acks
+            packet = parse_packet(body)
+            if packet is None:
+                self.unparsed += 1
+            else:
+                yield packet
+
+    def close(self) -> None:
+        """Unbind the group (best effort; closing alone also frees it) and close the socket."""
+        if self._sock.fileno() < 0:
+            return
+        try:
+            self._seq += 1
+            self._sock.send(config_message(self.group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND])), self._seq))
+        except OSError:
+            pass
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> NflogReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

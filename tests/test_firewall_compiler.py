@@ -81,6 +81,13 @@ def test_ports_ranges_protocols_and_cidrs_pick_the_right_maps() -> None:
     assert (("203.0.113.10", "203.0.113.70", 6), "p_all_tcp") in els["allow4_proto"]
 
 
+def test_host_cidrs_are_exact_addresses() -> None:
+    raw = labelled_state()
+    raw["policies"] = [{"name": "one", "source": {"cidr": "198.51.100.7/32"}, "destination": {"segment": "blue"}}]
+    els = all_elements(compiled(raw))
+    assert els == {"allow4_any": {(("198.51.100.7", "203.0.113.10"), "p_one")}}
+
+
 def test_first_policy_wins_a_shared_tuple() -> None:
     raw = labelled_state()
     raw["policies"].append({**raw["policies"][0], "name": "again"})
@@ -128,7 +135,9 @@ def test_structure_is_self_consistent_and_carries_the_fingerprint() -> None:
     fw = compiled(raw)
     text = json.dumps(fw.structure)
     chains = {c["add"]["chain"]["name"] for c in fw.structure if "chain" in c["add"]}
-    assert {"forward", "segments", "input", "to_host", "p_web_to_db", "rate_drop_blue", "guard_drop"} <= chains
+    assert {"forward", "segments", "input", "to_host", "rate_drop_blue", "guard_drop"} <= chains
+    counters = {c["add"]["counter"]["name"] for c in fw.structure if "counter" in c["add"]}
+    assert {"p_web_to_db", "default_drop", "invalid", "cleartext_guard", "to_host_drop", "rate_blue"} <= counters
     for cmd in fw.structure:
         rule = cmd["add"].get("rule")
         if rule:
@@ -136,7 +145,7 @@ def test_structure_is_self_consistent_and_carries_the_fingerprint() -> None:
             for expr in rule["expr"]:
                 if "jump" in expr:
                     assert expr["jump"]["target"] in chains
-    assert all(chain in chains for els in fw.elements.values() for _, chain in els)
+    assert all(counter in counters for els in fw.elements.values() for _, counter in els)
     assert f'"{FINGERPRINT_PREFIX}{fw.fingerprint}"' in text
     assert all(IDENT.match(n) for n in _names(fw.structure))
     assert set(allow_map_names()) <= set(_names(fw.structure))

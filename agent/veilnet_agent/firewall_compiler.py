@@ -7,8 +7,12 @@ element updates while structural changes replace the table in one
 transaction. See docs/firewall.md for the layout and why it hooks where it does.
 
 Allowed flows are expanded to (source, destination, protocol[, port]) tuples in
-verdict maps that jump to a per-policy chain (counting, then accepting): the
-per-packet cost is a fixed number of lookups whatever the number of policies.
+maps whose values are the allowing policy's named counter: a rule
+``counter name <tuple> map @allow... accept`` counts and accepts a hit and
+does nothing on a miss. The per-packet cost is a fixed number of lookups
+whatever the number of policies. (Verdict maps jumping to per-policy chains
+were measured slower to update: every commit re-validates the chain graph
+across all jump elements, ~22 ms per element at 100,000.)
 Only tuples with a local endpoint on either side (or CIDRs on both) are kept:
 other traffic never crosses this host.
 
@@ -36,11 +40,13 @@ FINGERPRINT_PREFIX = "veilnet:fingerprint:"
 ENCAP_PORTS = (4789, 6081)  # VXLAN, Geneve: the VNI sits at the same offset in both headers
 VNI_FIELD: dict[str, Any] = {"payload": {"base": "th", "offset": 96, "len": 24}}  # UDP header (8) + 4 bytes
 EXPAND_PORT_RANGE_LIMIT = 64  # wider ranges go to interval maps as ranges
+# IPv6 link-local control every segment needs: MLD (130-132, 143) and neighbour discovery (133-136).
+LINK_LOCAL_ICMPV6 = (130, 131, 132, 133, 134, 135, 136, 143)
 DYNAMIC_SET_TIMEOUT = 60
 DYNAMIC_SET_SIZE = 65535
 
 KeyPart = str | int
-Element = tuple[tuple[KeyPart, ...], str]  # (key parts, verdict chain)
+Element = tuple[tuple[KeyPart, ...], str]  # (key parts, the policy's counter)
 
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _IP_PROTO = {4: "ip", 6: "ip6"}
@@ -74,7 +80,7 @@ def ident(name: str) -> str:
     return name.replace("-", "_")
 
 
-def policy_chain(policy: Policy) -> str:
+def policy_counter(policy: Policy) -> str:
     return f"p_{ident(policy.name)}"
 
 
@@ -110,7 +116,10 @@ def _members(state: NodeState) -> list[_Member]:
 
 def _resolve(selector: Selector, members: list[_Member]) -> list[_Side]:
     if selector.cidr is not None:
-        return [_Side(str(selector.cidr), selector.cidr.version, True, False)]
+        cidr = selector.cidr
+        if cidr.prefixlen == cidr.max_prefixlen:  # a host route is an exact address (the kernel reads it back so)
+            return [_Side(addr.text(cidr.network_address), cidr.version, False, False)]
+        return [_Side(str(cidr), cidr.version, True, False)]
     sides: list[_Side] = []
     for m in members:
         if selector.matches(m.segment, m.labels):
@@ -123,7 +132,7 @@ def compile_elements(state: NodeState) -> dict[str, frozenset[Element]]:
     members = _members(state)
     chosen: dict[str, dict[tuple[KeyPart, ...], str]] = {name: {} for name in allow_map_names()}
     for policy in state.policies:
-        chain = policy_chain(policy)
+        counter = policy_counter(policy)
         sources = _resolve(policy.source, members)
         destinations = _resolve(policy.destination, members)
         for s in sources:
@@ -133,7 +142,7 @@ def compile_elements(state: NodeState) -> dict[str, frozenset[Element]]:
                 for kind, key in _tuples(policy, s, d):
                     port_range = kind == "ports" and isinstance(key[3], str)
                     interval = s.prefix or d.prefix or port_range
-                    chosen[map_name(s.family, kind, interval)].setdefault(key, chain)
+                    chosen[map_name(s.family, kind, interval)].setdefault(key, counter)
     return {name: frozenset(chosen[name].items()) for name in allow_map_names()}
 
 
@@ -216,7 +225,7 @@ def compile_structure(state: NodeState, settings: FirewallSettings) -> list[dict
     free = [s for s in state.segments if s.mode == "isolated"]
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}}]
     counters = ["invalid", "default_drop", "cleartext_guard", "to_host_drop"]
-    counters += [policy_chain(p) for p in state.policies]
+    counters += [policy_counter(p) for p in state.policies]
     for s in state.segments:
         if s.rate_limit is not None:
             counters += [f"rate_{ident(s.name)}", f"icmp_rate_{ident(s.name)}"]
@@ -236,7 +245,7 @@ def compile_structure(state: NodeState, settings: FirewallSettings) -> list[dict
                 fields: dict[str, Any] = {
                     "name": map_name(family, kind, interval),
                     "type": [_ADDR_TYPE[family], _ADDR_TYPE[family], *tail],
-                    "map": "verdict",
+                    "map": "counter",
                 }
                 if interval:
                     fields["flags"] = ["interval"]
@@ -249,7 +258,6 @@ def compile_structure(state: NodeState, settings: FirewallSettings) -> list[dict
                                      flags=["timeout"], timeout=DYNAMIC_SET_TIMEOUT,
                                      size=DYNAMIC_SET_SIZE))
 
-    cmds += _policy_chains(state)
     cmds += _segments_chain(state, settings)
     cmds += _input_chains(state, settings)
     return cmds
@@ -257,14 +265,6 @@ def compile_structure(state: NodeState, settings: FirewallSettings) -> list[dict
 
 def _rate_set(segment: Segment, what: str, family: int) -> str:
     return f"rl_{what}{family}_{ident(segment.name)}"
-
-
-def _policy_chains(state: NodeState) -> list[dict[str, Any]]:
-    cmds: list[dict[str, Any]] = []
-    for policy in state.policies:
-        chain = policy_chain(policy)
-        cmds += [_obj("chain", name=chain), _rule(chain, _counter(chain), ACCEPT, comment=f"policy {policy.name}")]
-    return cmds
 
 
 def _segments_chain(state: NodeState, settings: FirewallSettings) -> list[dict[str, Any]]:
@@ -286,17 +286,21 @@ def _segments_chain(state: NodeState, settings: FirewallSettings) -> list[dict[s
         proto_key = {"concat": [src, dst, _meta("l4proto")]}
         any_key = {"concat": [src, dst]}
         for interval in (False, True):
-            cmds.append(rule(tcp_udp, {"vmap": {"key": port_key, "data": "@" + map_name(family, "ports", interval)}}))
+            cmds.append(rule(tcp_udp, _count_allowed(port_key, map_name(family, "ports", interval)), ACCEPT))
         for interval in (False, True):
-            cmds.append(rule({"vmap": {"key": proto_key, "data": "@" + map_name(family, "proto", interval)}}))
+            cmds.append(rule(_count_allowed(proto_key, map_name(family, "proto", interval)), ACCEPT))
         for interval in (False, True):
-            cmds.append(rule({"vmap": {"key": any_key, "data": "@" + map_name(family, "any", interval)}}))
-    neighbour_discovery = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
-    cmds.append(rule(_match(_payload("icmpv6", "type"), {"set": neighbour_discovery}), ACCEPT))
+            cmds.append(rule(_count_allowed(any_key, map_name(family, "any", interval)), ACCEPT))
+    cmds.append(rule(_match(_payload("icmpv6", "type"), {"set": list(LINK_LOCAL_ICMPV6)}), ACCEPT))
     cmds.append(rule(_match({"concat": [_meta("iifname"), _meta("oifname")]}, "@free_inside"), ACCEPT))
     cmds.append(rule(*_log(settings, "veilnet drop ")))
     cmds.append(rule(_counter("default_drop"), DROP))
     return cmds
+
+
+def _count_allowed(key: dict[str, Any], allow_map: str) -> dict[str, Any]:
+    """Count the packet on its policy's counter if the tuple is in ``allow_map``; no match stops the rule."""
+    return {"counter": {"map": {"key": key, "data": "@" + allow_map}}}
 
 
 def _rate_limit_rules(segment: Segment, settings: FirewallSettings) -> list[dict[str, Any]]:

@@ -1,0 +1,704 @@
+"""Firewall driver: the agent's own nftables table, ``inet veilnet``.
+
+The driver talks to libnftables through the official Python bindings
+(Debian's ``python3-nftables``), always in JSON built as data: nothing is
+parsed from nft's text output, and nothing outside ``table inet veilnet`` is
+read or written. The ruleset is never flushed.
+
+Transactions: every write is ONE ``json_cmd`` call, which libnftables sends
+as one netlink batch; the kernel applies all of it or none of it, so a
+rejected batch leaves the previous ruleset exactly as it was.
+
+- :meth:`FirewallDriver.apply_full` replaces the table whole:
+  ``add table; delete table; <structure>; add element ...`` (``flush table``
+  would keep set elements and named counters).
+- :meth:`FirewallDriver.apply_elements` changes allow-map elements only:
+  ``delete element ...; add element ...``.
+
+Element encoding (the compiler's): a key is a tuple of strings and ints;
+addresses are canonical text (``ipaddress``), CIDRs ``"a/len"`` (interval
+maps only), protocols ints, ports ints or ``"lo-hi"`` (interval maps only).
+A one-part key is written as a bare value, a longer one as a ``concat``. The
+value is the verdict chain (``jump``); ``"goto:<chain>"``, ``"accept"``,
+``"drop"``, ``"return"`` and ``"continue"`` are understood too, and ``""``
+stands for a plain set element (no value). Reading back undoes nft's
+renderings: protocol names (``"tcp"``, ``"ipv6-icmp"``) become numbers, a
+full-length prefix becomes a plain address, ``lo == hi`` ranges a plain port.
+
+Fingerprint: nft 1.0.6 silently ignores a table's ``comment`` in JSON input
+and leaves it out of JSON output (chains and sets likewise); rule and named
+counter comments do round-trip. The compiler therefore puts the fingerprint
+in a rule comment (``veilnet:fingerprint:<fp>``); :meth:`observe` takes the
+table's comment if nft reports one (newer versions), else that rule comment.
+
+Cost at 100k elements with nft 1.0.6: every ``list`` command (even
+``list tables`` or ``list counters``) fetches every set element into
+libnftables' cache (~1.5-2 s). Hence: reads go through a second context so
+the writer's cache never holds the elements (one-element writes stay
+sub-millisecond), and :meth:`counters` dumps counter objects with one raw
+nfnetlink request instead (independent of the number of elements).
+
+Namespaces: an ``Nftables()`` context (and a netlink socket) stays bound to
+the network namespace it was created in, so the driver creates them with this
+thread switched into ``/run/netns/NAME`` (``setns`` there and back).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import nftables
+
+from ..errors import DriverError
+from ..firewall_compiler import FINGERPRINT_PREFIX, TABLE_FAMILY, TABLE_NAME, CompiledFirewall, Element
+
+ALLOW_PREFIX = "allow"
+LEGACY_SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save")
+LEGACY_TIMEOUT_S = 30.0
+NETNS_DIR = "/run/netns"
+TRIM_AFTER_ELEMENTS = 10_000  # give freed malloc memory back after operations this large
+
+_OBJ = {"family": TABLE_FAMILY, "table": TABLE_NAME}
+_TABLE = {"family": TABLE_FAMILY, "name": TABLE_NAME}
+_WRITE_OPS = frozenset({"add", "create", "insert", "replace"})
+_PORT_RANGE = re.compile(r"\A(\d{1,5})-(\d{1,5})\Z")
+_VERDICT_KEYWORDS = frozenset({"accept", "drop", "return", "continue"})
+_ERROR_LOCATION = re.compile(r"^internal:\d+:\d+-\d+:\s*")
+_FULL_LEN = {"ipv4_addr": 32, "ipv6_addr": 128}
+
+KeyPart = str | int
+
+
+@dataclass(frozen=True)
+class ObservedFirewall:
+    present: bool
+    fingerprint: str | None  # the table's comment, else the fingerprint rule comment
+    elements: Mapping[str, frozenset[Element]]  # every allow* map/set of our table, normalised
+
+
+ABSENT = ObservedFirewall(present=False, fingerprint=None, elements={})
+
+
+# --- encoding: Element -> nft JSON -------------------------------------------------
+
+
+def _address_json(text: str) -> Any:
+    """An address, CIDR or address range as nft JSON; anything else is refused.
+
+    nft resolves a string that is not an address as a host name (DNS), so
+    every address is checked here, with ``inet_pton`` (fast, strict).
+    """
+    addr, slash, length = text.partition("/")
+    if not slash and "-" in text:
+        lo, _, hi = text.partition("-")
+        return {"range": [_checked_address(lo, text), _checked_address(hi, text)]}
+    _checked_address(addr, text)
+    if not slash:
+        return text
+    limit = 32 if ":" not in addr else 128
+    if not length.isdigit() or int(length) > limit:
+        raise DriverError(f"firewall element: bad prefix length in {text!r}")
+    return {"prefix": {"addr": addr, "len": int(length)}}
+
+
+def _checked_address(text: str, whole: str) -> str:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, ValueError):
+        raise DriverError(f"firewall element: bad address {whole!r}") from None
+    return text
+
+
+class _Encoder:
+    """Element -> JSON with the parts and verdicts of one call memoised."""
+
+    def __init__(self) -> None:
+        self._parts: dict[KeyPart, Any] = {}
+        self._verdicts: dict[str, Any] = {}
+
+    def part(self, part: KeyPart) -> Any:
+        if type(part) is int:
+            return part
+        done = self._parts.get(part)
+        if done is None:
+            if not isinstance(part, str):
+                raise DriverError(f"firewall element: bad key part {part!r}")
+            match = _PORT_RANGE.match(part)
+            done = {"range": [int(match.group(1)), int(match.group(2))]} if match else _address_json(part)
+            self._parts[part] = done
+        return done
+
+    def key(self, key: tuple[KeyPart, ...]) -> Any:
+        if len(key) == 1:
+            return self.part(key[0])
+        part = self.part
+        return {"concat": [part(p) for p in key]}
+
+    def verdict(self, verdict: str) -> Any:
+        done = self._verdicts.get(verdict)
+        if done is None:
+            if verdict in _VERDICT_KEYWORDS:
+                done = {verdict: None}
+            elif verdict.startswith("goto:"):
+                done = {"goto": {"target": verdict[5:]}}
+            else:
+                done = {"jump": {"target": verdict}}
+            self._verdicts[verdict] = done
+        return done
+
+    def element(self, element: Element) -> Any:
+        key, verdict = element
+        if verdict == "":
+            return self.key(key)
+        return [self.key(key), self.verdict(verdict)]
+
+    def object_element(self, element: Element) -> Any:
+        key, value = element
+        return [self.key(key), value]
+
+
+def element_commands(
+    op: str,
+    elements: Mapping[str, Iterable[Element]],
+    keys_only: bool = False,
+    value_kinds: Mapping[str, str] | None = None,
+) -> list[Any]:
+    """``{op: {"element": ...}}`` commands, one per non-empty map, in name order.
+
+    ``value_kinds`` gives a map's value type (``"verdict"``, ``"counter"``,
+    ...); the value of a map not named there is a verdict, ``""`` a set element.
+    An object map's value (``"counter"``: ``counter name <key> map @m``) is the
+    object's name.
+    """
+    enc = _Encoder()
+    kinds = value_kinds or {}
+    commands: list[Any] = []
+    for name in sorted(elements):
+        items = elements[name]
+        if keys_only:
+            elem = [enc.key(k) for k, _ in items]
+        elif kinds.get(name, "verdict") not in ("verdict", ""):
+            elem = [enc.object_element(e) for e in items]
+        else:
+            elem = [enc.element(e) for e in items]
+        if elem:
+            commands.append({op: {"element": {**_OBJ, "name": name, "elem": elem}}})
+    return commands
+
+
+# --- decoding: nft JSON -> Element -------------------------------------------------
+
+
+def _canon_address(text: str) -> str:
+    """Python's canonical text of an address nft printed with ``inet_ntop``.
+
+    The two agree (RFC 5952) except for IPv6 with an embedded IPv4 part
+    (``::ffff:192.0.2.1``), which Python writes in hex.
+    """
+    if ":" in text and "." in text:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            return text
+    return text
+
+
+def _proto_number(name: str) -> KeyPart:
+    if name.isdigit():
+        return int(name)
+    try:
+        return socket.getprotobyname(name)
+    except OSError:
+        return name  # kept as text: never equal to a desired element, so it is replaced
+
+
+def _service_number(name: str) -> KeyPart:
+    if name.isdigit():
+        return int(name)
+    try:
+        return socket.getservbyname(name)
+    except OSError:
+        return name
+
+
+def _decode_part(value: Any, kind: str) -> KeyPart:
+    """One key part as nft printed it, in the compiler's encoding."""
+    if type(value) is int:
+        return value
+    if type(value) is str:
+        if kind in _FULL_LEN:
+            return _canon_address(value)
+        if kind == "inet_proto":
+            return _proto_number(value)
+        if kind == "inet_service":
+            return _service_number(value)
+        return value
+    if type(value) is dict:
+        if "prefix" in value:
+            prefix = value["prefix"]
+            addr = _canon_address(prefix["addr"])
+            length = int(prefix["len"])
+            return addr if length == _FULL_LEN.get(kind, -1) else f"{addr}/{length}"
+        if "range" in value:
+            lo_raw, hi_raw = value["range"]
+            lo, hi = _decode_part(lo_raw, kind), _decode_part(hi_raw, kind)
+            return lo if lo == hi else f"{lo}-{hi}"
+        if "elem" in value:  # an element with attributes of its own (timeout, counter)
+            return _decode_part(value["elem"]["val"], kind)
+    raise DriverError(f"unexpected element part {value!r} ({kind}) in table {TABLE_NAME}")
+
+
+def _part_decoder(kind: str) -> Callable[[Any], KeyPart]:
+    """A fast decoder of one key position, memoising strings."""
+    memo: dict[str, KeyPart] = {}
+
+    def decode(value: Any) -> KeyPart:
+        if type(value) is int:
+            return value
+        if type(value) is str:
+            done = memo.get(value)
+            if done is None:
+                done = memo[value] = _decode_part(value, kind)
+            return done
+        return _decode_part(value, kind)
+
+    return decode
+
+
+def _decode_verdict(value: Any) -> str:
+    if type(value) is dict and len(value) == 1:
+        ((verb, arg),) = value.items()
+        if verb == "jump" and type(arg) is dict:
+            return str(arg["target"])
+        if verb == "goto" and type(arg) is dict:
+            return f"goto:{arg['target']}"
+        if verb in _VERDICT_KEYWORDS:
+            return str(verb)
+    raise DriverError(f"unexpected map value {value!r} in table {TABLE_NAME}")
+
+
+def decode_set(obj: Mapping[str, Any]) -> frozenset[Element]:
+    """Elements of one ``set``/``map`` object of ``nft -j list`` output, normalised."""
+    kind = obj.get("type", [])
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    decoders = [_part_decoder(k) for k in kinds] or [_part_decoder("")]
+    first = decoders[0]
+    width = len(decoders)
+
+    def key_of(raw: Any) -> tuple[KeyPart, ...]:
+        if type(raw) is dict:
+            parts = raw.get("concat")
+            if parts is not None:
+                if len(parts) != width:
+                    raise DriverError(f"element {raw!r} does not match the type {kinds} in table {TABLE_NAME}")
+                return tuple([d(p) for d, p in zip(decoders, parts)])  # noqa: B905 - lengths checked
+            if "elem" in raw:
+                return key_of(raw["elem"]["val"])
+        return (first(raw),)
+
+    out: list[Element] = []
+    if obj.get("map") == "verdict":
+        for raw_key, value in obj.get("elem", ()):
+            jump = value.get("jump") if type(value) is dict else None
+            out.append((key_of(raw_key), jump["target"] if jump is not None else _decode_verdict(value)))
+    elif "map" in obj:  # an object map (counter, quota...): the value is the object's name
+        out.extend((key_of(raw_key), str(value)) for raw_key, value in obj.get("elem", ()))
+    else:
+        out.extend((key_of(raw), "") for raw in obj.get("elem", ()))
+    return frozenset(out)
+
+
+# --- errors and checks ----------------------------------------------------------------
+
+
+def _clean_error(text: str) -> str:
+    """nft's error text without location prefixes, echoed input, carets and repeats."""
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = _ERROR_LOCATION.sub("", raw).strip()
+        if not line or set(line) <= {"^", "~", " "} or line in lines:
+            continue
+        lines.append(line)
+    errors = [line for line in lines if line.startswith("Error:")]
+    return "; ".join(errors or lines) or "nft failed without a message"
+
+
+def _check_command(command: Mapping[str, Any]) -> None:
+    """Refuse a structure command that would act outside ``inet veilnet``."""
+    if len(command) != 1:
+        raise DriverError(f"firewall structure command must have one verb: {command!r}")
+    ((verb, body),) = command.items()
+    if verb not in _WRITE_OPS or not isinstance(body, dict) or len(body) != 1:
+        raise DriverError(f"firewall structure command not allowed: {command!r}")
+    ((kind, obj),) = body.items()
+    if not isinstance(obj, dict) or obj.get("family") != TABLE_FAMILY:
+        raise DriverError(f"firewall structure command outside family {TABLE_FAMILY}: {command!r}")
+    table = obj.get("name") if kind == "table" else obj.get("table")
+    if table != TABLE_NAME:
+        raise DriverError(f"firewall structure command outside table {TABLE_NAME}: {command!r}")
+
+
+def _is_missing(err: str) -> bool:
+    return os.strerror(errno.ENOENT) in err  # "No such file or directory": no such table
+
+
+def count_legacy_rules(save_output: str) -> int:
+    """Rules (``-A``) plus built-in chains with a non-ACCEPT policy in ``iptables-save`` output."""
+    count = 0
+    for line in save_output.splitlines():
+        if line.startswith("-A "):
+            count += 1
+        elif line.startswith(":"):
+            fields = line[1:].split()
+            if len(fields) >= 2 and fields[1] not in ("ACCEPT", "-"):
+                count += 1
+    return count
+
+
+# --- namespaces ---------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def _in_netns(netns: str | None) -> Iterator[None]:
+    """This thread in ``/run/netns/<netns>`` for the body (None: stay where it is)."""
+    if netns is None:
+        yield
+        return
+    target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(original)
+        finally:
+            os.close(original)
+    finally:
+        os.close(target)
+
+
+def _malloc_trim() -> None:
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+# --- counters over nfnetlink --------------------------------------------------------
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWOBJ = 18
+NFT_MSG_GETOBJ = 19
+NFPROTO_INET = 1
+NFTA_OBJ_TABLE = 1
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFTA_OBJ_DATA = 4
+NFT_OBJECT_COUNTER = 1
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLM_F_REQUEST = 0x01
+_NLM_F_DUMP_INTR = 0x10
+_NLM_F_DUMP = 0x300
+_NLA_TYPE_MASK = 0x3FFF
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_NLATTR = struct.Struct("=HH")
+_BE64 = struct.Struct(">Q")
+_DUMP_RETRIES = 5
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = _NLATTR.size + len(payload)
+    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _attrs(data: memoryview) -> Iterator[tuple[int, memoryview]]:
+    offset = 0
+    while offset + _NLATTR.size <= len(data):
+        length, kind = _NLATTR.unpack_from(data, offset)
+        if length < _NLATTR.size:
+            break
+        yield kind & _NLA_TYPE_MASK, data[offset + _NLATTR.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+class _CounterSocket:
+    """A NETLINK_NETFILTER socket that dumps the counter objects of our table."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(10.0)
+        self._seq = 0
+        self._request_tail = (
+            _NFGENMSG.pack(NFPROTO_INET, 0, 0)
+            + _nla(NFTA_OBJ_TABLE, TABLE_NAME.encode() + b"\0")
+            + _nla(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
+        )
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def dump(self) -> dict[str, tuple[int, int]]:
+        for _ in range(_DUMP_RETRIES):
+            result, interrupted = self._dump_once()
+            if not interrupted:
+                return result
+        raise DriverError("firewall counters: the dump kept being interrupted by ruleset changes")
+
+    def _dump_once(self) -> tuple[dict[str, tuple[int, int]], bool]:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        seq = self._seq
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
+        length = _NLMSGHDR.size + len(self._request_tail)
+        self._sock.send(_NLMSGHDR.pack(length, msg_type, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + self._request_tail)
+        result: dict[str, tuple[int, int]] = {}
+        interrupted = False
+        while True:
+            data = memoryview(self._sock.recv(1 << 20))
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    raise DriverError("firewall counters: malformed netlink reply")
+                body = data[offset + _NLMSGHDR.size : offset + length]
+                offset += (length + 3) & ~3
+                if msg_seq != seq:
+                    continue
+                interrupted = interrupted or bool(flags & _NLM_F_DUMP_INTR)
+                if kind == _NLMSG_DONE:
+                    return result, interrupted
+                if kind == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", body)
+                    if code == 0:
+                        return result, interrupted
+                    if -code == errno.ENOENT:
+                        return {}, False
+                    raise DriverError(f"firewall counters: {os.strerror(-code)}")
+                if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
+                    self._parse_object(body[_NFGENMSG.size :], result)
+
+    @staticmethod
+    def _parse_object(body: memoryview, result: dict[str, tuple[int, int]]) -> None:
+        name: str | None = None
+        table: str | None = None
+        packets = byte_count = 0
+        for kind, value in _attrs(body):
+            if kind == NFTA_OBJ_NAME:
+                name = bytes(value).rstrip(b"\0").decode()
+            elif kind == NFTA_OBJ_TABLE:
+                table = bytes(value).rstrip(b"\0").decode()
+            elif kind == NFTA_OBJ_DATA:
+                for inner, data in _attrs(value):
+                    if inner == NFTA_COUNTER_PACKETS:
+                        (packets,) = _BE64.unpack(data)
+                    elif inner == NFTA_COUNTER_BYTES:
+                        (byte_count,) = _BE64.unpack(data)
+        if name is not None and table == TABLE_NAME:
+            result[name] = (packets, byte_count)
+
+
+# --- the driver ----------------------------------------------------------------
+
+
+class FirewallDriver:
+    """Observe and replace ``table inet veilnet`` in one network namespace.
+
+    Thread-safe (one lock); not meant to be shared between processes.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        try:
+            with _in_netns(netns):
+                self._nft = self._context()  # writes: its cache never holds set elements
+                self._reader = self._context()  # list commands
+                self._counter_socket = _CounterSocket()
+        except OSError as exc:
+            raise DriverError(f"firewall: cannot open nftables in namespace {netns}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._value_kinds: dict[str, str] = {}  # allow map -> value type, from the last load or observe
+        self.last_duration_s = 0.0  # of the last kernel call, for logs and benchmarks
+
+    @staticmethod
+    def _context() -> nftables.Nftables:
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        nft.set_numeric_proto_output(True)
+        nft.set_handle_output(False)
+        return nft
+
+    def close(self) -> None:
+        self._counter_socket.close()
+
+    def __enter__(self) -> FirewallDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- low level
+
+    def _run_json(self, commands: list[Any], what: str) -> int:
+        if not commands:
+            return 0
+        start = time.perf_counter()
+        with self._lock:
+            rc, _out, err = self._nft.json_cmd({"nftables": commands})
+        self.last_duration_s = time.perf_counter() - start
+        if rc != 0:
+            raise DriverError(f"firewall {what} rejected ({len(commands)} commands): {_clean_error(err)}")
+        return len(commands)
+
+    def _list(self, command: str) -> tuple[list[dict[str, Any]] | None, str]:
+        """Objects a ``list`` command prints; None and the error text on failure."""
+        with self._lock:
+            rc, out, err = self._reader.cmd(command)
+        if rc != 0:
+            return None, err
+        objects: list[dict[str, Any]] = json.loads(out)["nftables"] if out else []
+        return objects, ""
+
+    # -- reading
+
+    def observe(self) -> ObservedFirewall:
+        """Presence, fingerprint and allow-map elements of our table."""
+        start = time.perf_counter()
+        objects, err = self._list(f"list table {TABLE_FAMILY} {TABLE_NAME}")
+        if objects is None:
+            if _is_missing(err):
+                return ABSENT
+            raise DriverError(f"firewall observe failed: {_clean_error(err)}")
+        table_comment: str | None = None
+        rule_fingerprint: str | None = None
+        elements: dict[str, frozenset[Element]] = {}
+        kinds: dict[str, str] = {}
+        total = 0
+        for obj in objects:
+            if "table" in obj:
+                table_comment = obj["table"].get("comment")
+            elif "rule" in obj:
+                comment = obj["rule"].get("comment")
+                if rule_fingerprint is None and isinstance(comment, str) and comment.startswith(FINGERPRINT_PREFIX):
+                    rule_fingerprint = comment[len(FINGERPRINT_PREFIX) :]
+            else:
+                body = obj.get("map") or obj.get("set")
+                if body is not None and str(body.get("name", "")).startswith(ALLOW_PREFIX):
+                    elements[body["name"]] = decode_set(body)
+                    kinds[body["name"]] = str(body.get("map", ""))
+                    total += len(elements[body["name"]])
+        del objects
+        if total >= TRIM_AFTER_ELEMENTS:
+            _malloc_trim()
+        self.last_duration_s = time.perf_counter() - start
+        fingerprint = table_comment if table_comment is not None else rule_fingerprint
+        self._value_kinds = kinds
+        return ObservedFirewall(present=True, fingerprint=fingerprint, elements=elements)
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Named counter objects of our table: name -> (packets, bytes); {} without the table.
+
+        One nfnetlink dump of the table's counter objects: libnftables'
+        ``list counters`` would fetch every set element first.
+        """
+        with self._lock:
+            try:
+                return self._counter_socket.dump()
+            except OSError as exc:
+                raise DriverError(f"firewall counters: {exc}") from exc
+
+    def legacy_iptables_rule_count(self) -> int:
+        """Rules in iptables-legacy/ip6tables-legacy that could shadow our table.
+
+        Counts ``-A`` rules in every legacy table, plus each built-in chain
+        whose policy is not ACCEPT (a DROP policy shadows us as a rule would).
+        0 when the legacy tools are not installed.
+        """
+        total = 0
+        for tool in LEGACY_SAVE_TOOLS:
+            path = shutil.which(tool)
+            if path is None:
+                continue
+            argv = [path] if self.netns is None else ["nsenter", f"--net={NETNS_DIR}/{self.netns}", path]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=LEGACY_TIMEOUT_S, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise DriverError(f"{tool}: {exc}") from exc
+            if done.returncode != 0:
+                raise DriverError(f"{tool} failed ({done.returncode}): {done.stderr.strip()[:200]}")
+            total += count_legacy_rules(done.stdout)
+        return total
+
+    # -- writing
+
+    def apply_full(self, compiled: CompiledFirewall) -> int:
+        """Replace our table whole in one transaction; returns the number of commands sent."""
+        structure = list(compiled.structure)
+        if not structure or "table" not in structure[0].get("add", {}):
+            raise DriverError("firewall structure must start with {'add': {'table': ...}}")
+        kinds: dict[str, str] = {}
+        for command in structure:
+            _check_command(command)
+            for kind, body in command.get("add", command.get("create", {})).items():
+                if kind in ("map", "set") and str(body.get("name", "")).startswith(ALLOW_PREFIX):
+                    kinds[body["name"]] = str(body.get("map", ""))
+        commands: list[Any] = [
+            {"add": {"table": dict(_TABLE)}},
+            {"delete": {"table": dict(_TABLE)}},
+            *structure,
+            *element_commands("add", compiled.elements, value_kinds=kinds),
+        ]
+        try:
+            sent = self._run_json(commands, "full load")
+            self._value_kinds = kinds
+            return sent
+        finally:
+            if sum(len(v) for v in compiled.elements.values()) >= TRIM_AFTER_ELEMENTS:
+                del commands
+                _malloc_trim()
+
+    def apply_elements(
+        self, add: Mapping[str, frozenset[Element]], delete: Mapping[str, frozenset[Element]]
+    ) -> int:
+        """Delete then add allow-map elements in one transaction; returns the elements changed."""
+        for name in (*add, *delete):
+            if not name.startswith(ALLOW_PREFIX):
+                raise DriverError(f"firewall element update outside the allow maps: {name!r}")
+        commands = element_commands("delete", delete, keys_only=True) + element_commands(
+            "add", add, value_kinds=self._value_kinds
+        )
+        self._run_json(commands, "element update")
+        return sum(len(v) for v in add.values()) + sum(len(v) for v in delete.values())
+
+    def remove(self) -> None:
+        """Delete our table (teardown); nothing to do if it is absent."""
+        self._run_json([{"add": {"table": dict(_TABLE)}}, {"delete": {"table": dict(_TABLE)}}], "removal")

@@ -129,7 +129,7 @@ def _resolve(selector: Selector, members: list[_Member]) -> list[_Side]:
 
 def compile_elements(state: NodeState) -> dict[str, frozenset[Element]]:
     """Allow-map contents: every allowed tuple that can cross this host, first policy wins."""
-    members = _members(state)
+    members = _members(state) if state.policies else []
     chosen: dict[str, dict[tuple[KeyPart, ...], str]] = {name: {} for name in allow_map_names()}
     for policy in state.policies:
         counter = policy_counter(policy)

@@ -47,6 +47,11 @@ class WireGuardPort(Protocol):
     def ensure_private_key(self) -> str: ...
 
 
+def _endpoints_of(state: NodeState, peers: Collection[str]) -> dict[str, object]:
+    wanted = set(peers)
+    return {p.name: p.endpoints for p in state.peers if p.name in wanted}
+
+
 @dataclass
 class Outcome:
     ops: list[Op] = field(default_factory=list)
@@ -97,7 +102,8 @@ class Reconciler:
         """
         if changed_peers is not None and self.rendered is not None and self.desired is not None:
             self.rendered = render_peer_changes(self.rendered, state, self._context(), changed_peers)
-            self._accept_firewall(state)
+            if _endpoints_of(self.desired, changed_peers) != _endpoints_of(state, changed_peers):
+                self._accept_firewall(state)  # policy tuples depend only on endpoints (addresses, labels)
             self.desired = state
             self._generation += 1
             return

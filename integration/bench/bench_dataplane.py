@@ -116,8 +116,10 @@ def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
     from veilnet_agent import logs, naming
     from veilnet_agent.config import parse_config
     from veilnet_agent.daemon import Daemon
+    from veilnet_agent.drivers.firewall import FirewallDriver
     from veilnet_agent.drivers.links import LinksDriver
     from veilnet_agent.drivers.wireguard import WireGuardDriver
+    from veilnet_agent.firewall_manager import FirewallManager
     from veilnet_agent.reconciler import Outcome, Reconciler
 
     logs.configure("json", "warning")
@@ -132,7 +134,8 @@ def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
     state_file = Path(state_dir) / "state.json"
     with LinksDriver() as links:
         wireguard = WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend)
-        reconciler = Reconciler(config, links, wireguard)
+        firewall = FirewallManager(FirewallDriver(), config.firewall, config.node_name)
+        reconciler = Reconciler(config, links, wireguard, firewall)  # as `veilnet-agent run` builds it
         daemon = Daemon(config, state_file, reconciler)  # not run(): its state-file handler is called directly
         state_file.write_text(json.dumps(raw))
 

@@ -195,6 +195,7 @@ def recording(driver: FirewallDriver) -> Iterator[dict[str, Any]]:
 
 
 def matches(driver: FirewallDriver, want: CompiledFirewall) -> bool:
+    """The allow-map elements read back equal the compiled ones."""
     observed = driver.observe()
     names = set(want.elements) | set(observed.elements)
     return observed.present and all(
@@ -208,8 +209,8 @@ def measure_load(n: int, repeat: int, work: Path, verify: bool) -> dict[str, Any
     runs: list[dict[str, Any]] = []
     json_file, text_file = work / f"table-{n}.json", work / f"table-{n}.nft"
     for r in range(repeat):
-        with Namespaces("agent", "json", "text"):
-            driver = FirewallDriver(f"{PREFIX}-agent")  # created once at agent start: not timed
+        with Namespaces("agent", "json", "text"), FirewallDriver(f"{PREFIX}-agent") as driver:
+            # (the driver is created once at agent start: not timed)
             gc.collect()
             with recording(driver) as seen:
                 t0 = time.perf_counter()
@@ -234,8 +235,9 @@ def measure_load(n: int, repeat: int, work: Path, verify: bool) -> dict[str, Any
                 t4 = time.perf_counter()
                 run["ok_agent"] = matches(driver, compiled)
                 run["observe"] = time.perf_counter() - t4
-                run["ok_json"] = matches(FirewallDriver(f"{PREFIX}-json"), compiled)
-                run["ok_text"] = matches(FirewallDriver(f"{PREFIX}-text"), compiled)
+                for what in ("json", "text"):
+                    with FirewallDriver(f"{PREFIX}-{what}") as other:
+                        run[f"ok_{what}"] = matches(other, compiled)
                 run["iperf_tuple"] = ((CLIENT_IP, SERVER_IP, 6, IPERF_PORT), "p_bulk") in compiled.elements[MAP]
                 run["maps"] = {k: len(v) for k, v in compiled.elements.items() if v}
             runs.append(run)
@@ -256,8 +258,7 @@ def measure_load(n: int, repeat: int, work: Path, verify: bool) -> dict[str, Any
 def measure_changes(n: int, changes: int) -> dict[str, Any]:
     base_raw, probe_raw = state_raw(n), state_raw(n, probe=True)
     out: dict[str, Any] = {}
-    with Namespaces("agent"):
-        driver = FirewallDriver(f"{PREFIX}-agent")
+    with Namespaces("agent"), FirewallDriver(f"{PREFIX}-agent") as driver:
         compiled = compile_firewall(parse_node_state(base_raw))
         driver.apply_full(compiled)
         gc.collect()
@@ -331,6 +332,23 @@ def ping_passes() -> bool:
     return sh(f"ip netns exec {PREFIX}-cli ping -c 1 -W 1 {SERVER_IP}", check=False).returncode == 0
 
 
+def run_configs(driver: FirewallDriver, configs: list[tuple[str, CompiledFirewall | None]],
+                results: dict[str, dict[str, Any]], seconds: int, rounds: int) -> None:
+    for _ in range(rounds):
+        for label, compiled in configs:
+            entry = results[label]
+            if compiled is None:
+                driver.remove()
+            else:
+                driver.apply_full(compiled)
+                entry["elements"] = count(compiled.elements)
+            before = driver.counters().get("p_bulk", (0, 0))[0]
+            entry["gbps"].append(iperf_run(seconds))
+            entry["policy_packets"] = driver.counters().get("p_bulk", (0, 0))[0] - before
+            entry["ping_passes"] = ping_passes()
+    driver.remove()
+
+
 def measure_iperf(sizes: list[int], seconds: int, rounds: int) -> list[dict[str, Any]]:
     configs: list[tuple[str, CompiledFirewall | None]] = [("no table", None)]
     configs += [(f"{n:,} tuples", compile_firewall(parse_node_state(state_raw(n)))) for n in sizes]
@@ -346,20 +364,8 @@ def measure_iperf(sizes: list[int], seconds: int, rounds: int) -> list[dict[str,
                 if f"{SERVER_IP}:{IPERF_PORT}" in sh(f"ip netns exec {PREFIX}-srv ss -ltnH").stdout:
                     break
                 time.sleep(0.05)
-            driver = FirewallDriver(f"{PREFIX}-host")
-            for _ in range(rounds):
-                for label, compiled in configs:
-                    entry = results[label]
-                    if compiled is None:
-                        driver.remove()
-                    else:
-                        driver.apply_full(compiled)
-                        entry["elements"] = count(compiled.elements)
-                    before = driver.counters().get("p_bulk", (0, 0))[0]
-                    entry["gbps"].append(iperf_run(seconds))
-                    entry["policy_packets"] = driver.counters().get("p_bulk", (0, 0))[0] - before
-                    entry["ping_passes"] = ping_passes()
-            driver.remove()
+            with FirewallDriver(f"{PREFIX}-host") as driver:
+                run_configs(driver, configs, results, seconds, rounds)
         finally:
             server.terminate()
             try:
@@ -498,8 +504,8 @@ Legend
     diff sizes: elements added/deleted per change; same fp: the structure fingerprint never changed;
     after: the kernel's elements equal the compiled state after the last change.
   iperf3: the table loaded in the host namespace of the bridge (br_netfilter: bridged traffic traverses the inet
-    forward hook, also without a table); Gbit/s: median of the runs listed; p_bulk pkts: packets counted by the
-    policy chain during the last run (new connections only: the rest matches ct established); ping: ICMP
+    forward hook, also without a table); Gbit/s: median of the runs listed; p_bulk pkts: packets counted on
+    policy bulk's counter during the last run (new connections only: the rest matches ct established); ping: ICMP
     client -> server, which no policy allows (dropped = the table is in the path).
 """.rstrip())
 

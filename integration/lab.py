@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import ipaddress
 import json
@@ -37,8 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,9 @@ class SegmentSpec:
     ipv6_subnet: str | None = None
     ipv6_gateway: str | None = None
     encapsulation: str = "vxlan"
+    mode: str | None = None  # "isolated" (the agent's default) or "default-deny"; None: not written
+    # e.g. {"new_connections_per_second": 20, "burst": 20, "icmp_per_second": 5}; None: no limits
+    rate_limit: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def state(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -175,6 +179,10 @@ class SegmentSpec:
         if self.ipv6_subnet:
             d["ipv6_subnet"] = self.ipv6_subnet
             d["ipv6_gateway"] = self.ipv6_gateway
+        if self.mode is not None:
+            d["mode"] = self.mode
+        if self.rate_limit is not None:
+            d["rate_limit"] = dict(self.rate_limit)
         return d
 
 
@@ -207,10 +215,14 @@ class EndpointSpec:
     mac: str
     ipv4: str
     ipv6: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # written only if non-empty
 
     @property
     def ips(self) -> list[str]:
         return [self.ipv4] + ([self.ipv6] if self.ipv6 else [])
+
+    def label_state(self) -> dict[str, Any]:
+        return {"labels": dict(self.labels)} if self.labels else {}
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,8 @@ class Topology:
     hosts: tuple[HostSpec, ...]
     segments: tuple[SegmentSpec, ...]
     endpoints: tuple[EndpointSpec, ...]
+    # Segmentation policies, written verbatim into every host's state file (only if non-empty).
+    policies: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)
@@ -240,6 +254,26 @@ class Topology:
         return dataclasses.replace(
             self, endpoints=tuple(e for e in self.endpoints if e.name != name)
         )
+
+    def with_labels(self, endpoint: str, labels: Mapping[str, str]) -> Topology:
+        """The same topology with ``endpoint``'s labels replaced by ``labels``."""
+        if endpoint not in {e.name for e in self.endpoints}:
+            raise KeyError(endpoint)
+        return dataclasses.replace(self, endpoints=tuple(
+            dataclasses.replace(e, labels=dict(labels)) if e.name == endpoint else e
+            for e in self.endpoints
+        ))
+
+    def with_segment(self, name: str, **changes: Any) -> Topology:
+        """The same topology with fields of segment ``name`` changed (``mode=...``, ``rate_limit=...``)."""
+        if name not in {s.name for s in self.segments}:
+            raise KeyError(name)
+        return dataclasses.replace(self, segments=tuple(
+            dataclasses.replace(s, **changes) if s.name == name else s for s in self.segments
+        ))
+
+    def with_policies(self, policies: Iterable[Mapping[str, Any]]) -> Topology:
+        return dataclasses.replace(self, policies=tuple(policies))
 
     def with_host(self, host: HostSpec) -> Topology:
         return dataclasses.replace(self, hosts=(*self.hosts, host))
@@ -271,6 +305,7 @@ class Topology:
                     "ipv4": e.ipv4,
                     **({"ipv6": e.ipv6} if e.ipv6 else {}),
                     "netns": netns_of(e.name),
+                    **e.label_state(),
                 }
                 for e in self.endpoints_of(host)
             ],
@@ -282,13 +317,14 @@ class Topology:
                     "public_key": public_keys[p.name],
                     "transport_address": p.transport_ip,
                     "endpoints": [
-                        {"segment": e.segment, "mac": e.mac, "ips": e.ips}
+                        {"segment": e.segment, "mac": e.mac, "ips": e.ips, **e.label_state()}
                         for e in self.endpoints_of(p.name)
                     ],
                 }
                 for p in self.hosts
                 if p.name != host
             ],
+            **({"policies": [copy.deepcopy(dict(p)) for p in self.policies]} if self.policies else {}),
         }
 
 

@@ -255,3 +255,28 @@ def test_compiled_tuples_equal_a_brute_force_evaluation(
     got = set(fw.elements["allow4_ports"]) | set(fw.elements["allow6_ports"])
     assert got == expected
     assert all(not elems for name, elems in fw.elements.items() if name not in ("allow4_ports", "allow6_ports"))
+
+
+def test_shape_sees_a_missing_rule_or_object() -> None:
+    from veilnet_agent.firewall_compiler import structure_shape
+
+    fw = compiled(labelled_state())
+    structure = list(fw.structure)
+    guard = next(i for i, c in enumerate(structure) if c["add"].get("rule", {}).get("chain") == "input")
+    without_rule = structure[:guard] + structure[guard + 1:]
+    assert structure_shape(without_rule) != fw.shape
+    counter = next(i for i, c in enumerate(structure) if "counter" in c["add"])
+    assert structure_shape(structure[:counter] + structure[counter + 1:]) != fw.shape
+    listed = [c["add"] for c in structure]  # what `nft -j list table` returns has no "add" wrapper
+    assert structure_shape(listed) == fw.shape
+
+
+def test_icmp_echo_is_limited_before_established_is_accepted() -> None:
+    raw = labelled_state()
+    raw["segments"][0]["rate_limit"] = {"new_connections_per_second": 10, "icmp_per_second": 3}
+    rules = [c["add"]["rule"] for c in compiled(raw).structure if "rule" in c["add"]]
+    segment_rules = [json.dumps(r["expr"]) for r in rules if r["chain"] == "segments"]
+    echo_limit = next(i for i, r in enumerate(segment_rules) if "echo-request" in r and "rl_icmp4_blue" in r)
+    established = next(i for i, r in enumerate(segment_rules) if "established" in r)
+    new_conn_limit = next(i for i, r in enumerate(segment_rules) if "rl_conn4_blue" in r)
+    assert echo_limit < established < new_conn_limit

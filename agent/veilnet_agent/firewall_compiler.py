@@ -60,11 +60,42 @@ class FirewallSettings:
     wireguard_ifname: str = naming.WG_IFNAME
 
 
+Shape = frozenset[tuple[str, str, int]]  # (object kind, name, rules if a chain else 0)
+
+
 @dataclass(frozen=True)
 class CompiledFirewall:
     structure: tuple[dict[str, Any], ...]
     elements: Mapping[str, frozenset[Element]] = field(default_factory=dict)
     fingerprint: str = ""
+
+    @property
+    def shape(self) -> Shape:
+        return structure_shape(self.structure)
+
+
+def structure_shape(objects: Iterable[Mapping[str, Any]]) -> Shape:
+    """Chains with their rule counts, and the sets, maps and counters of a table.
+
+    Accepts the compiler's ``{"add": {...}}`` commands or ``nft -j list table`` objects alike, so the
+    kernel's table can be checked against the compiled one: a hand-deleted rule, chain or set shows up
+    here even though the fingerprint rule is intact.
+    """
+    rules: dict[str, int] = {}
+    shape: set[tuple[str, str, int]] = set()
+    for obj in objects:
+        body = obj.get("add", obj)
+        for kind in ("chain", "set", "map", "counter"):
+            if kind in body:
+                shape.add((kind, body[kind]["name"], 0))
+                if kind == "chain":
+                    rules.setdefault(body[kind]["name"], 0)
+        if "rule" in body:
+            chain = body["rule"]["chain"]
+            rules[chain] = rules.get(chain, 0) + 1
+    shape = {item for item in shape if item[0] != "chain"}
+    shape.update(("chain", name, count) for name, count in rules.items())
+    return frozenset(shape)
 
 
 def map_name(family: int, kind: str, interval: bool) -> str:
@@ -274,10 +305,12 @@ def _segments_chain(state: NodeState, settings: FirewallSettings) -> list[dict[s
         return _rule("segments", *expr)
 
     ct_state = {"ct": {"key": "state"}}
+    for segment in state.segments:
+        cmds += _icmp_limit_rules(segment, settings)
     cmds.append(rule(_match(ct_state, ["established", "related"], "in"), ACCEPT))
     cmds.append(rule(_match(ct_state, "invalid", "in"), _counter("invalid"), DROP))
     for segment in state.segments:
-        cmds += _rate_limit_rules(segment, settings)
+        cmds += _connection_limit_rules(segment, settings)
     for family in (4, 6):
         ip = _IP_PROTO[family]
         src, dst = _payload(ip, "saddr"), _payload(ip, "daddr")
@@ -292,6 +325,7 @@ def _segments_chain(state: NodeState, settings: FirewallSettings) -> list[dict[s
         for interval in (False, True):
             cmds.append(rule(_count_allowed(any_key, map_name(family, "any", interval)), ACCEPT))
     cmds.append(rule(_match(_payload("icmpv6", "type"), {"set": list(LINK_LOCAL_ICMPV6)}), ACCEPT))
+    cmds.append(rule(_match(_meta("l4proto"), "igmp"), ACCEPT))  # IPv4 multicast group management
     cmds.append(rule(_match({"concat": [_meta("iifname"), _meta("oifname")]}, "@free_inside"), ACCEPT))
     cmds.append(rule(*_log(settings, "veilnet drop ")))
     cmds.append(rule(_counter("default_drop"), DROP))
@@ -303,30 +337,42 @@ def _count_allowed(key: dict[str, Any], allow_map: str) -> dict[str, Any]:
     return {"counter": {"map": {"key": key, "data": "@" + allow_map}}}
 
 
-def _rate_limit_rules(segment: Segment, settings: FirewallSettings) -> list[dict[str, Any]]:
+def _over_limit(set_name: str, saddr: dict[str, Any], rate: int, burst: int) -> dict[str, Any]:
+    """True while the source ``saddr`` exceeds ``rate``/s (its token bucket lives in the dynamic set)."""
+    limit = {"limit": {"rate": rate, "burst": burst, "per": "second", "inv": True}}
+    return {"set": {"op": "update", "elem": saddr, "set": "@" + set_name, "stmt": [limit]}}
+
+
+def _icmp_limit_rules(segment: Segment, settings: FirewallSettings) -> list[dict[str, Any]]:
+    """Echo requests per source, whatever their conntrack state: one ping flood is one 'connection'."""
+    limit = segment.rate_limit
+    if limit is None:
+        return []
+    name = ident(segment.name)
+    bridge = _match(_meta("iifname"), naming.bridge_name(segment.vni))
+    cmds = _drop_chain(f"icmp_rate_drop_{name}", f"icmp_rate_{name}", f"veilnet icmp-rate {segment.name} ", settings)
+    for family, proto in ((4, "icmp"), (6, "icmpv6")):
+        saddr = _payload(_IP_PROTO[family], "saddr")
+        echo = _match(_payload(proto, "type"), "echo-request")
+        over = _over_limit(_rate_set(segment, "icmp", family), saddr, limit.icmp_per_second, limit.icmp_per_second)
+        cmds.append(_rule("segments", bridge, echo, over, _jump(f"icmp_rate_drop_{name}")))
+    return cmds
+
+
+def _connection_limit_rules(segment: Segment, settings: FirewallSettings) -> list[dict[str, Any]]:
+    """New connections (not ICMP) per source."""
     limit = segment.rate_limit
     if limit is None:
         return []
     name = ident(segment.name)
     bridge = _match(_meta("iifname"), naming.bridge_name(segment.vni))
     new = _match({"ct": {"key": "state"}}, "new", "in")
-    cmds: list[dict[str, Any]] = []
-    cmds += _drop_chain(f"rate_drop_{name}", f"rate_{name}", f"veilnet rate {segment.name} ", settings)
-    cmds += _drop_chain(f"icmp_rate_drop_{name}", f"icmp_rate_{name}", f"veilnet icmp-rate {segment.name} ", settings)
-    for family in (4, 6):
+    cmds = _drop_chain(f"rate_drop_{name}", f"rate_{name}", f"veilnet rate {segment.name} ", settings)
+    for family, proto in ((4, "icmp"), (6, "ipv6-icmp")):
         saddr = _payload(_IP_PROTO[family], "saddr")
-        icmp = "icmp" if family == 4 else "ipv6-icmp"
-
-        def over(set_name: str, rate: int, burst: int, saddr: dict[str, Any] = saddr) -> dict[str, Any]:
-            return {"set": {"op": "update", "elem": saddr, "set": "@" + set_name,
-                            "stmt": [{"limit": {"rate": rate, "burst": burst, "per": "second", "inv": True}}]}}
-
-        cmds.append(_rule("segments", bridge, new, _match(_meta("l4proto"), icmp),
-                          over(_rate_set(segment, "icmp", family), limit.icmp_per_second, limit.icmp_per_second),
-                          _jump(f"icmp_rate_drop_{name}")))
-        cmds.append(_rule("segments", bridge, new, _match(_meta("l4proto"), icmp, "!="),
-                          over(_rate_set(segment, "conn", family), limit.new_connections_per_second, limit.burst),
-                          _jump(f"rate_drop_{name}")))
+        not_icmp = _match(_meta("l4proto"), proto, "!=")
+        over = _over_limit(_rate_set(segment, "conn", family), saddr, limit.new_connections_per_second, limit.burst)
+        cmds.append(_rule("segments", bridge, new, not_icmp, over, _jump(f"rate_drop_{name}")))
     return cmds
 
 

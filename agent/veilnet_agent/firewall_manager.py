@@ -14,7 +14,7 @@ from typing import Protocol
 
 from .config import FirewallConfig
 from .drivers.firewall import ObservedFirewall
-from .firewall_compiler import CompiledFirewall, Element, FirewallSettings, compile_firewall
+from .firewall_compiler import CompiledFirewall, Element, FirewallSettings, Shape, compile_firewall
 from .logs import get_logger
 from .model import NodeState
 
@@ -45,6 +45,12 @@ def element_diff(
     return {n: e for n, e in add.items() if e}, {n: e for n, e in delete.items() if e}
 
 
+def _describe_shape_drift(want: Shape, have: Shape) -> str:
+    missing = sorted(f"{kind} {name}" + (f" ({n} rules)" if kind == "chain" else "") for kind, name, n in want - have)
+    extra = sorted(f"{kind} {name}" + (f" ({n} rules)" if kind == "chain" else "") for kind, name, n in have - want)
+    return f"table differs: expected {', '.join(missing[:5]) or '-'}; found {', '.join(extra[:5]) or '-'}"
+
+
 class FirewallManager:
     def __init__(self, driver: FirewallPort, config: FirewallConfig, node: str) -> None:
         self.driver = driver
@@ -67,9 +73,15 @@ class FirewallManager:
         observed = self._cache if (self._cache is not None and not full) else self.driver.observe()
         drift = full and self._generation == self._converged_generation
         try:
-            if not observed.present or observed.fingerprint != compiled.fingerprint:
+            shape_drift = full and observed.present and observed.shape != compiled.shape
+            if not observed.present or observed.fingerprint != compiled.fingerprint or shape_drift:
                 outcome.action = "replace"
-                outcome.reasons.append("missing" if not observed.present else "structure changed")
+                if not observed.present:
+                    outcome.reasons.append("missing")
+                elif observed.fingerprint != compiled.fingerprint:
+                    outcome.reasons.append("structure changed")
+                else:
+                    outcome.reasons.append(_describe_shape_drift(compiled.shape, observed.shape))
                 self.driver.apply_full(compiled)
                 outcome.added = sum(len(e) for e in compiled.elements.values())
             else:
@@ -84,7 +96,9 @@ class FirewallManager:
             self._cache = None
             self.log.error("firewall_apply_failed", action=outcome.action, reason=outcome.error)
             return outcome
-        self._cache = ObservedFirewall(present=True, fingerprint=compiled.fingerprint, elements=compiled.elements)
+        self._cache = ObservedFirewall(
+            present=True, fingerprint=compiled.fingerprint, elements=compiled.elements, shape=compiled.shape
+        )
         self._converged_generation = self._generation
         outcome.drift = drift and outcome.action != "none"
         if outcome.action != "none":

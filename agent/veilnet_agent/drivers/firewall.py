@@ -65,7 +65,15 @@ from typing import Any
 import nftables
 
 from ..errors import DriverError
-from ..firewall_compiler import FINGERPRINT_PREFIX, TABLE_FAMILY, TABLE_NAME, CompiledFirewall, Element
+from ..firewall_compiler import (
+    FINGERPRINT_PREFIX,
+    TABLE_FAMILY,
+    TABLE_NAME,
+    CompiledFirewall,
+    Element,
+    Shape,
+    structure_shape,
+)
 
 ALLOW_PREFIX = "allow"
 LEGACY_SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save")
@@ -89,6 +97,7 @@ class ObservedFirewall:
     present: bool
     fingerprint: str | None  # the table's comment, else the fingerprint rule comment
     elements: Mapping[str, frozenset[Element]]  # every allow* map/set of our table, normalised
+    shape: Shape = frozenset()  # chains with rule counts, sets, maps, counters (see structure_shape)
 
 
 ABSENT = ObservedFirewall(present=False, fingerprint=None, elements={})
@@ -616,13 +625,14 @@ class FirewallDriver:
                     elements[body["name"]] = decode_set(body)
                     kinds[body["name"]] = str(body.get("map", ""))
                     total += len(elements[body["name"]])
+        shape = structure_shape(objects)
         del objects
         if total >= TRIM_AFTER_ELEMENTS:
             _malloc_trim()
         self.last_duration_s = time.perf_counter() - start
         fingerprint = table_comment if table_comment is not None else rule_fingerprint
         self._value_kinds = kinds
-        return ObservedFirewall(present=True, fingerprint=fingerprint, elements=elements)
+        return ObservedFirewall(present=True, fingerprint=fingerprint, elements=elements, shape=shape)
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """Named counter objects of our table: name -> (packets, bytes); {} without the table.

@@ -370,6 +370,10 @@ class WireGuardDriver:
                 raise DriverError(f"{self.ifname} vanished right after creation")
         requests += self._set_link(link, target, alias=_wg_alias(self.ifname))
         requests += self._wg_set_interface(key=True, listen_port=target.listen_port)
+        # A daemonising wireguard-go re-opens the TUN in its child and resets the MTU to 1420 there; once
+        # `wg set` has been served the child is up, so settle the MTU again after it.
+        link = self._read_link() or link
+        requests += self._set_link(link, target, alias=None)
         requests += self._sync_addresses(link, target.addresses)
         requests += self._set_up(link)
         log.info("created WireGuard interface %s (%s)", self.ifname, _backend_of_kind(link.kind))

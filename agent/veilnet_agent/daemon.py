@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -18,6 +20,18 @@ from .reconciler import Outcome, Reconciler
 from .statefile import StateFileTracker, read_state_file
 
 POLL_SECONDS = 0.5
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collections while a state is parsed and rendered: everything it allocates is kept."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def settle_heap() -> None:
@@ -76,19 +90,19 @@ class Daemon:
         """The state file may have changed: accept and apply it. None if there was nothing new to apply."""
         if not self.load_desired():
             return None
-        outcome = self.reconciler.reconcile(full=False)
         if self._last_load_was_full:
-            settle_heap()
-        return outcome
+            settle_heap()  # before applying: a full collection over the new state would land mid-apply
+        return self.reconciler.reconcile(full=False)
 
     def load_desired(self) -> bool:
         """Read and accept the state file; on any error keep the running state. True if a new state was accepted."""
         self._stamp = stamp(self.state_file)
         try:
-            pending = self.tracker.prepare(read_state_file(self.state_file))
-            if pending is None:
-                return False
-            self.reconciler.accept(pending.state, pending.changed_peers)
+            with gc_paused():
+                pending = self.tracker.prepare(read_state_file(self.state_file))
+                if pending is None:
+                    return False
+                self.reconciler.accept(pending.state, pending.changed_peers)
         except ValidationError as exc:
             self.log.error("state_rejected", field=exc.field, value=str(exc.value), reason=exc.reason,
                            file=str(self.state_file))
@@ -106,8 +120,8 @@ class Daemon:
         self.log.info("starting", pid=os.getpid(), state_file=str(self.state_file),
                       resync_interval=self.config.resync_interval)
         self.load_desired()
-        self.reconciler.reconcile(full=True)
         settle_heap()
+        self.reconciler.reconcile(full=True)
         leftover = self.reconciler.converged()
         if leftover:
             self.log.warning("not_converged", ops=len(leftover), first=str(leftover[0]))

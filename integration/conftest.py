@@ -10,9 +10,12 @@ started) is attached to the failure report.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         f"root integration tests selected but {reason}; run as root after scripts/bootstrap, "
         'or deselect them with -m "not root"'
     )
+
+
+_ns_counter = itertools.count(1)
+
+
+@pytest.fixture
+def make_ns(request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
+    """Create throw-away network namespaces (``vnt-<module>-<pid>-<n>``), deleted even when the test fails."""
+    tag = request.module.__name__.rsplit("_", 1)[-1][:6]
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"vnt-{tag}-{os.getpid()}-{next(_ns_counter)}"
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        created.append(name)
+        return name
+
+    yield make
+    for name in reversed(created):
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _labs_of(item: pytest.Item) -> list[Lab]:

@@ -7,9 +7,7 @@ objects and to cross-check what the driver reads and writes.
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -28,7 +26,6 @@ from veilnet_agent.model import parse_node_state
 
 pytestmark = pytest.mark.root
 
-_ns_counter = itertools.count()
 BRIDGE = "vnbr100"
 ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
 MAP_TAIL = {"ports": ["inet_proto", "inet_service"], "proto": ["inet_proto"], "any": []}
@@ -51,21 +48,6 @@ def nft(ns: str, *args: str, stdin: str | None = None) -> str:
 
 def nft_json(ns: str, *args: str) -> Any:
     return json.loads(nft(ns, "-j", *args))["nftables"]
-
-
-@pytest.fixture
-def make_ns() -> Iterator[Callable[[], str]]:
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"vnt-fw-{os.getpid()}-{next(_ns_counter)}"
-        sh("ip", "netns", "add", name)
-        created.append(name)
-        return name
-
-    yield make
-    for name in reversed(created):
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import json
 import os
 import socket
@@ -42,7 +41,6 @@ MTU = 1450
 BRIDGE = naming.bridge_name(VNI)
 VXLAN = naming.vxlan_name(VNI)
 ZERO_MAC = "00:00:00:00:00:00"
-_ns_counter = itertools.count()
 
 
 # --- namespaces and commands ---------------------------------------------------
@@ -57,21 +55,6 @@ def sh(*cmd: str, stdin: str | None = None) -> str:
 
 def ip_json(ns: str, *args: str) -> Any:
     return json.loads(sh("ip", "-n", ns, "-j", *args) or "[]")
-
-
-@pytest.fixture
-def make_ns() -> Iterator[Callable[[], str]]:
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"vnt-lk-{os.getpid()}-{next(_ns_counter)}"
-        sh("ip", "netns", "add", name)
-        created.append(name)
-        return name
-
-    yield make
-    for name in reversed(created):
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture

@@ -58,7 +58,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +73,7 @@ from ..firewall_compiler import (
     Shape,
     structure_shape,
 )
+from .rtnl import netns_entered
 
 ALLOW_PREFIX = "allow"
 LEGACY_SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save")
@@ -379,37 +379,9 @@ def count_legacy_rules(save_output: str) -> int:
     return count
 
 
-# --- namespaces ---------------------------------------------------------------------
+# --- memory -------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def _in_netns(netns: str | None) -> Iterator[None]:
-    """This thread in ``/run/netns/<netns>`` for the body (None: stay where it is)."""
-    if netns is None:
-        yield
-        return
-    target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(original)
-        finally:
-            os.close(original)
-    finally:
-        os.close(target)
 
 
 def _malloc_trim() -> None:
@@ -548,7 +520,7 @@ class FirewallDriver:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         try:
-            with _in_netns(netns):
+            with netns_entered(netns):
                 self._nft = self._context()  # writes: its cache never holds set elements
                 self._reader = self._context()  # list commands
                 self._counter_socket = _CounterSocket()

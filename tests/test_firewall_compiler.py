@@ -280,3 +280,59 @@ def test_icmp_echo_is_limited_before_established_is_accepted() -> None:
     established = next(i for i, r in enumerate(segment_rules) if "established" in r)
     new_conn_limit = next(i for i, r in enumerate(segment_rules) if "rl_conn4_blue" in r)
     assert echo_limit < established < new_conn_limit
+
+
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["label", "ip", "remove", "add", "policy"]),
+        st.integers(0, 3),
+        LABELS,
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _mutate(raw: dict[str, Any], kind: str, which: int, labels: dict[str, str]) -> None:
+    eps = [raw["endpoints"][0], raw["endpoints"][1], *raw["peers"][0]["endpoints"]] if raw["endpoints"] else []
+    if kind == "label" and which < len(eps):
+        eps[which]["labels"] = labels
+    elif kind == "ip" and which < len(eps) and "ipv4" in eps[which]:
+        eps[which]["ipv4"] = "203.0.113.11" if eps[which]["segment"] == "blue" else "203.0.113.71"
+    elif kind == "ip" and which < len(eps) and "ips" in eps[which]:
+        eps[which]["ips"] = ["203.0.113.21" if eps[which]["segment"] == "blue" else "203.0.113.81"]
+    elif kind == "remove" and raw["peers"][0]["endpoints"]:
+        raw["peers"][0]["endpoints"].pop()
+    elif kind == "add" and len(raw["peers"][0]["endpoints"]) < 4:
+        n = len(raw["peers"][0]["endpoints"])
+        raw["peers"][0]["endpoints"].append({"segment": "blue", "mac": f"02:00:00:0b:00:1{n}",
+                                             "ips": [f"203.0.113.4{n}"], "labels": labels})
+    elif kind == "policy":
+        raw["policies"][0]["ports"] = [5432, 6432]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(LABELS, min_size=4, max_size=4), MUTATIONS)
+def test_incremental_allow_elements_equal_a_full_compile(labels: list[dict[str, str]], mutations: Any) -> None:
+    from veilnet_agent.firewall_compiler import AllowElements
+
+    raw = labelled_state()
+    raw["endpoints"][0]["labels"], raw["endpoints"][1]["labels"] = labels[0], labels[1]
+    raw["peers"][0]["endpoints"][0]["labels"], raw["peers"][0]["endpoints"][1]["labels"] = labels[2], labels[3]
+    raw["policies"] = [
+        {"name": "web-to-db", "source": {"match_labels": {"app": "web"}}, "destination": {"segment": "green"},
+         "protocol": "tcp", "ports": [5432]},
+        {"name": "same", "source": {"segment": "blue"}, "destination": {"match_labels": {"app": "db"}}},
+        {"name": "ops", "source": {"cidr": "198.51.100.0/24"}, "destination": {"match_labels": {"tier": "prod"}}},
+    ]
+    before = parse_node_state(raw)
+    allow = AllowElements(before)
+    old = allow.frozen()
+    for kind, which, new_labels in mutations:
+        _mutate(raw, kind, which, new_labels)
+    after = parse_node_state(raw)
+    adds, deletes = allow.update(after)
+    want = AllowElements(after).frozen()
+    assert allow.frozen() == want
+    assert {n: e for n, e in adds.items() if e} == {n: set(want[n] - old[n]) for n in want if want[n] - old[n]}
+    assert {n: e for n, e in deletes.items() if e} == {n: set(old[n] - want[n]) for n in old if old[n] - want[n]}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,23 +158,109 @@ def _resolve(selector: Selector, members: list[_Member]) -> list[_Side]:
     return sides
 
 
-def compile_elements(state: NodeState) -> dict[str, frozenset[Element]]:
-    """Allow-map contents: every allowed tuple that can cross this host, first policy wins."""
-    members = _members(state) if state.policies else []
-    chosen: dict[str, dict[tuple[KeyPart, ...], str]] = {name: {} for name in allow_map_names()}
-    for policy in state.policies:
-        counter = policy_counter(policy)
-        sources = _resolve(policy.source, members)
-        destinations = _resolve(policy.destination, members)
-        for s in sources:
-            for d in destinations:
+Key = tuple[KeyPart, ...]
+ElementDelta = tuple[dict[str, set[Element]], dict[str, set[Element]]]  # (to add, to delete) per map
+
+
+def _member_index(state: NodeState) -> dict[tuple[str, ...], _Member]:
+    """Every endpoint that can appear in a tuple, by a stable identity."""
+    index: dict[tuple[str, ...], _Member] = {
+        ("local", e.name): _member(e.segment, e.labels, e.ips, True) for e in state.endpoints
+    }
+    for peer in state.peers:
+        for e in peer.endpoints:
+            index[("remote", peer.name, e.segment, e.mac)] = _member(e.segment, e.labels, e.ips, False)
+    return index
+
+
+class AllowElements:
+    """The allow maps' contents, kept current per changed endpoint.
+
+    A tuple depends only on its two ends, so when endpoints change (labels,
+    addresses, appearing, leaving) only the tuples touching their addresses
+    change: they are enumerated with the old membership and removed, then
+    enumerated with the new one against every policy in order (first policy
+    wins) and added. O(changed endpoints x their counterparts), not O(all tuples).
+    """
+
+    def __init__(self, state: NodeState) -> None:
+        self.maps: dict[str, dict[Key, str]] = {}
+        self._rebuild(state)
+
+    def _rebuild(self, state: NodeState) -> None:
+        self.maps = {name: {} for name in allow_map_names()}
+        self.policies = state.policies
+        self.members = _member_index(state) if state.policies else {}
+        for name, key, counter in self._tuples(list(self.members.values()), only=None):
+            self.maps[name].setdefault(key, counter)
+
+    def frozen(self) -> dict[str, frozenset[Element]]:
+        return {name: frozenset(entries.items()) for name, entries in self.maps.items()}
+
+    def update(self, state: NodeState) -> ElementDelta:
+        """Bring the maps to ``state``; return what changed."""
+        if state.policies != self.policies:  # every tuple may change: recompute, diff whole
+            before = self.frozen()
+            self._rebuild(state)
+            after = self.frozen()
+            return ({n: set(after[n] - before[n]) for n in after}, {n: set(before[n] - after[n]) for n in before})
+        members = _member_index(state) if state.policies else {}
+        changed = [k for k in self.members.keys() | members.keys() if self.members.get(k) != members.get(k)]
+        addresses: set[str] = set()
+        for identity in changed:
+            for member in (self.members.get(identity), members.get(identity)):
+                if member is not None:
+                    addresses.update(member.ips)
+        old_members, self.members = list(self.members.values()), members
+        if not addresses:
+            return {}, {}
+        removed: dict[str, dict[Key, str]] = {name: {} for name in self.maps}
+        for name, key, _ in self._tuples(old_members, only=addresses):
+            counter = self.maps[name].pop(key, None)
+            if counter is not None:
+                removed[name][key] = counter
+        added: dict[str, dict[Key, str]] = {name: {} for name in self.maps}
+        for name, key, counter in self._tuples(list(members.values()), only=addresses):
+            if key not in self.maps[name]:
+                self.maps[name][key] = added[name][key] = counter
+        adds = {n: {(k, c) for k, c in added[n].items() if removed[n].get(k) != c} for n in self.maps}
+        deletes = {n: {(k, c) for k, c in removed[n].items() if added[n].get(k) != c} for n in self.maps}
+        return adds, deletes
+
+    def _tuples(self, members: list[_Member], only: set[str] | None) -> Iterator[tuple[str, Key, str]]:
+        """(map, key, policy counter) of every policy in order; only tuples touching ``only`` if given."""
+        for policy in self.policies:
+            counter = policy_counter(policy)
+            sources = _resolve(policy.source, members)
+            destinations = _resolve(policy.destination, members)
+            for s, d in _pairs(sources, destinations, only):
                 if s.family != d.family or not (s.local or d.local or (s.prefix and d.prefix)):
                     continue
                 for kind, key in _tuples(policy, s, d):
                     port_range = kind == "ports" and isinstance(key[3], str)
-                    interval = s.prefix or d.prefix or port_range
-                    chosen[map_name(s.family, kind, interval)].setdefault(key, counter)
-    return {name: frozenset(chosen[name].items()) for name in allow_map_names()}
+                    yield map_name(s.family, kind, s.prefix or d.prefix or port_range), key, counter
+
+
+def _pairs(sources: list[_Side], destinations: list[_Side], only: set[str] | None) -> Iterable[tuple[_Side, _Side]]:
+    if only is None:
+        for s in sources:
+            for d in destinations:
+                yield s, d
+        return
+    touched_sources = [s for s in sources if s.text in only]
+    for s in touched_sources:
+        for d in destinations:
+            yield s, d
+    touched_destinations = [d for d in destinations if d.text in only]
+    for s in sources:
+        if s.text not in only:
+            for d in touched_destinations:
+                yield s, d
+
+
+def compile_elements(state: NodeState) -> dict[str, frozenset[Element]]:
+    """Allow-map contents: every allowed tuple that can cross this host, first policy wins."""
+    return AllowElements(state).frozen()
 
 
 def _tuples(policy: Policy, s: _Side, d: _Side) -> Iterable[tuple[str, tuple[KeyPart, ...]]]:
@@ -408,10 +494,14 @@ def _forward_chain(fingerprint: str) -> list[dict[str, Any]]:
     ]
 
 
-def compile_firewall(state: NodeState, settings: FirewallSettings | None = None) -> CompiledFirewall:
-    settings = settings or FirewallSettings()
+def compile_table(state: NodeState, settings: FirewallSettings) -> tuple[tuple[dict[str, Any], ...], str]:
+    """The structure (without allow-map elements) and its fingerprint."""
     body = compile_structure(state, settings)
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
     # The forward chain goes last: it only jumps into chains that exist by then, and it carries the fingerprint.
-    structure = tuple(body + _forward_chain(fingerprint))
+    return tuple(body + _forward_chain(fingerprint)), fingerprint
+
+
+def compile_firewall(state: NodeState, settings: FirewallSettings | None = None) -> CompiledFirewall:
+    structure, fingerprint = compile_table(state, settings or FirewallSettings())
     return CompiledFirewall(structure=structure, elements=compile_elements(state), fingerprint=fingerprint)

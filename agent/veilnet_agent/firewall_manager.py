@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import FirewallConfig
 from .drivers.firewall import ObservedFirewall
-from .firewall_compiler import CompiledFirewall, Element, FirewallSettings, Shape, compile_firewall
+from .firewall_compiler import (
+    AllowElements,
+    CompiledFirewall,
+    Element,
+    ElementDelta,
+    FirewallSettings,
+    Shape,
+    compile_table,
+)
 from .logs import get_logger
 from .model import NodeState
 
@@ -56,54 +64,111 @@ class FirewallManager:
         self.driver = driver
         self.settings = FirewallSettings(nflog_group=config.nflog_group, log_per_second=config.log_per_second)
         self.log = get_logger(node=node, component="firewall")
-        self.compiled: CompiledFirewall | None = None
-        self._cache: ObservedFirewall | None = None
+        self.allow: AllowElements | None = None
+        self.structure: tuple[dict[str, Any], ...] = ()
+        self.fingerprint = ""
+        # Net element changes not yet applied, relative to what the kernel holds when in sync;
+        # None: the kernel must be compared in full (first state, new structure, or after a failure).
+        self._pending: ElementDelta | None = None
+        self._in_sync = False
         self._generation = 0
         self._converged_generation = -1
 
+    @property
+    def compiled(self) -> CompiledFirewall | None:
+        """The whole compiled table (materialises every element: O(tuples))."""
+        if self.allow is None:
+            return None
+        return CompiledFirewall(self.structure, self.allow.frozen(), self.fingerprint)
+
     def accept(self, state: NodeState) -> None:
-        self.compiled = compile_firewall(state, self.settings)
+        structure, fingerprint = compile_table(state, self.settings)
         self._generation += 1
+        if self.allow is not None and fingerprint == self.fingerprint:
+            adds, deletes = self.allow.update(state)  # O(changed endpoints)
+            if self._pending is not None:
+                self._pending = _merge(self._pending, (adds, deletes))
+            return
+        self.allow = AllowElements(state)
+        self.structure, self.fingerprint = structure, fingerprint
+        self._pending = None
 
     def reconcile(self, *, full: bool) -> FirewallOutcome:
         outcome = FirewallOutcome()
-        compiled = self.compiled
-        if compiled is None:
+        if self.allow is None:
             return outcome
-        observed = self._cache if (self._cache is not None and not full) else self.driver.observe()
         drift = full and self._generation == self._converged_generation
         try:
-            shape_drift = full and observed.present and observed.shape != compiled.shape
-            if not observed.present or observed.fingerprint != compiled.fingerprint or shape_drift:
-                outcome.action = "replace"
-                if not observed.present:
-                    outcome.reasons.append("missing")
-                elif observed.fingerprint != compiled.fingerprint:
-                    outcome.reasons.append("structure changed")
-                else:
-                    outcome.reasons.append(_describe_shape_drift(compiled.shape, observed.shape))
-                self.driver.apply_full(compiled)
-                outcome.added = sum(len(e) for e in compiled.elements.values())
+            if not full and self._in_sync and self._pending is not None:
+                self._apply_pending(outcome)
             else:
-                add, delete = element_diff(compiled.elements, observed.elements)
-                if add or delete:
-                    outcome.action = "elements"
-                    self.driver.apply_elements(add, delete)
-                    outcome.added = sum(len(e) for e in add.values())
-                    outcome.deleted = sum(len(e) for e in delete.values())
-        except Exception as exc:  # a rejected batch changed nothing; re-read next time
+                self._compare_and_apply(outcome, observe=full or not self._in_sync)
+        except Exception as exc:  # a rejected batch changed nothing; compare in full next time
             outcome.error = str(exc)
-            self._cache = None
+            self._in_sync = False
+            self._pending = None
             self.log.error("firewall_apply_failed", action=outcome.action, reason=outcome.error)
             return outcome
-        self._cache = ObservedFirewall(
-            present=True, fingerprint=compiled.fingerprint, elements=compiled.elements, shape=compiled.shape
-        )
+        self._in_sync = True
+        self._pending = ({}, {})
         self._converged_generation = self._generation
         outcome.drift = drift and outcome.action != "none"
         if outcome.action != "none":
             emit = self.log.warning if outcome.drift else self.log.info
             emit("firewall_drift" if outcome.drift else "firewall_applied", action=outcome.action,
                  elements_added=outcome.added, elements_deleted=outcome.deleted,
-                 fingerprint=compiled.fingerprint, reasons=outcome.reasons)
+                 fingerprint=self.fingerprint, reasons=outcome.reasons)
         return outcome
+
+    def _apply_pending(self, outcome: FirewallOutcome) -> None:
+        assert self._pending is not None
+        adds = {n: frozenset(e) for n, e in self._pending[0].items() if e}
+        deletes = {n: frozenset(e) for n, e in self._pending[1].items() if e}
+        if adds or deletes:
+            outcome.action = "elements"
+            self.driver.apply_elements(adds, deletes)
+            outcome.added = sum(len(e) for e in adds.values())
+            outcome.deleted = sum(len(e) for e in deletes.values())
+
+    def _compare_and_apply(self, outcome: FirewallOutcome, *, observe: bool) -> None:
+        compiled = self.compiled
+        assert compiled is not None
+        # Not observing: the kernel is in sync with an older structure and is replaced, whatever its elements.
+        observed = self.driver.observe() if observe else ObservedFirewall(present=True, fingerprint=None, elements={})
+        shape_drift = observe and observed.present and observed.shape != compiled.shape
+        if not observed.present or observed.fingerprint != compiled.fingerprint or shape_drift:
+            outcome.action = "replace"
+            if not observed.present:
+                outcome.reasons.append("missing")
+            elif observed.fingerprint != compiled.fingerprint:
+                outcome.reasons.append("structure changed")
+            else:
+                outcome.reasons.append(_describe_shape_drift(compiled.shape, observed.shape))
+            self.driver.apply_full(compiled)
+            outcome.added = sum(len(e) for e in compiled.elements.values())
+            return
+        add, delete = element_diff(compiled.elements, observed.elements)
+        if add or delete:
+            outcome.action = "elements"
+            self.driver.apply_elements(add, delete)
+            outcome.added = sum(len(e) for e in add.values())
+            outcome.deleted = sum(len(e) for e in delete.values())
+
+
+def _merge(first: ElementDelta, second: ElementDelta) -> ElementDelta:
+    """Two successive element changes as one (an add undone by a delete cancels, and the reverse)."""
+    adds = {n: set(e) for n, e in first[0].items()}
+    deletes = {n: set(e) for n, e in first[1].items()}
+    for name, elements in second[1].items():
+        for element in elements:
+            if element in adds.get(name, set()):
+                adds[name].discard(element)
+            else:
+                deletes.setdefault(name, set()).add(element)
+    for name, elements in second[0].items():
+        for element in elements:
+            if element in deletes.get(name, set()):
+                deletes[name].discard(element)
+            else:
+                adds.setdefault(name, set()).add(element)
+    return adds, deletes

@@ -13,7 +13,7 @@ tuple lands in the one hash map `allow4_ports`, the map the iperf3 flow's packet
            `nft list table inet veilnet` prints for the agent's result.
   change : one element, at each size: (a) the kernel part, FirewallDriver.apply_elements adding then
            removing one element; (b) the agent's path: a state with one label changed -> parse ->
-           compile_firewall -> element_diff against the applied elements -> apply_elements.
+           FirewallManager.accept (incremental recompile) -> reconcile (apply the element delta).
   iperf3 : TCP throughput client -> server (two namespaces on a bridge with nf_call_iptables and
            nf_call_ip6tables on, in a host namespace that holds the table): no table, then the agent's
            table of the small and of the big size; interleaved rounds, the median reported.
@@ -45,9 +45,10 @@ sys.path.insert(0, str(REPO / "agent"))
 
 from factories import wg_key  # noqa: E402
 from veilnet_agent import naming  # noqa: E402
+from veilnet_agent.config import FirewallConfig  # noqa: E402
 from veilnet_agent.drivers.firewall import FirewallDriver  # noqa: E402
 from veilnet_agent.firewall_compiler import CompiledFirewall, Element, compile_firewall  # noqa: E402
-from veilnet_agent.firewall_manager import element_diff  # noqa: E402
+from veilnet_agent.firewall_manager import FirewallManager  # noqa: E402
 from veilnet_agent.model import parse_node_state  # noqa: E402
 
 PREFIX = "vnbfw"
@@ -277,8 +278,11 @@ def measure_changes(n: int, changes: int) -> dict[str, Any]:
             del_nft.append(driver.last_duration_s)
         out.update(k_add=median(add_s), k_del=median(del_s), k_add_nft=median(add_nft), k_del_nft=median(del_nft))
 
-        # (b) the agent's path: one label changed -> parse -> compile -> diff -> apply_elements.
-        have = compiled.elements
+        # (b) the agent's path: one label changed -> parse -> FirewallManager.accept (incremental
+        # recompile of the changed endpoint's tuples) -> reconcile (apply the element delta).
+        manager = FirewallManager(driver, FirewallConfig(nflog_group=7410, log_per_second=10), "bench")
+        manager.accept(parse_node_state(base_raw))
+        manager.reconcile(full=True)  # adopts the table loaded above (same fingerprint and elements)
         steps: dict[str, list[dict[str, float]]] = {"add": [], "del": []}
         diff_sizes: set[tuple[str, int, int]] = set()
         fingerprints = {compiled.fingerprint}
@@ -287,17 +291,14 @@ def measure_changes(n: int, changes: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 state = parse_node_state(raw)
                 t1 = time.perf_counter()
-                new = compile_firewall(state)
+                manager.accept(state)
                 t2 = time.perf_counter()
-                add, delete = element_diff(new.elements, have)
+                outcome = manager.reconcile(full=False)
                 t3 = time.perf_counter()
-                driver.apply_elements(add, delete)
-                t4 = time.perf_counter()
-                steps[kind].append({"parse": t1 - t0, "compile": t2 - t1, "diff": t3 - t2, "apply": t4 - t3,
-                                    "total": t4 - t0})
-                diff_sizes.add((kind, count(add), count(delete)))
-                fingerprints.add(new.fingerprint)
-                have = new.elements
+                steps[kind].append({"parse": t1 - t0, "compile": t2 - t1, "diff": 0.0, "apply": t3 - t2,
+                                    "total": t3 - t0})
+                diff_sizes.add((kind, outcome.added, outcome.deleted))
+                fingerprints.add(manager.fingerprint)
         for kind in ("add", "del"):
             for key in ("parse", "compile", "diff", "apply", "total"):
                 out[f"e_{kind}_{key}"] = median([s[key] for s in steps[kind]])
@@ -500,7 +501,8 @@ Legend
     namespace equal the compiled ones.
   kernel +1/-1: FirewallDriver.apply_elements adding / deleting one element of {MAP}.
   label +1/-1: the agent's path for one label changed (client gains / loses probe=on -> one tuple of policy
-    probe): parse + compile + element_diff against the applied elements + apply_elements (columns: the +1 case).
+    probe): parse + FirewallManager.accept (incremental: only the changed endpoint's tuples are recomputed;
+    "compile" column) + reconcile (the element delta applied; "apply" column) (columns: the +1 case).
     diff sizes: elements added/deleted per change; same fp: the structure fingerprint never changed;
     after: the kernel's elements equal the compiled state after the last change.
   iperf3: the table loaded in the host namespace of the bridge (br_netfilter: bridged traffic traverses the inet

@@ -130,6 +130,43 @@ def _ns_id(path: str | Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def namespace_processes(namespaces: Iterable[Path]) -> list[int]:
+    """PIDs (other than ours) living in any of these network or mount namespace files."""
+    ids = {i for p in namespaces if (i := _ns_id(p))}
+    ids -= {_ns_id("/proc/1/ns/net"), _ns_id("/proc/1/ns/mnt")}
+    pids = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        if any(_ns_id(f"/proc/{entry}/ns/{kind}") in ids for kind in ("net", "mnt")):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_namespace_processes(namespaces: Iterable[Path], timeout: float = 5) -> None:
+    """SIGTERM, then SIGKILL, every process in these namespaces (wireguard-go daemonises: it must go too)."""
+    paths = list(namespaces)
+    deadline = time.monotonic() + timeout
+    sig = signal.SIGTERM
+    while pids := namespace_processes(paths):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(0.2)
+        sig = signal.SIGKILL  # one polite chance
+        if time.monotonic() > deadline:
+            break
+
+
+def delete_netns(name: str) -> None:
+    """Kill every process in network namespace ``name``, then delete it; nothing if it does not exist."""
+    path = NETNS_DIR / name
+    if path.exists():
+        kill_namespace_processes([path])
+        sh(["ip", "netns", "delete", name], check=False)
+
+
 def _alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
@@ -366,7 +403,22 @@ def ipv6_topology() -> Topology:
 # --------------------------------------------------------------------------- namespaces
 
 
-class Endpoint:
+class _InNamespaces:
+    """Runs commands inside a simulated machine's namespaces; ``cmd`` says which."""
+
+    def cmd(self, cmd: Cmd) -> list[str]:
+        raise NotImplementedError
+
+    def run(
+        self, cmd: Cmd, *, check: bool = True, timeout: float = 30, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return sh(self.cmd(cmd), check=check, timeout=timeout, input=input)
+
+    def popen(self, cmd: Cmd, **kw: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(self.cmd(cmd), **kw)
+
+
+class Endpoint(_InNamespaces):
     """An endpoint (container) network namespace."""
 
     def __init__(self, lab: Lab, name: str) -> None:
@@ -376,14 +428,6 @@ class Endpoint:
 
     def cmd(self, cmd: Cmd) -> list[str]:
         return ["nsenter", f"--net={NETNS_DIR / self.netns}", "--", *_argv(cmd)]
-
-    def run(
-        self, cmd: Cmd, *, check: bool = True, timeout: float = 30, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return sh(self.cmd(cmd), check=check, timeout=timeout, input=input)
-
-    def popen(self, cmd: Cmd, **kw: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.cmd(cmd), **kw)
 
     def ping(
         self, dst: str, *, count: int = 1, wait: float = 1, args: Sequence[str] = ()
@@ -400,7 +444,7 @@ class Endpoint:
         return True
 
 
-class Host:
+class Host(_InNamespaces):
     """A simulated host: its own network namespace and mount namespace, config, state, agent."""
 
     def __init__(self, lab: Lab, name: str, ipv4: str, ipv6: str | None) -> None:
@@ -428,14 +472,6 @@ class Host:
             "--",
             *_argv(cmd),
         ]
-
-    def run(
-        self, cmd: Cmd, *, check: bool = True, timeout: float = 30, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return sh(self.cmd(cmd), check=check, timeout=timeout, input=input)
-
-    def popen(self, cmd: Cmd, **kw: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.cmd(cmd), **kw)
 
     # -- files
     def write_config(
@@ -897,32 +933,10 @@ class Lab:
 
     def lab_processes(self) -> list[int]:
         """PIDs whose network or mount namespace belongs to this lab."""
-        ids = {i for n in self._own_netns() if (i := _ns_id(NETNS_DIR / n))}
-        ids |= {i for p in self._own_mntns() if (i := _ns_id(p))}
-        root_net, root_mnt = _ns_id("/proc/1/ns/net"), _ns_id("/proc/1/ns/mnt")
-        ids -= {root_net, root_mnt}
-        pids = []
-        me = os.getpid()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == me:
-                continue
-            for kind in ("net", "mnt"):
-                if _ns_id(f"/proc/{entry}/ns/{kind}") in ids:
-                    pids.append(int(entry))
-                    break
-        return pids
+        return namespace_processes([NETNS_DIR / n for n in self._own_netns()] + self._own_mntns())
 
     def kill_lab_processes(self, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        sig = signal.SIGTERM
-        while pids := self.lab_processes():
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(0.2)
-            sig = signal.SIGKILL  # wireguard-go and friends get one polite chance
-            if time.monotonic() > deadline:
-                break
+        kill_namespace_processes([NETNS_DIR / n for n in self._own_netns()] + self._own_mntns(), timeout)
         # Reap our own children so they do not linger as zombies.
         for host in self.hosts.values():
             if host.proc is not None:

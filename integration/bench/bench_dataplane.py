@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "integration"))
+from lab import delete_netns  # noqa: E402
+
 PREFIX = "vnbench"
 MNT_DIR = Path(f"/run/{PREFIX}-mnt")
 
@@ -66,16 +70,7 @@ class Sandbox:
         return sh(f"{self.prefix()} sh -c {json.dumps(cmd)}")
 
     def destroy(self) -> None:
-        netns = Path(f"/run/netns/{self.name}")
-        if netns.exists():
-            target = os.stat(netns).st_ino
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    if os.stat(f"/proc/{pid}/ns/net").st_ino == target:
-                        os.kill(int(pid), 9)
-                except (OSError, ProcessLookupError):
-                    pass
-            sh(f"ip netns del {self.name}", check=False)
+        delete_netns(self.name)
         if self.mnt.exists():
             sh(f"umount {self.mnt}", check=False)
             self.mnt.unlink(missing_ok=True)
@@ -270,6 +265,7 @@ def main() -> int:
         Sandbox("floor").destroy()
         Sandbox("agent").destroy()
         sh(f"umount {MNT_DIR}", check=False)
+        shutil.rmtree(MNT_DIR, ignore_errors=True)
     header = (f"{'N peers':>8} {'agent full s':>13} {'floor s':>9} {'ratio':>6} {'1-peer ms':>10} "
               f"{'1-peer ops':>10} {'1-peer reqs':>11} {'no-op ms':>9} {'converged':>9} "
               f"{'peers/neigh in kernel':>22} {'RSS MB':>7}")

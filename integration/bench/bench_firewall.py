@@ -42,8 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "agent"))
-
+sys.path.insert(0, str(REPO / "integration"))
 from factories import wg_key  # noqa: E402
+from lab import delete_netns  # noqa: E402
 from veilnet_agent import naming  # noqa: E402
 from veilnet_agent.config import FirewallConfig  # noqa: E402
 from veilnet_agent.drivers.firewall import FirewallDriver  # noqa: E402
@@ -92,17 +93,7 @@ class Namespaces:
 
 def destroy(names: list[str]) -> None:
     for name in names:
-        netns = Path(f"/run/netns/{name}")
-        if not netns.exists():
-            continue
-        target = os.stat(netns).st_ino
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if os.stat(f"/proc/{pid}/ns/net").st_ino == target:
-                    os.kill(int(pid), 9)
-            except (OSError, ProcessLookupError):
-                pass
-        sh(f"ip netns del {name}", check=False)
+        delete_netns(name)
 
 
 ALL_NAMESPACES = ["agent", "json", "text", "host", "cli", "srv"]

@@ -6,10 +6,15 @@ import argparse
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, logs, naming
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from .errors import ValidationError, VeilnetError
+
+if TYPE_CHECKING:  # the drivers import pyroute2: load them only for commands that touch the kernel
+    from .drivers.links import LinksDriver
+    from .drivers.wireguard import WireGuardDriver
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -35,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _drivers(config: AgentConfig):  # type: ignore[no-untyped-def]
+def _drivers(config: AgentConfig) -> tuple[LinksDriver, WireGuardDriver]:
     from .drivers.links import LinksDriver
     from .drivers.wireguard import WireGuardDriver
 

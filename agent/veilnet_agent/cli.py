@@ -99,14 +99,14 @@ def cmd_identity(config: AgentConfig) -> int:
 
 def cmd_teardown(config: AgentConfig) -> int:
     from .objects import KernelState
-    from .ops import SyncWgPeers
+    from .ops import EnsureWgInterface, SyncWgPeers
     from .planner import plan
 
     links, wireguard = _drivers(config)
     with links:
         observed = links.observe()
         ops = plan(KernelState(), KernelState(links=observed.links, fdb=observed.fdb, neigh=observed.neigh))
-        result = links.apply([op for op in ops if not isinstance(op, SyncWgPeers)])
+        result = links.apply([op for op in ops if not isinstance(op, (SyncWgPeers, EnsureWgInterface))])
     wireguard.remove_interface()
     from .drivers.firewall import FirewallDriver
 

@@ -1,0 +1,141 @@
+from veilnet.v1 import state_pb2 as _state_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("node_name", "token", "csr_pem")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    token: str
+    csr_pem: bytes
+    def __init__(self, node_name: _Optional[str] = ..., token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("certificate_pem", "ca_bundle_pem", "spiffe_id", "control_endpoint")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_bundle_pem: bytes
+    spiffe_id: str
+    control_endpoint: str
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_bundle_pem: _Optional[bytes] = ..., spiffe_id: _Optional[str] = ..., control_endpoint: _Optional[str] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("certificate_pem", "ca_bundle_pem")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_bundle_pem: bytes
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_bundle_pem: _Optional[bytes] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "ack", "endpoints", "key_update")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    KEY_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    ack: Ack
+    endpoints: EndpointReport
+    key_update: KeyUpdate
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointReport, _Mapping]] = ..., key_update: _Optional[_Union[KeyUpdate, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("agent_version", "capabilities", "wireguard_public_key", "applied_sequence", "applied_spec_revision", "attached_endpoints")
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    WIREGUARD_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SPEC_REVISION_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    agent_version: str
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    wireguard_public_key: str
+    applied_sequence: int
+    applied_spec_revision: int
+    attached_endpoints: _containers.RepeatedCompositeFieldContainer[_state_pb2.LocalEndpoint]
+    def __init__(self, agent_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., wireguard_public_key: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., applied_spec_revision: _Optional[int] = ..., attached_endpoints: _Optional[_Iterable[_Union[_state_pb2.LocalEndpoint, _Mapping]]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("sequence", "spec_revision", "ok", "error_field", "error_value", "error_reason", "kernel_operations")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_REVISION_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    spec_revision: int
+    ok: bool
+    error_field: str
+    error_value: str
+    error_reason: str
+    kernel_operations: int
+    def __init__(self, sequence: _Optional[int] = ..., spec_revision: _Optional[int] = ..., ok: _Optional[bool] = ..., error_field: _Optional[str] = ..., error_value: _Optional[str] = ..., error_reason: _Optional[str] = ..., kernel_operations: _Optional[int] = ...) -> None: ...
+
+class EndpointReport(_message.Message):
+    __slots__ = ("endpoints",)
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    endpoints: _containers.RepeatedCompositeFieldContainer[_state_pb2.LocalEndpoint]
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[_state_pb2.LocalEndpoint, _Mapping]]] = ...) -> None: ...
+
+class KeyUpdate(_message.Message):
+    __slots__ = ("wireguard_public_key",)
+    WIREGUARD_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    wireguard_public_key: str
+    def __init__(self, wireguard_public_key: _Optional[str] = ...) -> None: ...
+
+class ControllerMessage(_message.Message):
+    __slots__ = ("update", "command")
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    update: NodeUpdate
+    command: Command
+    def __init__(self, update: _Optional[_Union[NodeUpdate, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
+
+class NodeUpdate(_message.Message):
+    __slots__ = ("sequence", "spec_revision", "base_sequence", "snapshot", "delta")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BASE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    spec_revision: int
+    base_sequence: int
+    snapshot: _state_pb2.NodeState
+    delta: _state_pb2.StateDelta
+    def __init__(self, sequence: _Optional[int] = ..., spec_revision: _Optional[int] = ..., base_sequence: _Optional[int] = ..., snapshot: _Optional[_Union[_state_pb2.NodeState, _Mapping]] = ..., delta: _Optional[_Union[_state_pb2.StateDelta, _Mapping]] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("kind",)
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Command.Kind]
+        RESYNC: _ClassVar[Command.Kind]
+        ROTATE_KEYS: _ClassVar[Command.Kind]
+        RENEW_CERTIFICATE: _ClassVar[Command.Kind]
+    KIND_UNSPECIFIED: Command.Kind
+    RESYNC: Command.Kind
+    ROTATE_KEYS: Command.Kind
+    RENEW_CERTIFICATE: Command.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    kind: Command.Kind
+    def __init__(self, kind: _Optional[_Union[Command.Kind, str]] = ...) -> None: ...

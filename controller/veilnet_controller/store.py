@@ -1,0 +1,777 @@
+"""The controller's durable state: spec revisions, join tokens, nodes and their certificates, the audit log.
+
+Everything the controller must remember across restarts goes through the small ``Store`` protocol so that
+a replicated store can replace the embedded one later without touching callers. ``SQLiteStore`` is the
+implementation used today: one SQLite file in WAL mode, one connection guarded by a lock, so the gRPC
+server's asyncio loop and worker threads can share it.
+
+Two security properties are enforced here rather than by callers, because they must hold whoever calls:
+
+* Join tokens are bearer secrets. Only their SHA-256 is ever written, so a copied database file (or a
+  backup) cannot be used to join a node, and consuming a token is a single write transaction so that two
+  concurrent joins with the same token cannot both succeed.
+* The audit log is append-only and tamper-evident: every entry carries the SHA-256 of its predecessor's
+  hash and its own canonical contents, SQL triggers refuse UPDATE and DELETE, and ``verify_audit_chain``
+  recomputes the chain. Someone with write access to the file can still drop the triggers, but cannot edit,
+  remove or reorder a past entry without ``verify_audit`` naming the first broken one. (Truncating the
+  newest entries is only detectable against a head hash recorded elsewhere, which is why the verification
+  message reports the head.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from veilnet_agent.errors import VeilnetError
+
+SCHEMA_VERSION = 1
+GENESIS_HASH = "0" * 64
+"""``previous_hash`` of the first audit entry: there is nothing before it to link to."""
+
+TOKEN_BYTES = 32
+BUSY_TIMEOUT_MS = 5000
+
+
+class StoreError(VeilnetError):
+    """The store could not do what was asked (unknown node, duplicate serial, database failure...)."""
+
+
+class ConflictError(StoreError):
+    """Optimistic-concurrency failure: the current revision is not the one the caller based its change on."""
+
+
+class TokenResult(enum.Enum):
+    """Outcome of presenting a join token; only ``OK`` consumes it."""
+
+    OK = "ok"
+    UNKNOWN = "unknown"
+    USED = "used"
+    EXPIRED = "expired"
+    WRONG_NODE = "wrong_node"
+
+
+@dataclass(frozen=True)
+class RevisionRecord:
+    """One accepted version of the network spec. ``rolled_back_from`` is set when it was made by a rollback."""
+
+    number: int
+    spec_text: str
+    author: str
+    created_at: datetime
+    message: str
+    rolled_back_from: int | None
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node the controller knows. ``certificate_*`` describe the most recently issued certificate."""
+
+    name: str
+    joined_at: datetime | None
+    wireguard_public_key: str | None
+    capabilities: tuple[str, ...]
+    certificate_serial: str | None
+    certificate_not_after: datetime | None
+    revoked_at: datetime | None
+    revoke_reason: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit-log entry. ``hash`` = ``entry_hash(previous_hash, ...)`` over the other fields."""
+
+    sequence: int
+    time: datetime
+    actor: str
+    role: str
+    action: str
+    target: str
+    revision: int | None
+    detail: Mapping[str, Any]
+    hash: str
+    previous_hash: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Time and hashing helpers (shared with audit_verify, which must not re-implement the hash).
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 UTC with microseconds (``2024-05-01T12:00:00.000000Z``).
+
+    A fixed width and a fixed zone make stored times compare correctly as text and make the audit hash
+    independent of how the caller's datetime happened to be expressed.
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value!r}: store times must be timezone-aware")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Inverse of ``format_time``; a naive stored value (never written by this module) is read as UTC."""
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def canonical_json(value: object) -> str:
+    """The single JSON spelling used for hashing: sorted keys, no spaces, ASCII only, no NaN/Infinity."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def entry_hash(
+    previous_hash: str,
+    sequence: int,
+    time: datetime,
+    actor: str,
+    role: str,
+    action: str,
+    target: str,
+    revision: int | None,
+    detail: Mapping[str, Any],
+) -> str:
+    """SHA-256 hex of ``previous_hash + "\\n" + canonical JSON of the entry``.
+
+    Chaining in the previous hash is what makes deleting or reordering entries detectable, not just editing.
+    """
+    body = {
+        "sequence": sequence,
+        "time": format_time(time),
+        "actor": actor,
+        "role": role,
+        "action": action,
+        "target": target,
+        "revision": revision,
+        "detail": dict(detail),
+    }
+    return hashlib.sha256(f"{previous_hash}\n{canonical_json(body)}".encode()).hexdigest()
+
+
+def token_hash(token: str) -> str:
+    """What is stored for a join token; the token itself never reaches the database."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def verify_audit_chain(conn: sqlite3.Connection) -> tuple[bool, str]:
+    """Recompute the audit chain over every row, in sequence order, using only SELECTs.
+
+    Returns ``(True, "N entries, head <hash>")`` or ``(False, "entry S: <what is wrong>")`` for the first bad
+    entry. Checks, in order: the sequence continues without a gap (catches deleted rows), ``previous_hash``
+    equals the preceding entry's hash (catches a row whose hash was recomputed after an edit), and the stored
+    hash matches the recomputed one (catches an edited field). Used by ``SQLiteStore.verify_audit`` and by
+    ``audit_verify.verify_file`` on a read-only connection, so both give the same verdict.
+    """
+    expected_sequence = 1
+    previous = GENESIS_HASH
+    count = 0
+    # One SELECT is one read snapshot, so concurrent appends cannot make a consistent log look broken.
+    cursor = conn.execute(
+        "SELECT sequence, time, actor, role, action, target, revision, detail, hash, previous_hash"
+        " FROM audit ORDER BY sequence"
+    )
+    for row in cursor:
+        sequence = int(row[0])
+        if sequence != expected_sequence:
+            cursor.close()
+            return False, f"entry {sequence}: gap in sequence (expected {expected_sequence}, found {sequence})"
+        stored_hash = str(row[8])
+        stored_previous = str(row[9])
+        if stored_previous != previous:
+            cursor.close()
+            return False, (
+                f"entry {sequence}: broken link to previous (previous_hash {stored_previous}, "
+                f"but entry {sequence - 1} has hash {previous})"
+            )
+        try:
+            time = parse_time(str(row[1]))
+            detail = json.loads(str(row[7]))
+            if not isinstance(detail, dict):
+                raise ValueError("detail is not a JSON object")
+            computed = entry_hash(
+                stored_previous,
+                sequence,
+                time,
+                str(row[2]),
+                str(row[3]),
+                str(row[4]),
+                str(row[5]),
+                None if row[6] is None else int(row[6]),
+                detail,
+            )
+        except (ValueError, TypeError) as exc:
+            cursor.close()
+            return False, f"entry {sequence}: unreadable entry ({exc})"
+        if computed != stored_hash:
+            cursor.close()
+            return False, f"entry {sequence}: hash mismatch (stored {stored_hash}, computed {computed})"
+        previous = stored_hash
+        expected_sequence += 1
+        count += 1
+    return True, f"{count} entries, head {previous}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The interface.
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the controller needs from durable storage; see ``SQLiteStore`` for the semantics."""
+
+    def add_revision(
+        self,
+        spec_text: str,
+        author: str,
+        message: str,
+        *,
+        rolled_back_from: int | None = None,
+        expected_current: int | None = None,
+    ) -> RevisionRecord: ...
+
+    def revision(self, number: int | None = None) -> RevisionRecord | None: ...
+
+    def revisions(self, limit: int = 50) -> list[RevisionRecord]: ...
+
+    def create_token(self, node: str, ttl: timedelta, created_by: str) -> tuple[str, datetime]: ...
+
+    def consume_token(self, token: str, node: str, now: datetime | None = None) -> TokenResult: ...
+
+    def node(self, name: str) -> NodeRecord | None: ...
+
+    def nodes(self) -> list[NodeRecord]: ...
+
+    def record_certificate(self, node: str, serial: str, not_after: datetime) -> None: ...
+
+    def set_wireguard_key(self, node: str, public_key: str, capabilities: Sequence[str]) -> None: ...
+
+    def revoke_node(self, node: str, reason: str, now: datetime | None = None) -> list[str]: ...
+
+    def is_serial_revoked(self, serial: str) -> bool: ...
+
+    def revoked_serials(self) -> frozenset[str]: ...
+
+    def set_attached_endpoints(self, node: str, endpoints: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def attached_endpoints(self) -> dict[str, list[dict[str, Any]]]: ...
+
+    def append_audit(
+        self, actor: str, role: str, action: str, target: str, revision: int | None, detail: Mapping[str, Any]
+    ) -> AuditRecord: ...
+
+    def audit(self, limit: int = 100) -> tuple[list[AuditRecord], int]: ...
+
+    def verify_audit(self) -> tuple[bool, str]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SQLite implementation.
+
+_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS schema_version (
+        version INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS revisions (
+        number INTEGER PRIMARY KEY,
+        spec_text TEXT NOT NULL,
+        author TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        message TEXT NOT NULL,
+        rolled_back_from INTEGER REFERENCES revisions(number)
+    )""",
+    """CREATE TABLE IF NOT EXISTS tokens (
+        token_hash TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS nodes (
+        name TEXT PRIMARY KEY,
+        joined_at TEXT,
+        wireguard_public_key TEXT,
+        capabilities TEXT NOT NULL DEFAULT '[]',
+        certificate_serial TEXT,
+        certificate_not_after TEXT,
+        revoked_at TEXT,
+        revoke_reason TEXT NOT NULL DEFAULT ''
+    )""",
+    """CREATE TABLE IF NOT EXISTS certificates (
+        serial TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name),
+        not_after TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        revoked_at TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS certificates_node ON certificates(node)",
+    """CREATE TABLE IF NOT EXISTS attached_endpoints (
+        node TEXT PRIMARY KEY,
+        endpoints TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        sequence INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        revision INTEGER,
+        detail TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        previous_hash TEXT NOT NULL
+    )""",
+    # Created on every open with IF NOT EXISTS, so a dropped trigger comes back at the next start.
+    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN
+        SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused');
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN
+        SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused');
+    END""",
+)
+
+_NODE_COLUMNS = (
+    "name, joined_at, wireguard_public_key, capabilities, certificate_serial, certificate_not_after,"
+    " revoked_at, revoke_reason"
+)
+_REVISION_COLUMNS = "number, spec_text, author, created_at, message, rolled_back_from"
+_AUDIT_COLUMNS = "sequence, time, actor, role, action, target, revision, detail, hash, previous_hash"
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    format_time(now)  # rejects naive datetimes early, with a clear message
+    return now.astimezone(UTC)
+
+
+def _opt_time(value: object) -> datetime | None:
+    return None if value is None else parse_time(str(value))
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(str(value))
+
+
+def _revision_from_row(row: Sequence[Any]) -> RevisionRecord:
+    return RevisionRecord(
+        number=int(row[0]),
+        spec_text=str(row[1]),
+        author=str(row[2]),
+        created_at=parse_time(str(row[3])),
+        message=str(row[4]),
+        rolled_back_from=_opt_int(row[5]),
+    )
+
+
+def _node_from_row(row: Sequence[Any]) -> NodeRecord:
+    capabilities = json.loads(str(row[3]))
+    return NodeRecord(
+        name=str(row[0]),
+        joined_at=_opt_time(row[1]),
+        wireguard_public_key=None if row[2] is None else str(row[2]),
+        capabilities=tuple(str(c) for c in capabilities),
+        certificate_serial=None if row[4] is None else str(row[4]),
+        certificate_not_after=_opt_time(row[5]),
+        revoked_at=_opt_time(row[6]),
+        revoke_reason=str(row[7]),
+    )
+
+
+def _audit_from_row(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(
+        sequence=int(row[0]),
+        time=parse_time(str(row[1])),
+        actor=str(row[2]),
+        role=str(row[3]),
+        action=str(row[4]),
+        target=str(row[5]),
+        revision=_opt_int(row[6]),
+        detail=MappingProxyType(json.loads(str(row[7]))),
+        hash=str(row[8]),
+        previous_hash=str(row[9]),
+    )
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file as 0600 before SQLite opens it.
+
+    It holds token hashes and the audit log; creating it with the right mode (rather than chmod after)
+    leaves no window in which another local user could open it. SQLite gives the -wal and -shm files the
+    database file's mode.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    os.chmod(path, 0o600)  # also tightens a pre-existing file
+
+
+class SQLiteStore:
+    """``Store`` on one SQLite file.
+
+    One connection, ``check_same_thread=False``, serialised by a ``threading.Lock``: SQLite connections are
+    not safe for concurrent use, and the controller calls in from an asyncio loop and from threads. Write
+    methods run in ``BEGIN IMMEDIATE`` transactions, which take the database write lock up front, so
+    read-then-write sequences (next revision number, token consumption, audit append) are atomic even against
+    another process that has the same file open.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        _create_private_file(path)
+        try:
+            conn = sqlite3.connect(
+                str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._create_schema()
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def _create_schema(self) -> None:
+        with self._write() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            if row[0] is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {row[0]}; this controller supports {SCHEMA_VERSION}"
+                )
+
+    # -- transactions ---------------------------------------------------------------------------------------
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"store {self.path} is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock for one transaction; roll back on any error and report SQLite errors as StoreError."""
+        with self._lock:
+            conn = self._require_open()
+            try:
+                conn.execute(begin)
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
+            try:
+                yield conn
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"store {self.path}: {exc}") from exc
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise StoreError(f"store {self.path}: {exc}") from exc
+
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A read transaction, so multi-statement reads (entries plus count) see one snapshot."""
+        return self._transaction("BEGIN DEFERRED")
+
+    # -- revisions ------------------------------------------------------------------------------------------
+
+    def add_revision(
+        self,
+        spec_text: str,
+        author: str,
+        message: str,
+        *,
+        rolled_back_from: int | None = None,
+        expected_current: int | None = None,
+    ) -> RevisionRecord:
+        """Append revision current+1. ``expected_current`` (0 = none yet) turns a lost update into ConflictError."""
+        created_at = datetime.now(UTC)
+        with self._write() as conn:
+            row = conn.execute("SELECT max(number) FROM revisions").fetchone()
+            current = 0 if row[0] is None else int(row[0])
+            if expected_current is not None and expected_current != current:
+                raise ConflictError(
+                    f"revision conflict: change was based on revision {expected_current}, "
+                    f"but the current revision is {current}"
+                )
+            if rolled_back_from is not None and not 1 <= rolled_back_from <= current:
+                raise StoreError(f"rolled_back_from: revision {rolled_back_from} does not exist")
+            record = RevisionRecord(current + 1, spec_text, author, created_at, message, rolled_back_from)
+            conn.execute(
+                f"INSERT INTO revisions ({_REVISION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.number, spec_text, author, format_time(created_at), message, rolled_back_from),
+            )
+        return record
+
+    def revision(self, number: int | None = None) -> RevisionRecord | None:
+        """Revision ``number``, or the latest when None; None if there is no such revision."""
+        with self._read() as conn:
+            if number is None:
+                row = conn.execute(f"SELECT {_REVISION_COLUMNS} FROM revisions ORDER BY number DESC LIMIT 1").fetchone()
+            else:
+                row = conn.execute(f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE number = ?", (number,)).fetchone()
+        return None if row is None else _revision_from_row(row)
+
+    def revisions(self, limit: int = 50) -> list[RevisionRecord]:
+        """Newest first, at most ``limit``."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_REVISION_COLUMNS} FROM revisions ORDER BY number DESC LIMIT ?", (max(limit, 0),)
+            ).fetchall()
+        return [_revision_from_row(r) for r in rows]
+
+    # -- join tokens ----------------------------------------------------------------------------------------
+
+    def create_token(self, node: str, ttl: timedelta, created_by: str) -> tuple[str, datetime]:
+        """A new single-use join token for ``node``; returns the token (shown once) and its expiry."""
+        if not node:
+            raise StoreError("token node name must not be empty")
+        if ttl <= timedelta(0):
+            raise StoreError(f"token ttl must be positive (got {ttl})")
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        created_at = datetime.now(UTC)
+        expires_at = created_at + ttl
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO tokens (token_hash, node, created_by, created_at, expires_at, used_at)"
+                " VALUES (?, ?, ?, ?, ?, NULL)",
+                (token_hash(token), node, created_by, format_time(created_at), format_time(expires_at)),
+            )
+        return token, expires_at
+
+    def consume_token(self, token: str, node: str, now: datetime | None = None) -> TokenResult:
+        """Check and, only if OK, use up a join token, atomically.
+
+        Checks run UNKNOWN, WRONG_NODE, USED, EXPIRED, so a token for another node reveals nothing about its
+        state to the presenter. The ``used_at IS NULL`` guard plus rowcount check keeps the single-use
+        guarantee even if a future store drops the write lock taken by ``BEGIN IMMEDIATE``.
+        """
+        moment = _now(now)
+        digest = token_hash(token)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT node, expires_at, used_at FROM tokens WHERE token_hash = ?", (digest,)
+            ).fetchone()
+            if row is None:
+                return TokenResult.UNKNOWN
+            if str(row[0]) != node:
+                return TokenResult.WRONG_NODE
+            if row[2] is not None:
+                return TokenResult.USED
+            if moment >= parse_time(str(row[1])):
+                return TokenResult.EXPIRED
+            cursor = conn.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
+                (format_time(moment), digest),
+            )
+            if cursor.rowcount != 1:
+                return TokenResult.USED
+        return TokenResult.OK
+
+    # -- nodes and certificates -----------------------------------------------------------------------------
+
+    def node(self, name: str) -> NodeRecord | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _node_from_row(row)
+
+    def nodes(self) -> list[NodeRecord]:
+        """All known nodes, sorted by name (SQLite's binary collation matches Python's str ordering)."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY name").fetchall()
+        return [_node_from_row(r) for r in rows]
+
+    def record_certificate(self, node: str, serial: str, not_after: datetime) -> None:
+        """Remember a certificate issued to ``node`` at join or renewal.
+
+        Creates the node on its first certificate (``joined_at`` = now). A node that was revoked and has
+        joined again (with a new token) is readmitted: its revocation is cleared, but its old serials stay
+        in the revoked set, so its old certificates remain useless. A serial seen before is an error.
+        """
+        if not node:
+            raise StoreError("node name must not be empty")
+        if not serial:
+            raise StoreError("certificate serial must not be empty")
+        issued_at = format_time(datetime.now(UTC))
+        not_after_text = format_time(not_after)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (serial,)).fetchone() is not None:
+                raise StoreError(f"certificate serial {serial} is already recorded")
+            conn.execute("INSERT OR IGNORE INTO nodes (name) VALUES (?)", (node,))
+            conn.execute(
+                "UPDATE nodes SET joined_at = coalesce(joined_at, ?), certificate_serial = ?,"
+                " certificate_not_after = ?, revoked_at = NULL, revoke_reason = '' WHERE name = ?",
+                (issued_at, serial, not_after_text, node),
+            )
+            conn.execute(
+                "INSERT INTO certificates (serial, node, not_after, issued_at, revoked_at) VALUES (?, ?, ?, ?, NULL)",
+                (serial, node, not_after_text, issued_at),
+            )
+
+    def set_wireguard_key(self, node: str, public_key: str, capabilities: Sequence[str]) -> None:
+        """Record the node's WireGuard public key and capabilities (creating the node row if needed).
+
+        Creating rather than refusing keeps the join flow order-independent; ``joined_at`` is still only
+        set by ``record_certificate``.
+        """
+        if not node:
+            raise StoreError("node name must not be empty")
+        if isinstance(capabilities, str):
+            raise StoreError("capabilities must be a sequence of strings, not a string")
+        caps = json.dumps([str(c) for c in capabilities])
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO nodes (name) VALUES (?)", (node,))
+            conn.execute(
+                "UPDATE nodes SET wireguard_public_key = ?, capabilities = ? WHERE name = ?", (public_key, caps, node)
+            )
+
+    def revoke_node(self, node: str, reason: str, now: datetime | None = None) -> list[str]:
+        """Mark ``node`` revoked and revoke every certificate of it not already revoked; returns those serials.
+
+        Revoking an already revoked node updates the time and reason and returns only newly revoked serials.
+        """
+        moment = format_time(_now(now))
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM nodes WHERE name = ?", (node,)).fetchone() is None:
+                raise StoreError(f"unknown node {node!r}")
+            rows = conn.execute(
+                "SELECT serial FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY issued_at, rowid",
+                (node,),
+            ).fetchall()
+            serials = [str(r[0]) for r in rows]
+            conn.execute("UPDATE nodes SET revoked_at = ?, revoke_reason = ? WHERE name = ?", (moment, reason, node))
+            conn.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (moment, node))
+        return serials
+
+    def is_serial_revoked(self, serial: str) -> bool:
+        """True only for a recorded serial that has been revoked (unknown serials are not ours to judge)."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL", (serial,)
+            ).fetchone()
+        return row is not None
+
+    def revoked_serials(self) -> frozenset[str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL").fetchall()
+        return frozenset(str(r[0]) for r in rows)
+
+    # -- attached endpoints ---------------------------------------------------------------------------------
+
+    def set_attached_endpoints(self, node: str, endpoints: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the endpoints ``node`` reports as attached; an empty list removes the node's entry."""
+        try:
+            text = canonical_json([dict(e) for e in endpoints])
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"endpoints of {node!r} are not JSON-serialisable: {exc}") from exc
+        with self._write() as conn:
+            if endpoints:
+                conn.execute(
+                    "INSERT INTO attached_endpoints (node, endpoints) VALUES (?, ?)"
+                    " ON CONFLICT(node) DO UPDATE SET endpoints = excluded.endpoints",
+                    (node, text),
+                )
+            else:
+                conn.execute("DELETE FROM attached_endpoints WHERE node = ?", (node,))
+
+    def attached_endpoints(self) -> dict[str, list[dict[str, Any]]]:
+        """Every node's attached endpoints, keyed by node name (nodes without any are absent)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT node, endpoints FROM attached_endpoints ORDER BY node").fetchall()
+        return {str(r[0]): list(json.loads(str(r[1]))) for r in rows}
+
+    # -- audit log ------------------------------------------------------------------------------------------
+
+    def append_audit(
+        self, actor: str, role: str, action: str, target: str, revision: int | None, detail: Mapping[str, Any]
+    ) -> AuditRecord:
+        """Append one entry, chained to the current head, inside one write transaction.
+
+        ``detail`` is normalised through canonical JSON first (tuples become lists, keys become strings), so
+        the hash is computed over exactly what is stored and re-verifies after a round trip.
+        """
+        try:
+            normalised: dict[str, Any] = json.loads(canonical_json(dict(detail)))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"audit detail is not JSON-serialisable: {exc}") from exc
+        detail_text = canonical_json(normalised)
+        with self._write() as conn:
+            row = conn.execute("SELECT sequence, hash FROM audit ORDER BY sequence DESC LIMIT 1").fetchone()
+            sequence, previous = (1, GENESIS_HASH) if row is None else (int(row[0]) + 1, str(row[1]))
+            # Taken inside the write lock, so entry times never go backwards across concurrent appenders
+            # (modulo wall-clock steps).
+            time = datetime.now(UTC)
+            digest = entry_hash(previous, sequence, time, actor, role, action, target, revision, normalised)
+            conn.execute(
+                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sequence, format_time(time), actor, role, action, target, revision, detail_text, digest, previous),
+            )
+        return AuditRecord(
+            sequence, time, actor, role, action, target, revision, MappingProxyType(normalised), digest, previous
+        )
+
+    def audit(self, limit: int = 100) -> tuple[list[AuditRecord], int]:
+        """The newest ``limit`` entries in ascending sequence order, and the total number of entries."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY sequence DESC LIMIT ?", (max(limit, 0),)
+            ).fetchall()
+            total = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+        return [_audit_from_row(r) for r in reversed(rows)], total
+
+    def verify_audit(self) -> tuple[bool, str]:
+        """Recompute the whole chain; see ``verify_audit_chain``."""
+        with self._read() as conn:
+            return verify_audit_chain(conn)
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL); later calls raise StoreError. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+
+if TYPE_CHECKING:
+
+    def _implements_store(store: SQLiteStore) -> Store:
+        """Lets mypy check that SQLiteStore satisfies the Store protocol."""
+        return store

@@ -396,6 +396,16 @@ def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], remove
     return replace(state, peers=peers, claims=claims)
 
 
+def parse_segment(raw: object, path: str) -> Segment:
+    """One segment, validated alone (the controller validates its network spec with this)."""
+    return _parse_segment(raw, path)
+
+
+def check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:
+    """No two segment subnets, nor a segment subnet and the transport network, overlap."""
+    _check_subnets_disjoint(segments, transport)
+
+
 def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:
     claimed: list[tuple[IPNetwork, str]] = [(transport.network, "transport_address")]
     for i, segment in enumerate(segments):

@@ -1,0 +1,185 @@
+"""``veilnet-controller``: create the CA and data directory, serve, issue operator certificates, verify the audit log.
+
+Data directory layout (mode 0700)::
+
+    ca/ca.key ca/ca.crt ca/trust_domain   the host CA (the key never leaves this directory)
+    server.key server.crt                 the controller's TLS certificate
+    controller.db                         SQLite: revisions, nodes, token hashes, audit log (0600)
+    operators/<name>/{client.key,client.crt,ca.crt}   operator credentials issued here
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from veilnet_agent import logs, pki
+from veilnet_agent.errors import ValidationError, VeilnetError
+
+from . import __version__
+from .ca import CertificateAuthority
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> timedelta:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ValidationError(what, text, "must be a duration like 90s, 30m, 24h or 7d")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def write_operator_credentials(ca: CertificateAuthority, out: Path, name: str, role: str,
+                               lifetime: timedelta) -> Path:
+    key_pem, cert_pem = ca.issue_operator(name, role, lifetime)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pki.write_private_key(out / "client.key", pki.load_private_key_pem(key_pem))
+    pki.write_public_file(out / "client.crt", cert_pem)
+    pki.write_public_file(out / "ca.crt", ca.certificate_pem)
+    return out
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    data: Path = args.data_dir
+    if (data / "ca" / "ca.key").exists():
+        raise VeilnetError(f"{data} already holds a CA; refusing to overwrite it")
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data, 0o700)
+    ca = CertificateAuthority.create(data / "ca", args.trust_domain)
+    names = args.server_name or ["localhost", "127.0.0.1"]
+    key_pem, cert_pem = ca.issue_server(names, timedelta(days=365))
+    pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
+    pki.write_public_file(data / "server.crt", cert_pem)
+    admin_dir = write_operator_credentials(ca, data / "operators" / "admin", "admin", "admin",
+                                           parse_duration(args.admin_lifetime, "--admin-lifetime"))
+    from .store import SQLiteStore
+
+    SQLiteStore(data / "controller.db").close()
+    print(f"trust domain: {args.trust_domain}")
+    print(f"server names: {', '.join(names)}")
+    print(f"admin credentials: {admin_dir}")
+    print(f"ca hash: {ca.ca_hash}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .hub import Hub
+    from .server import ServerSettings, Services, serve
+    from .store import SQLiteStore
+
+    data: Path = args.data_dir
+    ca = CertificateAuthority.load(data / "ca")
+    store = SQLiteStore(data / "controller.db")
+    hub = Hub(store)
+    hub.load()
+    settings = ServerSettings(
+        control_listen=args.listen,
+        bootstrap_listen=args.bootstrap_listen,
+        control_endpoint=args.advertise or args.listen,
+        certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime"),
+    )
+    services = Services(ca, store, hub, settings)
+    key = (data / "server.key").read_bytes()
+    cert = (data / "server.crt").read_bytes()
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        await serve(data, services, key, cert)
+
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        pass
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_operator_cert(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.load(args.data_dir / "ca")
+    if args.role not in pki.ROLES_OPERATOR:
+        raise ValidationError("--role", args.role, f"must be one of {', '.join(pki.ROLES_OPERATOR)}")
+    out = write_operator_credentials(ca, args.out, args.name, args.role, parse_duration(args.lifetime, "--lifetime"))
+    print(f"{args.role} credentials for {args.name}: {out}")
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit_verify import verify_file
+
+    ok, message = verify_file(args.data_dir / "controller.db")
+    print(("ok: " if ok else "TAMPERED: ") + message)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def cmd_ca_hash(args: argparse.Namespace) -> int:
+    print(CertificateAuthority.load(args.data_dir / "ca").ca_hash)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veilnet-controller", description="Veilnet reference controller")
+    parser.add_argument("--version", action="version", version=f"veilnet-controller {__version__}")
+    parser.add_argument("--log-format", choices=("json", "console"), default="json")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--data-dir", type=Path, default=Path("/var/lib/veilnet-controller"))
+        return p
+
+    p = add("init", "create the CA, the server certificate, the database and an admin credential")
+    p.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. veilnet.example.org")
+    p.add_argument("--server-name", action="append", help="DNS name or IP agents and veilctl dial (repeatable)")
+    p.add_argument("--admin-lifetime", default="30d")
+    p.set_defaults(func=cmd_init)
+    p = add("serve", "serve agents and operators")
+    p.add_argument("--listen", default="0.0.0.0:7443", help="mutual-TLS listener (agents' Sync, operators)")
+    p.add_argument("--bootstrap-listen", default="0.0.0.0:7444", help="join listener (token + CSR)")
+    p.add_argument("--advertise", help="HOST:PORT agents dial after joining (default: --listen)")
+    p.add_argument("--certificate-lifetime", default="24h", help="node certificate lifetime")
+    p.set_defaults(func=cmd_serve)
+    p = add("operator-cert", "issue an operator credential with a role")
+    p.add_argument("--name", required=True)
+    p.add_argument("--role", required=True, help="admin, network-admin or viewer")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--lifetime", default="30d")
+    p.set_defaults(func=cmd_operator_cert)
+    p = add("audit-verify", "check the audit log's hash chain (read-only)")
+    p.set_defaults(func=cmd_audit_verify)
+    p = add("ca-hash", "print the CA hash agents pin with --ca-hash")
+    p.set_defaults(func=cmd_ca_hash)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(args.log_format, args.log_level)
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except (VeilnetError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""The controller's gRPC services on two listeners.
+
+* the **control listener** (mutual TLS): ``Controller.Renew``/``Sync`` for
+  agents and the ``Admin`` service for operators. Every call is
+  authenticated by its client certificate (issued by our CA, not revoked) and
+  authorized against ``authz.MATRIX`` before anything else happens.
+* the **bootstrap listener** (server-authenticated TLS only): ``Join``, where
+  a host with no certificate yet trades a single-use token and a CSR for one.
+  Agents pin the CA by hash, so they never trust on first use.
+
+gRPC Python cannot make a client certificate optional on one port, and a
+separate port keeps the unauthenticated surface to one small RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import structlog
+from grpc import aio
+
+from veilnet.v1 import admin_pb2 as apb
+from veilnet.v1 import admin_pb2_grpc, controller_pb2_grpc
+from veilnet.v1 import controller_pb2 as cpb
+from veilnet_agent import pki, wire
+from veilnet_agent.errors import ValidationError, VeilnetError
+from veilnet_agent.validate import name as validate_name
+
+from . import authz
+from .ca import CertificateAuthority, certificate_pem
+from .hub import Hub, Session
+from .spec import canonical_text, load_spec_text, parse_spec, summarize_changes, unified_diff
+from .store import ConflictError, Store, TokenResult
+
+MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
+MAX_BOOTSTRAP_MESSAGE = 64 * 1024
+HELLO_TIMEOUT = 10.0
+DEFAULT_TOKEN_TTL = 3600
+MAX_TOKEN_TTL = 7 * 86400
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    control_listen: str
+    bootstrap_listen: str
+    control_endpoint: str  # what agents are told to dial after joining
+    certificate_lifetime: timedelta
+
+
+def rfc3339(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def fail(context: aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with ``code``; never returns (``abort`` raises)."""
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _validation_details(exc: ValidationError) -> str:
+    return f"{exc.field}: {exc.reason} (got {exc.value!r})"
+
+
+class Services:
+    """State shared by both listeners: the CA, the store, the hub."""
+
+    def __init__(self, ca: CertificateAuthority, store: Store, hub: Hub, settings: ServerSettings) -> None:
+        self.ca = ca
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+        self.log = structlog.get_logger("veilnet.controller")
+
+    async def authenticate(self, context: aio.ServicerContext[Any, Any], method: str) -> pki.Identity:
+        """The caller's identity if its certificate is ours, unrevoked, and its role may call ``method``."""
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if not pems:
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        try:
+            identity = pki.identity_from_certificate(pems[0], self.ca.trust_domain)
+        except pki.PkiError as exc:
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED, f"client certificate not accepted: {exc}")
+        if identity.serial in self.hub.revoked_serials:
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED,
+                                f"certificate {identity.serial} of {identity.spiffe_id} is revoked")
+        if not authz.allowed(method, identity.role):
+            self.log.warning("permission_denied", method=method, caller=identity.spiffe_id, role=identity.role)
+            if not method.endswith(("/GetSpec", "/History", "/DiffSpec", "/ListNodes", "/ReadAudit")):
+                self.store.append_audit(identity.name, identity.role, "denied", method, None, {})
+            await fail(context, grpc.StatusCode.PERMISSION_DENIED,
+                                f"role {identity.role!r} may not call {method.rsplit('/', 1)[-1]}")
+        return identity
+
+
+# ---------------------------------------------------------------------------- agents
+
+
+class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore[misc]
+    def __init__(self, services: Services, *, bootstrap: bool) -> None:
+        self.s = services
+        self.bootstrap = bootstrap
+
+    async def Join(self, request: cpb.JoinRequest, context: aio.ServicerContext[Any, Any]) -> cpb.JoinResponse:
+        s = self.s
+        if not self.bootstrap:
+            await s.authenticate(context, "/veilnet.v1.Controller/Join")  # not in MATRIX: denied (and audited)
+            await fail(context, grpc.StatusCode.FAILED_PRECONDITION, "Join is served on the bootstrap listener")
+        try:
+            node = validate_name(request.node_name, "node_name")
+        except ValidationError as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
+        # Sign before spending the token (signing has no side effect): a malformed CSR must not burn it.
+        # The certificate is handed out only if the token is good.
+        try:
+            cert = s.ca.sign_node_csr(request.csr_pem, node, s.settings.certificate_lifetime)
+        except pki.PkiError as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
+        result = s.store.consume_token(request.token, node)
+        if result is not TokenResult.OK:
+            reason = {
+                TokenResult.UNKNOWN: "unknown join token",
+                TokenResult.USED: "join token already used",
+                TokenResult.EXPIRED: "join token expired",
+                TokenResult.WRONG_NODE: f"join token was not issued for node {node!r}",
+            }[result]
+            s.log.warning("join_refused", node=node, reason=reason, peer=context.peer())
+            s.store.append_audit(node, "node", "node.join-refused", node, None, {"reason": reason})
+            await fail(context, grpc.StatusCode.PERMISSION_DENIED, reason)
+        identity = pki.identity_from_certificate(cert, s.ca.trust_domain)
+        s.store.record_certificate(node, identity.serial, identity.not_after)
+        s.hub.readmit(node, identity.serial)
+        s.store.append_audit(node, "node", "node.join", node, None,
+                             {"serial": identity.serial, "not_after": rfc3339(identity.not_after)})
+        s.log.info("node_joined", node=node, serial=identity.serial)
+        return cpb.JoinResponse(certificate_pem=certificate_pem(cert), ca_bundle_pem=s.ca.certificate_pem,
+                                spiffe_id=identity.spiffe_id, control_endpoint=s.settings.control_endpoint)
+
+    async def Renew(self, request: cpb.RenewRequest, context: aio.ServicerContext[Any, Any]) -> cpb.RenewResponse:
+        s = self.s
+        identity = await self._node(context, "/veilnet.v1.Controller/Renew")
+        try:
+            cert = s.ca.sign_node_csr(request.csr_pem, identity.name, s.settings.certificate_lifetime)
+        except pki.PkiError as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
+        new = pki.identity_from_certificate(cert, s.ca.trust_domain)
+        s.store.record_certificate(identity.name, new.serial, new.not_after)
+        s.log.info("certificate_renewed", node=identity.name, serial=new.serial, previous=identity.serial)
+        return cpb.RenewResponse(certificate_pem=certificate_pem(cert), ca_bundle_pem=s.ca.certificate_pem)
+
+    async def _node(self, context: aio.ServicerContext[Any, Any], method: str) -> pki.Identity:
+        if self.bootstrap:
+            await fail(context, grpc.StatusCode.FAILED_PRECONDITION,
+                                "this is the bootstrap listener: only Join is served here")
+        return await self.s.authenticate(context, method)
+
+    async def Sync(
+        self, request_iterator: AsyncIterator[cpb.AgentMessage], context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[cpb.ControllerMessage]:
+        s = self.s
+        identity = await self._node(context, "/veilnet.v1.Controller/Sync")
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), HELLO_TIMEOUT)
+        except (TimeoutError, StopAsyncIteration):
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message on Sync must be hello")
+        if first.WhichOneof("kind") != "hello":
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message on Sync must be hello")
+        hello = first.hello
+        if hello.wireguard_public_key:
+            try:
+                from veilnet_agent.validate import wg_public_key
+
+                wg_public_key(hello.wireguard_public_key, "hello.wireguard_public_key")
+            except ValidationError as exc:
+                await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
+        session = s.hub.connect(identity.name, identity.serial, hello)
+        await context.send_initial_metadata((("veilnet-node", identity.name),))  # tells the agent it is connected
+        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
+        try:
+            while True:
+                message = session.next_message()
+                if message is not None:
+                    yield message
+                    continue
+                if session.closed_reason is not None or reader.done():
+                    break
+                session.wake.clear()
+                waiter = asyncio.ensure_future(session.wake.wait())
+                await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            reader.cancel()
+            s.hub.disconnect(session)
+        if session.closed_reason == "certificate revoked":
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")
+        if reader.done() and not reader.cancelled():
+            problem = reader.exception()
+            if isinstance(problem, _BadMessage):
+                await fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(problem))
+
+    async def _read(self, request_iterator: AsyncIterator[cpb.AgentMessage], session: Session) -> None:
+        hub = self.s.hub
+        async for message in request_iterator:
+            if session.closed_reason is not None:
+                return
+            kind = message.WhichOneof("kind")
+            if kind == "ack":
+                hub.acknowledge(session, message.ack)
+            elif kind == "key_update":
+                from veilnet_agent.validate import wg_public_key
+
+                try:
+                    key = wg_public_key(message.key_update.wireguard_public_key, "key_update.wireguard_public_key")
+                except ValidationError as exc:
+                    raise _BadMessage(_validation_details(exc)) from None
+                hub.key_update(session, key)
+            elif kind == "endpoints":
+                hub.endpoints_reported(session, [wire.endpoint_from_proto(e) for e in message.endpoints.endpoints])
+            else:
+                raise _BadMessage(f"unexpected message {kind or 'empty'!r} after hello")
+
+
+class _BadMessage(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- operators
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def _auth(self, context: aio.ServicerContext[Any, Any], method: str) -> pki.Identity:
+        return await self.s.authenticate(context, f"/veilnet.v1.Admin/{method}")
+
+    async def _parse(self, context: aio.ServicerContext[Any, Any], text: str) -> Any:
+        try:
+            raw = load_spec_text(text)
+            return raw, parse_spec(raw)
+        except ValidationError as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
+
+    def _current_canonical(self) -> tuple[int, str]:
+        record = self.s.store.revision()
+        if record is None:
+            return 0, ""
+        return record.number, canonical_text(load_spec_text(record.spec_text))
+
+    async def ApplySpec(self, request: apb.ApplySpecRequest,
+                        context: aio.ServicerContext[Any, Any]) -> apb.ApplySpecResponse:
+        who = await self._auth(context, "ApplySpec")
+        raw, spec = await self._parse(context, request.spec_yaml)
+        return await self._store_spec(context, who, request.spec_yaml, raw, spec, request.message,
+                                      request.expected_revision or None, None)
+
+    async def _store_spec(self, context: aio.ServicerContext[Any, Any], who: pki.Identity, text: str, raw: Any,
+                          spec: Any, message: str, expected: int | None,
+                          rolled_back_from: int | None) -> apb.ApplySpecResponse:
+        s = self.s
+        current_number, current_text = self._current_canonical()
+        new_text = canonical_text(raw)
+        diff = unified_diff(current_text, new_text, f"revision {current_number}", "new")
+        if expected is not None and expected != current_number:
+            await fail(context, grpc.StatusCode.ABORTED,
+                                f"expected revision {expected} but the current revision is {current_number}")
+        if current_number and new_text == current_text:
+            return apb.ApplySpecResponse(revision=current_number, changed=False, diff="")
+        old_spec = s.hub.spec
+        try:
+            record = s.store.add_revision(text, who.name, message, rolled_back_from=rolled_back_from,
+                                          expected_current=current_number)
+        except ConflictError as exc:
+            await fail(context, grpc.StatusCode.ABORTED, str(exc))
+        changes = summarize_changes(old_spec, spec)
+        action = "spec.rollback" if rolled_back_from else "spec.apply"
+        detail: dict[str, Any] = {"changes": changes, "message": message}
+        if rolled_back_from:
+            detail["restored_revision"] = rolled_back_from
+        s.store.append_audit(who.name, who.role, action, "network-spec", record.number, detail)
+        s.hub.set_spec(spec, record.number)
+        s.log.info("spec_applied", revision=record.number, by=who.spiffe_id, changes=changes)
+        return apb.ApplySpecResponse(revision=record.number, changed=True, diff=diff)
+
+    async def DiffSpec(self, request: apb.DiffSpecRequest,
+                       context: aio.ServicerContext[Any, Any]) -> apb.DiffSpecResponse:
+        await self._auth(context, "DiffSpec")
+        raw, _spec = await self._parse(context, request.spec_yaml)
+        number, current = self._current_canonical()
+        return apb.DiffSpecResponse(current_revision=number,
+                                    diff=unified_diff(current, canonical_text(raw), f"revision {number}", "new"))
+
+    async def GetSpec(self, request: apb.GetSpecRequest, context: aio.ServicerContext[Any, Any]) -> apb.GetSpecResponse:
+        await self._auth(context, "GetSpec")
+        record = self.s.store.revision(request.revision or None)
+        if record is None:
+            what = f"revision {request.revision}" if request.revision else "any revision"
+            await fail(context, grpc.StatusCode.NOT_FOUND, f"there is no {what}")
+        return apb.GetSpecResponse(revision=record.number, spec_yaml=record.spec_text, author=record.author,
+                                   created_at=rfc3339(record.created_at), message=record.message)
+
+    async def History(self, request: apb.HistoryRequest, context: aio.ServicerContext[Any, Any]) -> apb.HistoryResponse:
+        await self._auth(context, "History")
+        records = self.s.store.revisions(min(request.limit or 50, 1000))
+        return apb.HistoryResponse(revisions=[
+            apb.Revision(revision=r.number, author=r.author, created_at=rfc3339(r.created_at), message=r.message,
+                         rolled_back_from=r.rolled_back_from or 0)
+            for r in records
+        ])
+
+    async def Rollback(self, request: apb.RollbackRequest,
+                       context: aio.ServicerContext[Any, Any]) -> apb.ApplySpecResponse:
+        who = await self._auth(context, "Rollback")
+        record = self.s.store.revision(request.revision) if request.revision else None
+        if record is None:
+            await fail(context, grpc.StatusCode.NOT_FOUND, f"there is no revision {request.revision}")
+        raw, spec = await self._parse(context, record.spec_text)
+        message = request.message or f"rollback to revision {record.number}"
+        return await self._store_spec(context, who, record.spec_text, raw, spec, message, None, record.number)
+
+    async def ListNodes(self, request: apb.ListNodesRequest,
+                        context: aio.ServicerContext[Any, Any]) -> apb.ListNodesResponse:
+        await self._auth(context, "ListNodes")
+        hub = self.s.hub
+        records = {n.name: n for n in self.s.store.nodes()}
+        in_spec = {n.name for n in hub.spec.nodes} if hub.spec else set()
+        out = []
+        for name in sorted(in_spec | set(records)):
+            rec = records.get(name)
+            rt = hub.runtime.get(name)
+            state = hub.states.get(name)
+            out.append(apb.NodeStatus(
+                name=name,
+                in_spec=name in in_spec,
+                joined=rec is not None and rec.joined_at is not None,
+                connected=name in hub.sessions,
+                revoked=name in hub.revoked_nodes,
+                wireguard_public_key=hub.public_keys.get(name, ""),
+                applied_spec_revision=rt.applied_spec_revision if rt else 0,
+                last_error=rt.last_error if rt else "",
+                rejected_spec_revision=rt.rejected_spec_revision if rt else 0,
+                last_seen=rfc3339(rt.last_seen) if rt else "",
+                certificate_expires=rfc3339(rec.certificate_not_after) if rec else "",
+                peers=len(state["peers"]) if state else 0,
+                capabilities=list(rt.capabilities) if rt else [],
+            ))
+        return apb.ListNodesResponse(current_revision=hub.spec_revision, nodes=out)
+
+    async def CreateJoinToken(self, request: apb.CreateJoinTokenRequest,
+                              context: aio.ServicerContext[Any, Any]) -> apb.CreateJoinTokenResponse:
+        who = await self._auth(context, "CreateJoinToken")
+        try:
+            node = validate_name(request.node_name, "node_name")
+        except ValidationError as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
+        ttl = request.ttl_seconds or DEFAULT_TOKEN_TTL
+        if ttl > MAX_TOKEN_TTL:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                f"ttl_seconds: at most {MAX_TOKEN_TTL} (got {ttl})")
+        token, expires = self.s.store.create_token(node, timedelta(seconds=ttl), who.name)
+        self.s.store.append_audit(who.name, who.role, "token.create", node, None,
+                                  {"expires_at": rfc3339(expires)})
+        return apb.CreateJoinTokenResponse(token=token, expires_at=rfc3339(expires), ca_hash=self.s.ca.ca_hash)
+
+    async def RevokeNode(self, request: apb.RevokeNodeRequest,
+                         context: aio.ServicerContext[Any, Any]) -> apb.RevokeNodeResponse:
+        who = await self._auth(context, "RevokeNode")
+        s = self.s
+        if s.store.node(request.node_name) is None:
+            await fail(context, grpc.StatusCode.NOT_FOUND, f"node {request.node_name!r} never joined")
+        serials = s.store.revoke_node(request.node_name, request.reason)
+        was_connected = s.hub.revoke(request.node_name, serials)
+        s.store.append_audit(who.name, who.role, "node.revoke", request.node_name, None,
+                             {"reason": request.reason, "serials": serials})
+        s.log.warning("node_revoked", node=request.node_name, by=who.spiffe_id, serials=serials)
+        return apb.RevokeNodeResponse(certificates_revoked=len(serials), was_connected=was_connected)
+
+    async def ReadAudit(self, request: apb.ReadAuditRequest,
+                        context: aio.ServicerContext[Any, Any]) -> apb.ReadAuditResponse:
+        await self._auth(context, "ReadAudit")
+        entries, total = self.s.store.audit(min(request.limit or 100, 10_000))
+        response = apb.ReadAuditResponse(total=total, entries=[
+            apb.AuditEntry(sequence=e.sequence, time=rfc3339(e.time), actor=e.actor, role=e.role, action=e.action,
+                           target=e.target, revision=e.revision or 0, detail=json.dumps(dict(e.detail)),
+                           hash=e.hash, previous_hash=e.previous_hash)
+            for e in entries
+        ])
+        if request.verify:
+            ok, message = self.s.store.verify_audit()
+            response.verified = ok
+            response.verify_error = "" if ok else message
+        return response
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def _server_credentials(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, *, client_auth: bool) -> grpc.ServerCredentials:
+    # The chain includes the CA: a joining host checks it against the hash it pinned before trusting it.
+    chain = cert_pem if cert_pem.endswith(b"\n") else cert_pem + b"\n"
+    return grpc.ssl_server_credentials([(key_pem, chain + ca_pem)],
+                                       root_certificates=ca_pem if client_auth else None,
+                                       require_client_auth=client_auth)
+
+
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+async def serve(data_dir: Path, services: Services, server_key: bytes, server_cert: bytes,
+                ready: Callable[[int, int], None] | None = None) -> None:
+    """Run both listeners until cancelled."""
+    s = services
+    control = aio.server(options=[("grpc.max_receive_message_length", MAX_CONTROL_MESSAGE), *_KEEPALIVE])
+    controller_pb2_grpc.add_ControllerServicer_to_server(ControllerService(s, bootstrap=False), control)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(s), control)
+    control_port = control.add_secure_port(
+        s.settings.control_listen,
+        _server_credentials(server_key, server_cert, s.ca.certificate_pem, client_auth=True))
+    bootstrap = aio.server(options=[("grpc.max_receive_message_length", MAX_BOOTSTRAP_MESSAGE)])
+    controller_pb2_grpc.add_ControllerServicer_to_server(ControllerService(s, bootstrap=True), bootstrap)
+    bootstrap_port = bootstrap.add_secure_port(
+        s.settings.bootstrap_listen,
+        _server_credentials(server_key, server_cert, s.ca.certificate_pem, client_auth=False))
+    if not control_port or not bootstrap_port:
+        raise VeilnetError(f"cannot listen on {s.settings.control_listen} / {s.settings.bootstrap_listen}")
+    await control.start()
+    await bootstrap.start()
+    s.log.info("serving", control=s.settings.control_listen, bootstrap=s.settings.bootstrap_listen,
+               control_port=control_port, bootstrap_port=bootstrap_port, revision=s.hub.spec_revision,
+               ca_hash=s.ca.ca_hash)
+    if ready is not None:
+        ready(control_port, bootstrap_port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await s.hub.close_all()
+        await control.stop(grace=1.0)
+        await bootstrap.stop(grace=1.0)

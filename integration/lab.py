@@ -49,6 +49,7 @@ UNDERLAY_BRIDGE = "br0"
 UNDERLAY_PREFIXLEN_V4 = 24
 UNDERLAY_PREFIXLEN_V6 = 64
 WG_PORT = 51820
+CONTROLLER_IP = "192.0.2.2"  # the lab controller, on the underlay switch
 VXLAN_PORT = 4789
 
 Cmd = str | Sequence[str]
@@ -365,6 +366,32 @@ class Topology:
         }
 
 
+def network_spec(topo: Topology, netns_of: Callable[[str], str]) -> dict[str, Any]:
+    """The controller's network spec for ``topo``: every host carries every segment (as ``state_for``)."""
+    return {
+        "encryption": "wireguard",
+        "segments": [s.state() for s in topo.segments],
+        "nodes": [
+            {
+                "name": h.name,
+                "underlay_address": h.underlay_address,
+                "underlay_port": h.listen_port,
+                "transport_address": h.transport_address,
+                "segments": [s.name for s in topo.segments],
+            }
+            for h in topo.hosts
+        ],
+        "endpoints": [
+            {
+                "name": e.name, "node": e.host, "segment": e.segment, "mac": e.mac, "ipv4": e.ipv4,
+                **({"ipv6": e.ipv6} if e.ipv6 else {}), "netns": netns_of(e.name), **e.label_state(),
+            }
+            for e in topo.endpoints
+        ],
+        **({"policies": [copy.deepcopy(dict(p)) for p in topo.policies]} if topo.policies else {}),
+    }
+
+
 def standard_topology() -> Topology:
     """3 hosts, blue (VNI 100, dual-stack) and green (VNI 200, IPv4), endpoints on every host."""
     hosts = tuple(
@@ -459,6 +486,8 @@ class Host(_InNamespaces):
         self.config_path = self.dir / "agent.toml"
         self.state_path = self.dir / "state.json"
         self.log_path = self.dir / "agent.log"
+        self.local_socket = self.dir / "agent.sock"
+        self.controlled = False  # True once joined: the agent takes its state from the controller
         self.proc: subprocess.Popen[bytes] | None = None
         self.agent_starts: list[int] = []  # log offsets where each agent start began
         self.public_key: str | None = None
@@ -498,6 +527,9 @@ class Host(_InNamespaces):
             "\n[wireguard]\n"
             f'backend = "{backend}"\n'
             f"listen_port = {listen_port}\n"
+            "\n[controller]\n"
+            f'local_socket = "{self.local_socket}"\n'
+            "reconnect_max_seconds = 2.0\n"
             f"{extra}"
         )
         _atomic_write(self.config_path, text)
@@ -530,6 +562,23 @@ class Host(_InNamespaces):
             check=False,
         )
 
+    def join(self, ctl: Any, token: str | None = None, ca_hash: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``veilnet-agent join`` against the lab's controller; afterwards the agent runs in controller mode."""
+        res = self.run(self.agent_argv(
+            "join", "--controller", ctl.bootstrap_endpoint, "--token", token or ctl.token(self.name),
+            "--ca-hash", ca_hash or ctl.ca_hash), check=False)
+        if check and res.returncode != 0:
+            raise LabError(f"{self.name}: join failed: {res.stderr.strip()}")
+        if res.returncode == 0:
+            self.controlled = True
+        return res
+
+    def agent(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run a ``veilnet-agent`` subcommand (status, attach, ...) in the host."""
+        return self.run([str(self.lab.agent_bin), args[0], "--config", str(self.config_path), *args[1:]],
+                        check=check)
+
     def agent_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -540,8 +589,9 @@ class Host(_InNamespaces):
         with open(self.log_path, "ab") as log:
             offset = log.tell()
             self.agent_starts.append(offset)
+            run_args = () if self.controlled else ("--state-file", str(self.state_path))
             self.proc = self.popen(
-                self.agent_argv("run", "--state-file", str(self.state_path)),
+                self.agent_argv("run", *run_args),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -744,6 +794,7 @@ class Lab:
         self.hosts: dict[str, Host] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.topology: Topology | None = None
+        self.controller: Any = None  # ctl.ControllerProcess, once started
         self._port_seq = 0
         self._active = False
 
@@ -891,6 +942,48 @@ class Lab:
                 host.start_agent()
         return new_hosts
 
+    def start_controller(self, **kw: Any) -> Any:
+        """A real controller in the underlay namespace at 192.0.2.2 (ports 7443 mutual TLS, 7444 join)."""
+        from ctl import ControllerProcess
+
+        self.run_ul(["ip", "addr", "add", f"{CONTROLLER_IP}/24", "dev", UNDERLAY_BRIDGE])
+        ctl = ControllerProcess(self.run_dir / "controller", host=CONTROLLER_IP, netns=self.underlay_ns,
+                                server_names=[CONTROLLER_IP], control_port=7443, bootstrap_port=7444, **kw)
+        self.controller = ctl
+        ctl.init()
+        ctl.start()
+        return ctl
+
+    def write_spec(self, topo: Topology, name: str = "spec.json") -> Path:
+        path = self.run_dir / name
+        _atomic_write(path, json.dumps(network_spec(topo, self.netns_of), indent=2) + "\n")
+        return path
+
+    def build_controlled(self, topo: Topology, *, resync_interval: float = 2.0, log_level: str = "info",
+                         ready_timeout: float = 30, apply_timeout: float = 60, **controller_kw: Any) -> Any:
+        """Like ``build``, but a controller distributes the state: start it, join every host with a token,
+        start the agents in controller mode and apply ``topo`` as the network spec (waiting for every ack)."""
+        self._config_args = {"resync_interval": resync_interval, "log_level": log_level, "backend": "auto"}
+        ctl = self.start_controller(**controller_kw)
+        for h in topo.hosts:
+            host = self.add_host(h.name, h.underlay_ipv4, h.underlay_ipv6)
+            host.write_config(listen_port=h.listen_port, underlay_address=h.underlay_address, **self._config_args)
+            host.join(ctl)
+        for e in topo.endpoints:
+            self.add_endpoint(e.name)
+        for host in self.hosts.values():
+            host.start_agent(wait_ready=False)
+        for host in self.hosts.values():
+            host.wait_for_log("control_connected", timeout=ready_timeout)
+        self.apply_spec(topo, message="lab build", wait=apply_timeout)
+        return ctl
+
+    def apply_spec(self, topo: Topology, *, message: str = "test", wait: float = 60) -> int:
+        """Apply ``topo`` through veilctl as the controller's spec; returns the revision once all nodes applied it."""
+        revision = int(self.controller.apply(self.write_spec(topo), message=message, wait=wait))
+        self.topology = topo
+        return revision
+
     def start_agents(self, ready_timeout: float = 30) -> None:
         for host in self.hosts.values():
             if not host.agent_running():
@@ -955,6 +1048,9 @@ class Lab:
             for host in self.hosts.values():
                 with contextlib.suppress(Exception):
                     host.stop_agent(signal.SIGTERM, timeout=5)
+            if self.controller is not None:
+                with contextlib.suppress(Exception):
+                    self.controller.stop()
             self.cleanup_leftovers()
             if self._active:
                 atexit.unregister(self.teardown)

@@ -26,17 +26,35 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"veilnet-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help_text: str, state: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, state: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="agent TOML (default %(default)s)")
         if state:
-            p.add_argument("--state-file", type=Path, required=True, help="desired node state, JSON or YAML")
+            p.add_argument("--state-file", type=Path, required=state == "required",
+                           help="desired node state, JSON or YAML" + (
+                               "" if state == "required" else " (default: take it from the controller)"))
         return p
 
-    add("run", "build and keep this node's data plane (foreground)", state=True)
-    add("check", "validate the config and a state file, change nothing", state=True)
+    add("run", "build and keep this node's data plane (foreground)", state="optional")
+    add("check", "validate the config and a state file, change nothing", state="required")
     add("identity", "create the WireGuard key if missing and print the public key")
     add("teardown", "remove every kernel object this agent owns")
+    p = add("join", "join a controller: get this host's certificate with a single-use token")
+    p.add_argument("--controller", required=True, help="HOST:PORT of the controller's bootstrap listener")
+    p.add_argument("--token", required=True, help="from veilctl token create")
+    p.add_argument("--ca-hash", required=True, help="sha256:... of the controller's CA (pinned; no trust on first use)")
+    add("status", "show the running agent's status (local API)")
+    p = add("attach", "attach a container endpoint (local API)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--segment", required=True)
+    p.add_argument("--mac", required=True)
+    p.add_argument("--ipv4")
+    p.add_argument("--ipv6")
+    p.add_argument("--netns", required=True, help="the container's network namespace name (/run/netns/NAME)")
+    p.add_argument("--ifname", default="eth0")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p = add("detach", "detach an endpoint attached with attach (local API)")
+    p.add_argument("--name", required=True)
     return parser
 
 
@@ -47,7 +65,15 @@ def _drivers(config: AgentConfig) -> tuple[LinksDriver, WireGuardDriver]:
     return LinksDriver(), WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend)
 
 
-def cmd_run(config: AgentConfig, state_file: Path) -> int:
+def _capabilities(links: LinksDriver, wireguard: WireGuardDriver) -> list[str]:
+    caps = ["nftables", "vxlan"]
+    if links.geneve_supported():
+        caps.append("geneve")
+    caps.append("wireguard-" + ("userspace" if wireguard.backend == "userspace" else "auto"))
+    return caps
+
+
+def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
     import threading
 
     from .daemon import Daemon
@@ -77,6 +103,10 @@ def cmd_run(config: AgentConfig, state_file: Path) -> int:
             stack.callback(stop.set)
         firewall = FirewallManager(firewall_driver, config.firewall, config.node_name)
         reconciler = Reconciler(config, links, wireguard, firewall)
+        if state_file is None:
+            from .controlled import ControlledDaemon
+
+            return ControlledDaemon(config, reconciler, _capabilities(links, wireguard)).run()
         return Daemon(config, state_file, reconciler).run()
 
 
@@ -118,6 +148,70 @@ def cmd_teardown(config: AgentConfig) -> int:
     return EXIT_FAILURE if result.failed else EXIT_OK
 
 
+def cmd_join(config: AgentConfig, controller: str, token: str, ca_hash: str) -> int:
+    from .enrollment import IdentityFiles, join
+
+    identity = join(IdentityFiles(config.identity_dir), config.node_name, controller, token, ca_hash)
+    print(f"joined as {identity.spiffe_id}; certificate valid until {identity.not_after.isoformat()}")
+    print("start the agent: systemctl start veilnet-agent")
+    return EXIT_OK
+
+
+def _local_call(config: AgentConfig, method: str, request: object) -> object:
+    import grpc
+
+    from .local_api import client
+
+    try:
+        return getattr(client(config.control.local_socket), method)(request, timeout=30)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ValidationError("endpoint", "", detail) from None
+        raise VeilnetError(f"{code.name.lower() if code else 'error'}: {detail}") from None
+
+
+def cmd_status(config: AgentConfig) -> int:
+    from veilnet.v1 import agent_pb2
+
+    s = _local_call(config, "Status", agent_pb2.StatusRequest())
+    assert isinstance(s, agent_pb2.StatusResponse)
+    print(f"node:        {s.node} ({s.mode} mode)")
+    print(f"controller:  {s.controller} ({'connected' if s.controller_connected else 'DISCONNECTED'})")
+    print(f"applied:     spec revision {s.applied_spec_revision} (update {s.applied_sequence})")
+    print(f"state:       {s.segments} segments, {s.endpoints} endpoints, {s.peers} peers, {s.policies} policies")
+    print(f"wireguard:   {s.wireguard_public_key}")
+    print(f"certificate: expires {s.certificate_expires}, renews {s.certificate_renews}")
+    if s.last_error:
+        print(f"last error:  {s.last_error}")
+    return EXIT_OK if s.controller_connected and not s.last_error else EXIT_FAILURE
+
+
+def cmd_attach(config: AgentConfig, args: argparse.Namespace) -> int:
+    from veilnet.v1 import agent_pb2, state_pb2
+
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValidationError("--label", item, "must be KEY=VALUE")
+        labels[key] = value
+    endpoint = state_pb2.LocalEndpoint(name=args.name, segment=args.segment, mac=args.mac, ipv4=args.ipv4 or "",
+                                       ipv6=args.ipv6 or "", netns=args.netns, ifname=args.ifname, labels=labels)
+    _local_call(config, "AttachEndpoint", agent_pb2.AttachEndpointRequest(endpoint=endpoint))
+    print(f"attached {args.name}")
+    return EXIT_OK
+
+
+def cmd_detach(config: AgentConfig, name: str) -> int:
+    from veilnet.v1 import agent_pb2
+
+    _local_call(config, "DetachEndpoint", agent_pb2.DetachEndpointRequest(name=name))
+    print(f"detached {name}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -131,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_identity(config)
         if args.command == "teardown":
             return cmd_teardown(config)
+        if args.command == "join":
+            return cmd_join(config, args.controller, args.token, args.ca_hash)
+        if args.command == "status":
+            return cmd_status(config)
+        if args.command == "attach":
+            return cmd_attach(config, args)
+        if args.command == "detach":
+            return cmd_detach(config, args.name)
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID

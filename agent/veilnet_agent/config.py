@@ -41,6 +41,17 @@ class FirewallConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    local_socket: Path          # the local API (status, endpoint attach), mode 0660
+    socket_group: str | None    # group owning the socket; None: root's group
+    reconnect_max_seconds: float
+
+
+DEFAULT_CONTROL = ControlConfig(local_socket=Path("/run/veilnet/agent.sock"), socket_group=None,
+                                reconnect_max_seconds=30.0)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     node_name: str
     state_dir: Path
@@ -50,9 +61,19 @@ class AgentConfig:
     underlay: UnderlayConfig
     wireguard: WireGuardConfig
     firewall: FirewallConfig = FirewallConfig(nflog_group=7410, log_per_second=10)
+    control: ControlConfig = DEFAULT_CONTROL
+
+    @property
+    def identity_dir(self) -> Path:
+        """Where ``join`` keeps the host's TLS key, certificate, CA bundle and controller address."""
+        return self.state_dir / "identity"
 
 
-_TOP = {"node_name", "state_dir", "resync_interval", "log_format", "log_level", "underlay", "wireguard", "firewall"}
+_TOP = {
+    "node_name", "state_dir", "resync_interval", "log_format", "log_level", "underlay", "wireguard", "firewall",
+    "controller",
+}
+_CONTROL = {"local_socket", "socket_group", "reconnect_max_seconds"}
 _FIREWALL = {"nflog_group", "log_per_second"}
 _UNDERLAY = {"interface", "address", "mtu"}
 _WIREGUARD = {"backend", "listen_port"}
@@ -91,7 +112,20 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         nflog_group=v.integer(fw_raw.get("nflog_group", 7410), "firewall.nflog_group", 1, 65535),
         log_per_second=v.integer(fw_raw.get("log_per_second", 10), "firewall.log_per_second", 1, 10_000),
     )
+    ctl_raw = v.mapping(data.get("controller", {}), "controller")
+    v.no_unknown_keys(ctl_raw, _CONTROL, "controller")
+    socket_text = v.string(ctl_raw.get("local_socket", str(DEFAULT_CONTROL.local_socket)), "controller.local_socket")
+    if not socket_text.startswith("/"):
+        raise ValidationError("controller.local_socket", socket_text, "must be an absolute path")
+    group = ctl_raw.get("socket_group")
+    control = ControlConfig(
+        local_socket=Path(socket_text),
+        socket_group=None if group is None else v.name(group, "controller.socket_group"),
+        reconnect_max_seconds=v.number(ctl_raw.get("reconnect_max_seconds", 30.0),
+                                       "controller.reconnect_max_seconds", 0.5, 3600.0),
+    )
     return AgentConfig(
+        control=control,
         firewall=firewall,
         node_name=node_name,
         state_dir=Path(state_dir_text),

@@ -45,6 +45,7 @@ class WireGuardPort(Protocol):
     def observe(self) -> WgObservation: ...
     def apply(self, ops: Sequence[WgOp]) -> ApplyResult[Any]: ...
     def ensure_private_key(self) -> str: ...
+    def rotate_private_key(self) -> str: ...
 
 
 def _endpoints_of(state: NodeState, peers: Collection[str]) -> dict[str, object]:
@@ -139,6 +140,15 @@ class Reconciler:
             underlay_mtu=mtu,
             underlay_family=underlay.family,
         )
+
+    def rotate_wireguard_key(self) -> str:
+        """A new WireGuard key pair, applied now; peers learn the public key from the controller."""
+        self.public_key = self.wireguard.rotate_private_key()
+        if self.desired is not None:
+            self.rendered = render_all(self.desired, self._context())
+            self._generation += 1
+            self.reconcile(full=False)
+        return self.public_key
 
     # -- kernel state --------------------------------------------------
     def observe(self) -> KernelState:

@@ -221,6 +221,22 @@ class WireGuardDriver:
         self._public_key = self._public_key_of_file()
         return self._public_key
 
+    def rotate_private_key(self) -> str:
+        """Replace the key file with a new key (atomically); the next apply hands it to the interface."""
+        self._ensure_state_dir()
+        old = self.key_file.with_name(self.key_file.name + ".old")
+        if self.key_file.exists():
+            os.replace(self.key_file, old)
+        try:
+            self._generate_key_file()
+        except BaseException:
+            if old.exists():
+                os.replace(old, self.key_file)
+            raise
+        old.unlink(missing_ok=True)
+        self._public_key = None
+        return self.ensure_private_key()
+
     def _ensure_state_dir(self) -> None:
         if not self.state_dir.exists():
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

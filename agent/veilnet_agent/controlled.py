@@ -1,0 +1,373 @@
+"""``run`` in controller mode: desired state from the controller's stream, endpoints from the local API.
+
+One thread (this loop) owns the desired state and the kernel; the control
+client and the local API only post events to its inbox. The desired state is
+
+    the controller's intended state for this node (snapshot, then deltas)
+    + the endpoints attached on this host through the local API
+
+validated whole each time, exactly like a state file. What was last applied
+is persisted (``state_dir/controller/applied.json``) so a restart without a
+controller restores the same data plane, and attached endpoints are
+persisted (``attached.json``) and reported to the controller so peers learn them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+
+from veilnet.v1 import agent_pb2 as lpb
+from veilnet.v1 import controller_pb2 as cpb
+
+from . import __version__, wire
+from .config import AgentConfig
+from .control import ControlClient, StreamEvent
+from .daemon import gc_paused, settle_heap
+from .enrollment import IdentityFiles
+from .errors import ValidationError, VeilnetError
+from .local_api import LocalApiError, LocalApiServer, LocalRequest
+from .logs import get_logger
+from .reconciler import Outcome, Reconciler
+from .statefile import StateFileTracker
+
+POLL_SECONDS = 0.5
+RENEW_RETRY_SECONDS = 30.0
+
+Event = StreamEvent | LocalRequest
+
+
+def _atomic_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class ControlledDaemon:
+    def __init__(self, config: AgentConfig, reconciler: Reconciler, capabilities: list[str]) -> None:
+        self.config = config
+        self.reconciler = reconciler
+        self.capabilities = capabilities
+        self.log = get_logger(node=config.node_name)
+        self.files = IdentityFiles(config.identity_dir)
+        self.dir = config.state_dir / "controller"
+        self.inbox: queue.Queue[Event] = queue.Queue()
+        self._stop = False
+        self._resync_now = False
+        self.tracker = StateFileTracker()
+        # the controller's intended state for us, as of ``received_sequence`` on the current stream
+        self.received: dict[str, Any] | None = None
+        self.received_sequence = 0
+        self.received_revision = 0
+        self.attached: dict[str, dict[str, Any]] = {}
+        self.applied_revision = 0
+        self.applied_sequence = 0
+        self.last_error = ""
+        self.next_renewal: datetime | None = None
+        self.client = ControlClient(self.files, self._hello, self.inbox.put, config.node_name,
+                                    config.control.reconnect_max_seconds)
+        self.local_api = LocalApiServer(config.control.local_socket, config.control.socket_group, self.inbox.put)
+
+    # ------------------------------------------------------------------ persistence
+
+    def _restore(self) -> None:
+        attached = _read_json(self.dir / "attached.json")
+        if isinstance(attached, list):
+            self.attached = {e["name"]: e for e in attached if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        applied = _read_json(self.dir / "applied.json")
+        if isinstance(applied, dict) and isinstance(applied.get("state"), dict):
+            self.received = applied["state"]
+            self.applied_revision = int(applied.get("spec_revision", 0))
+            try:
+                self._apply("restore")
+                self.log.info("restored_last_applied_state", spec_revision=self.applied_revision,
+                              note="enforced until the controller says otherwise")
+            except ValidationError as exc:
+                self.log.error("restored_state_rejected", field=exc.field, reason=exc.reason)
+
+    def _persist_applied(self) -> None:
+        _atomic_json(self.dir / "applied.json", {"spec_revision": self.received_revision or self.applied_revision,
+                                                 "state": self.received})
+
+    def _persist_attached(self) -> None:
+        _atomic_json(self.dir / "attached.json", list(self.attached.values()))
+
+    # ------------------------------------------------------------------ desired state
+
+    def _desired_raw(self) -> dict[str, Any] | None:
+        if self.received is None:
+            return None
+        if not self.attached:
+            return self.received
+        merged = dict(self.received)
+        merged["endpoints"] = list(self.received.get("endpoints") or ()) + list(self.attached.values())
+        return merged
+
+    def _apply(self, why: str) -> Outcome | None:
+        """Validate and apply the current desired state; ValidationError leaves everything as it was."""
+        raw = self._desired_raw()
+        if raw is None:
+            return None
+        with gc_paused():
+            pending = self.tracker.prepare(raw)
+            if pending is None:
+                return Outcome()
+            self.reconciler.accept(pending.state, pending.changed_peers)
+        self.tracker.commit(pending)
+        if pending.changed_peers is None:
+            settle_heap()
+        outcome = self.reconciler.reconcile(full=False)
+        self.log.info("state_accepted", source=why, segments=len(pending.state.segments),
+                      endpoints=len(pending.state.endpoints), peers=len(pending.state.peers),
+                      policies=len(pending.state.policies))
+        return outcome
+
+    @staticmethod
+    def _kernel_operations(outcome: Outcome | None) -> int:
+        if outcome is None:
+            return 0
+        fw = outcome.firewall
+        fw_ops = 0 if fw is None else (1 if fw.action == "replace" else fw.added + fw.deleted)
+        return len(outcome.ops) + fw_ops
+
+    # ------------------------------------------------------------------ controller messages
+
+    def _hello(self) -> cpb.Hello:
+        return cpb.Hello(
+            agent_version=__version__,
+            capabilities=self.capabilities,
+            wireguard_public_key=self.reconciler.public_key,
+            applied_sequence=self.applied_sequence,
+            applied_spec_revision=self.applied_revision,
+            attached_endpoints=wire.endpoints_to_proto(list(self.attached.values())),
+        )
+
+    def _on_stream(self, event: StreamEvent) -> None:
+        if event.kind == "connected":
+            self.received_sequence = 0
+            return
+        if event.kind == "disconnected":
+            return
+        message = event.message
+        assert message is not None
+        which = message.WhichOneof("kind")
+        if which == "update":
+            self._on_update(message.update)
+        elif which == "command":
+            self._on_command(message.command)
+
+    def _on_update(self, update: cpb.NodeUpdate) -> None:
+        body = update.WhichOneof("body")
+        if body == "snapshot":
+            new = wire.state_from_proto(update.snapshot)
+        elif body == "delta" and self.received is not None and update.base_sequence == self.received_sequence:
+            new = wire.apply_delta(self.received, wire.delta_from_proto(update.delta))
+        else:
+            self.log.error("update_out_of_order", sequence=update.sequence, base=update.base_sequence,
+                           have=self.received_sequence, note="reconnecting for a fresh snapshot")
+            self.client.reconnect("update out of order")
+            return
+        previous = self.received
+        self.received = new
+        self.received_sequence = update.sequence
+        self.received_revision = update.spec_revision
+        ack = cpb.Ack(sequence=update.sequence, spec_revision=update.spec_revision)
+        started = time.perf_counter()
+        try:
+            outcome = self._apply(f"controller revision {update.spec_revision}")
+        except ValidationError as exc:
+            # Keep the kernel as it was; keep ``received`` too: later deltas apply to the controller's view.
+            self.last_error = str(exc)
+            ack.ok = False
+            ack.error_field, ack.error_value, ack.error_reason = exc.field, str(exc.value), exc.reason
+            self.log.error("state_rejected", source="controller", spec_revision=update.spec_revision,
+                           field=exc.field, value=str(exc.value), reason=exc.reason)
+            if previous is None:
+                self.received = None
+        else:
+            self.last_error = ""
+            ack.ok = True
+            ack.kernel_operations = self._kernel_operations(outcome)
+            self.applied_sequence = update.sequence
+            self.applied_revision = update.spec_revision
+            self._persist_applied()
+            self.log.info("update_applied", sequence=update.sequence, spec_revision=update.spec_revision,
+                          kind=body, kernel_operations=ack.kernel_operations,
+                          seconds=round(time.perf_counter() - started, 4))
+        self.client.send(cpb.AgentMessage(ack=ack))
+
+    def _on_command(self, command: cpb.Command) -> None:
+        if command.kind == cpb.Command.RESYNC:
+            self.log.info("command", kind="resync")
+            self._resync_now = True
+        elif command.kind == cpb.Command.ROTATE_KEYS:
+            key = self.reconciler.rotate_wireguard_key()
+            self.log.info("command", kind="rotate-keys", public_key=key)
+            self.client.send(cpb.AgentMessage(key_update=cpb.KeyUpdate(wireguard_public_key=key)))
+        elif command.kind == cpb.Command.RENEW_CERTIFICATE:
+            self.log.info("command", kind="renew-certificate")
+            self.next_renewal = datetime.now(UTC)
+
+    # ------------------------------------------------------------------ local API
+
+    def _on_local(self, request: LocalRequest) -> None:
+        try:
+            if request.kind == "status":
+                request.reply.set_result(self._status())
+            elif request.kind == "attach":
+                self._attach(wire.endpoint_from_proto(request.payload))
+                request.reply.set_result(None)
+            elif request.kind == "detach":
+                self._detach(str(request.payload))
+                request.reply.set_result(None)
+        except LocalApiError as exc:
+            request.reply.set_exception(exc)
+        except ValidationError as exc:
+            request.reply.set_exception(LocalApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        except Exception as exc:  # answer the caller whatever happens; the loop goes on
+            self.log.exception("local_api_failed", kind=request.kind)
+            request.reply.set_exception(LocalApiError(grpc.StatusCode.INTERNAL, str(exc)))
+
+    def _attach(self, endpoint: Mapping[str, Any]) -> None:
+        name = endpoint.get("name")
+        if not isinstance(name, str) or not name:
+            raise LocalApiError(grpc.StatusCode.INVALID_ARGUMENT, "endpoint.name: required")
+        if self.received is None:
+            raise LocalApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                                "no state from the controller yet: this node's segments are unknown")
+        if name in self.attached or any(e.get("name") == name for e in self.received.get("endpoints") or ()):
+            raise LocalApiError(grpc.StatusCode.ALREADY_EXISTS, f"endpoint {name!r} already exists")
+        self._change_attached({**self.attached, name: dict(endpoint)}, f"attach {name}")
+
+    def _detach(self, name: str) -> None:
+        if name not in self.attached:
+            raise LocalApiError(grpc.StatusCode.NOT_FOUND, f"no endpoint {name!r} was attached through this API")
+        self._change_attached({k: e for k, e in self.attached.items() if k != name}, f"detach {name}")
+
+    def _change_attached(self, attached: dict[str, dict[str, Any]], why: str) -> None:
+        previous = self.attached
+        self.attached = attached
+        try:
+            self._apply(why)
+        except ValidationError:
+            self.attached = previous
+            raise
+        self._persist_attached()
+        self.client.send(cpb.AgentMessage(endpoints=cpb.EndpointReport(
+            endpoints=wire.endpoints_to_proto(list(attached.values())))))
+
+    def _status(self) -> lpb.StatusResponse:
+        state = self.tracker.state
+        response = lpb.StatusResponse(
+            node=self.config.node_name, mode="controller", controller_connected=self.client.connected,
+            controller=self.client.endpoint, applied_sequence=self.applied_sequence,
+            applied_spec_revision=self.applied_revision, last_error=self.last_error,
+            wireguard_public_key=self.reconciler.public_key,
+        )
+        if state is not None:
+            response.segments, response.endpoints = len(state.segments), len(state.endpoints)
+            response.peers, response.policies = len(state.peers), len(state.policies)
+        try:
+            cert = self.files.certificate()
+            response.certificate_expires = cert.not_after.isoformat()
+            response.certificate_renews = self.files.renewal_time().isoformat()
+        except (OSError, VeilnetError):
+            pass
+        return response
+
+    # ------------------------------------------------------------------ certificates
+
+    def _maybe_renew(self) -> None:
+        if self.next_renewal is None:
+            self.next_renewal = self.files.renewal_time()
+        if datetime.now(UTC) < self.next_renewal:
+            return
+        try:
+            serial = self.client.renew_certificate()
+        except VeilnetError as exc:
+            # Retry well before the certificate runs out: an expired one can only be replaced by joining again.
+            left = (self.files.certificate().not_after - datetime.now(UTC)).total_seconds()
+            retry = max(1.0, min(RENEW_RETRY_SECONDS, left / 4))
+            if left <= 0:
+                self.log.error("certificate_expired", note="join again with a new token: veilnet-agent join")
+                retry = RENEW_RETRY_SECONDS
+            else:
+                self.log.error("certificate_renewal_failed", error=str(exc), retry_seconds=round(retry, 1),
+                               expires_in_seconds=round(left, 1))
+            self.next_renewal = datetime.fromtimestamp(time.time() + retry, UTC)
+            return
+        self.next_renewal = self.files.renewal_time()
+        self.log.info("certificate_renewed", serial=serial, next_renewal=self.next_renewal.isoformat())
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._resync_now = True
+        else:
+            self._stop = True
+        self.inbox.put(StreamEvent("wake"))
+
+    def run(self) -> int:
+        if not self.files.exists():
+            raise VeilnetError(f"not joined: {self.files.directory} has no identity; run veilnet-agent join first")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.log.info("starting", pid=os.getpid(), mode="controller", controller=self.files.control_endpoint(),
+                      resync_interval=self.config.resync_interval)
+        self._restore()
+        self.reconciler.reconcile(full=True)
+        self.local_api.start()
+        self.client.start()
+        self.log.info("ready", public_key=self.reconciler.public_key, local_api=str(self.config.control.local_socket))
+        next_resync = time.monotonic() + self.config.resync_interval
+        try:
+            while not self._stop:
+                timeout = min(POLL_SECONDS, max(0.0, next_resync - time.monotonic()))
+                try:
+                    event: Event | None = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    event = None
+                while event is not None and not self._stop:
+                    if isinstance(event, LocalRequest):
+                        self._on_local(event)
+                    else:
+                        self._on_stream(event)
+                    try:
+                        event = self.inbox.get_nowait()
+                    except queue.Empty:
+                        event = None
+                self._maybe_renew()
+                if self._resync_now or time.monotonic() >= next_resync:
+                    self._resync_now = False
+                    self.reconciler.reconcile(full=True)
+                    next_resync = time.monotonic() + self.config.resync_interval
+        finally:
+            self.log.info("stopping", note="data plane left in place; a restart adopts it")
+            self.client.stop()
+            self.local_api.stop()
+            self.reconciler.close()
+        return 0
+

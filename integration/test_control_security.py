@@ -1,0 +1,673 @@
+"""The controller's control plane under attack: a real ``veilnet-controller`` process, real TLS over loopback.
+
+What is proven here, end to end (no mocks, no root needed):
+
+* joining: a good token yields a SPIFFE identity; reused, expired, foreign-node and unknown tokens and a wrong or
+  malformed CA pin are refused with a clear message and leave no identity files; a wrong pin is refused before
+  the token leaves the host;
+* the control listener only admits certificates of our CA that are in their validity period and not revoked,
+  and a revocation ends a node's open stream;
+* every RPC is authorized by ``authz.MATRIX`` for every role, and denied mutations are audited;
+* malformed, oversized and out-of-protocol input gets an error status and never takes the controller down;
+* the audit log's hash chain detects a past entry edited behind the controller's back;
+* join tokens are stored only as hashes.
+
+One controller serves the whole module; the tests that stop the controller get a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import queue
+import secrets
+import sqlite3
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from ctl import REPO_ROOT, ControllerProcess, _bin
+
+from veilnet.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
+from veilnet_agent import pki
+from veilnet_controller import authz
+from veilnet_controller.ca import CertificateAuthority
+from veilnet_controller.store import token_hash
+
+EXAMPLE_SPEC = REPO_ROOT / "examples" / "network.yaml"
+TRUST_DOMAIN = "veilnet.test"
+CALL_TIMEOUT = 20.0
+STREAM_TIMEOUT = 30.0  # a Sync stream that has not ended by then fails its test with DEADLINE_EXCEEDED
+JOIN_METHOD = "/veilnet.v1.Controller/Join"
+SYNC_METHOD = "/veilnet.v1.Controller/Sync"
+# Reads are not audited when denied (the server's choice); every other denied call must be.
+READ_ONLY = frozenset(f"/veilnet.v1.Admin/{m}" for m in ("GetSpec", "History", "DiffSpec", "ListNodes", "ReadAudit"))
+GARBAGE = b"\xff" * 32  # field 31 with wire type 7: not parseable as any protobuf message
+KIB = 1024
+MIB = 1024 * KIB
+
+_counter = itertools.count(1)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerProcess]:
+    """One controller for the module, with the example spec applied as revision 1."""
+    with ControllerProcess(tmp_path_factory.mktemp("ctlsec"), trust_domain=TRUST_DOMAIN) as c:
+        c.init()
+        c.start()
+        c.veilctl("apply", "-f", str(EXAMPLE_SPEC), "-m", "baseline", check=True)
+        yield c
+
+
+@pytest.fixture
+def fresh_controller(tmp_path: Path) -> Iterator[ControllerProcess]:
+    """A controller of its own, for tests that stop it and look at (or tamper with) its files."""
+    with ControllerProcess(tmp_path / "fresh", trust_domain=TRUST_DOMAIN) as c:
+        c.init()
+        c.start()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ca(controller: ControllerProcess) -> CertificateAuthority:
+    """The controller's own CA, loaded in this process to mint test certificates (any role, any validity)."""
+    return CertificateAuthority.load(controller.data / "ca")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class Creds:
+    key: bytes | None
+    cert: bytes | None
+    ca: bytes
+
+    @classmethod
+    def of_dir(cls, d: Path, key: str = "client.key", cert: str = "client.crt") -> Creds:
+        return cls((d / key).read_bytes(), (d / cert).read_bytes(), (d / "ca.crt").read_bytes())
+
+
+def node_creds(ca: CertificateAuthority, name: str, **window: datetime) -> Creds:
+    key, cert = ca.issue_node(name, timedelta(hours=1), **window)
+    return Creds(key, cert, ca.certificate_pem)
+
+
+def operator_creds(ca: CertificateAuthority, name: str, role: str, **window: datetime) -> Creds:
+    key, cert = ca.issue_operator(name, role, timedelta(hours=1), **window)
+    return Creds(key, cert, ca.certificate_pem)
+
+
+def role_creds(ca: CertificateAuthority, role: str, name: str) -> Creds:
+    return node_creds(ca, name) if role == "node" else operator_creds(ca, name, role)
+
+
+@contextlib.contextmanager
+def channel(endpoint: str, creds: Creds) -> Iterator[grpc.Channel]:
+    credentials = grpc.ssl_channel_credentials(creds.ca, creds.key, creds.cert)
+    with grpc.secure_channel(endpoint, credentials) as ch:
+        yield ch
+
+
+def status_of(fn: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, str]:
+    """The status a unary call ends with (OK or the error) and its details."""
+    try:
+        fn(request, timeout=CALL_TIMEOUT)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+class SyncStream:
+    """A client Sync stream fed from a queue, so the test decides when each message goes out."""
+
+    def __init__(self, ch: grpc.Channel) -> None:
+        self._requests: queue.Queue[controller_pb2.AgentMessage | None] = queue.Queue()
+        self.call = controller_pb2_grpc.ControllerStub(ch).Sync(iter(self._requests.get, None),
+                                                                 timeout=STREAM_TIMEOUT)
+
+    def send(self, message: controller_pb2.AgentMessage) -> None:
+        self._requests.put(message)
+
+    def hello(self, **fields: Any) -> None:
+        self.send(controller_pb2.AgentMessage(hello=controller_pb2.Hello(agent_version="test", **fields)))
+
+    def connected_as(self) -> str | None:
+        """The node name the controller acknowledged in the initial metadata (None: the call ended first)."""
+        return dict(self.call.initial_metadata() or ()).get("veilnet-node")
+
+    def end_status(self) -> tuple[grpc.StatusCode, str]:
+        """Read until the server ends the stream; its status and details."""
+        with contextlib.suppress(grpc.RpcError):
+            for _ in self.call:
+                pass
+        return self.call.code(), self.call.details() or ""
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.call.cancel()
+
+
+@contextlib.contextmanager
+def sync_stream(ch: grpc.Channel) -> Iterator[SyncStream]:
+    stream = SyncStream(ch)
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+def agent_config(workdir: Path, node: str) -> tuple[Path, Path]:
+    """A minimal agent config for ``join`` in a new directory: (config path, identity directory)."""
+    base = workdir / "agents" / f"{node}-{next(_counter)}"
+    base.mkdir(parents=True)
+    config = base / "agent.toml"
+    config.write_text(
+        f'node_name = "{node}"\nstate_dir = "{base / "state"}"\n'
+        '[underlay]\ninterface = "lo"\naddress = "127.0.0.1"\n'
+        f'[controller]\nlocal_socket = "{base / "agent.sock"}"\n'
+    )
+    return config, base / "state" / "identity"
+
+
+def agent_join(c: ControllerProcess, node: str, token: str, ca_hash: str | None = None,
+               ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    config, identity = agent_config(c.workdir, node)
+    res = subprocess.run(
+        [_bin("veilnet-agent"), "join", "--config", str(config), "--controller", c.bootstrap_endpoint,
+         "--token", token, "--ca-hash", ca_hash or c.ca_hash],
+        capture_output=True, text=True, timeout=60)
+    return res, identity
+
+
+def assert_join_refused(res: subprocess.CompletedProcess[str], identity: Path, *needles: str) -> None:
+    assert res.returncode != 0, f"join unexpectedly succeeded: {res.stdout}"
+    for needle in needles:
+        assert needle in res.stderr, f"{needle!r} not in stderr: {res.stderr!r}"
+    written = sorted(p.name for p in identity.iterdir()) if identity.exists() else []
+    assert written == [], f"a refused join left identity files behind: {written}"
+
+
+def token_with_expiry(c: ControllerProcess, node: str, ttl: int) -> tuple[str, datetime]:
+    out = json.loads(c.veilctl("-o", "json", "token", "create", node, "--ttl", str(ttl), check=True).stdout)
+    return str(out["token"]), datetime.fromisoformat(out["expires_at"].replace("Z", "+00:00"))
+
+
+def current_spec(c: ControllerProcess) -> dict[str, Any]:
+    return dict(json.loads(c.veilctl("-o", "json", "get", check=True).stdout))
+
+
+def audit_entries(c: ControllerProcess) -> list[dict[str, Any]]:
+    return list(json.loads(c.veilctl("-o", "json", "audit", "--limit", "10000", check=True).stdout)["entries"])
+
+
+def admin_creds(c: ControllerProcess) -> Creds:
+    return Creds.of_dir(c.operator("admin", "admin"))
+
+
+def bootstrap_creds(c: ControllerProcess) -> Creds:
+    """Server-authenticated TLS only, like a host that has no certificate yet."""
+    return Creds(None, None, (c.data / "ca" / "ca.crt").read_bytes())
+
+
+def assert_still_serving(c: ControllerProcess) -> None:
+    assert c.proc is not None and c.proc.poll() is None, f"controller died:\n{c.log_text()[-3000:]}"
+    with channel(c.control_endpoint, admin_creds(c)) as ch:
+        nodes = admin_pb2_grpc.AdminStub(ch).ListNodes(admin_pb2.ListNodesRequest(), timeout=CALL_TIMEOUT)
+    assert nodes.current_revision >= 1
+
+
+# --------------------------------------------------------------------------- 1. join
+
+
+def test_join_with_valid_token_issues_identity(controller: ControllerProcess) -> None:
+    c = controller
+    res, identity = agent_join(c, "join-ok", c.token("join-ok"))
+    assert res.returncode == 0, res.stderr
+    assert f"joined as spiffe://{TRUST_DOMAIN}/node/join-ok" in res.stdout
+
+    files = {name: identity / name for name in ("node.key", "node.crt", "ca.crt", "controller.json")}
+    assert all(p.is_file() for p in files.values()), sorted(p.name for p in identity.iterdir())
+    assert stat.S_IMODE(files["node.key"].stat().st_mode) == 0o600
+    assert stat.S_IMODE(identity.stat().st_mode) == 0o700
+
+    cert = pki.load_certificate(files["node.crt"].read_bytes())
+    ca_cert = pki.load_certificate(files["ca.crt"].read_bytes())
+    pki.verify_issued_by(cert, ca_cert)
+    who = pki.identity_from_certificate(cert, TRUST_DOMAIN)
+    assert who.spiffe_id == f"spiffe://{TRUST_DOMAIN}/node/join-ok"
+    assert (who.kind, who.role) == ("node", "node")
+    assert pki.ca_hash(files["ca.crt"].read_bytes()) == c.ca_hash
+    assert json.loads(files["controller.json"].read_text())["control_endpoint"] == c.control_endpoint
+    # The key the host generated belongs to the certificate it received.
+    key = pki.load_private_key(files["node.key"])
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+
+    node = c.nodes()["join-ok"]
+    assert node["state"] == "disconnected"  # joined, no agent running
+    assert node["certificate_expires"]
+
+
+def test_join_refuses_reused_token(controller: ControllerProcess) -> None:
+    c = controller
+    token = c.token("join-reuse")
+    first, _ = agent_join(c, "join-reuse", token)
+    assert first.returncode == 0, first.stderr
+    again, identity = agent_join(c, "join-reuse", token)
+    assert_join_refused(again, identity, "PERMISSION_DENIED", "join token already used")
+    assert any(e["action"] == "node.join-refused" and e["target"] == "join-reuse"
+               and e["detail"]["reason"] == "join token already used" for e in audit_entries(c))
+
+
+def test_join_refuses_expired_token(controller: ControllerProcess) -> None:
+    c = controller
+    token, expires = token_with_expiry(c, "join-expired", ttl=1)
+    while datetime.now(UTC) <= expires + timedelta(milliseconds=200):
+        time.sleep(0.1)
+    res, identity = agent_join(c, "join-expired", token)
+    assert_join_refused(res, identity, "PERMISSION_DENIED", "join token expired")
+    assert "join-expired" not in c.nodes()
+
+
+def test_join_refuses_token_issued_for_another_node(controller: ControllerProcess) -> None:
+    c = controller
+    token = c.token("join-victim")
+    res, identity = agent_join(c, "join-thief", token)
+    assert_join_refused(res, identity, "PERMISSION_DENIED", "join token was not issued for node 'join-thief'")
+    assert "join-thief" not in c.nodes()
+    # Presenting it for the wrong node did not spend it.
+    ok, _ = agent_join(c, "join-victim", token)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_join_refuses_unknown_token(controller: ControllerProcess) -> None:
+    c = controller
+    res, identity = agent_join(c, "join-unknown", secrets.token_urlsafe(32))
+    assert_join_refused(res, identity, "PERMISSION_DENIED", "unknown join token")
+    assert "join-unknown" not in c.nodes()
+
+
+def test_join_with_wrong_ca_hash_is_refused_before_the_token_is_sent(controller: ControllerProcess) -> None:
+    c = controller
+    token = c.token("join-pin")
+    wrong = "sha256:" + ("0" if c.ca_hash[-1] != "0" else "1") * 64
+    before = len(audit_entries(c))
+    res, identity = agent_join(c, "join-pin", token, ca_hash=wrong)
+    assert_join_refused(res, identity, f"does not present a CA with hash {wrong}", "refusing to send the token")
+    # The controller never saw a Join: no refusal audited, and the token is still good with the right pin.
+    assert [e for e in audit_entries(c)[before:] if e["target"] == "join-pin"] == []
+    ok, identity = agent_join(c, "join-pin", token)
+    assert ok.returncode == 0, ok.stderr
+    assert (identity / "node.crt").is_file()
+
+
+@pytest.mark.parametrize("bad_hash", ["sha256:xyz", "md5:" + "0" * 32, "0" * 64, "sha256:" + "A" * 64])
+def test_join_refuses_malformed_ca_hash(controller: ControllerProcess, bad_hash: str) -> None:
+    c = controller
+    token = c.token("join-badpin")
+    res, identity = agent_join(c, "join-badpin", token, ca_hash=bad_hash)
+    assert_join_refused(res, identity, "--ca-hash", "must be sha256: followed by 64 lowercase hex digits")
+    assert res.returncode == 2
+    assert "join-badpin" not in c.nodes()
+
+
+# --------------------------------------------------------------------------- 2. certificates on the control listener
+
+
+def _list_nodes(c: ControllerProcess, creds: Creds) -> tuple[grpc.StatusCode, str]:
+    with channel(c.control_endpoint, creds) as ch:
+        return status_of(admin_pb2_grpc.AdminStub(ch).ListNodes, admin_pb2.ListNodesRequest())
+
+
+def _renew(c: ControllerProcess, creds: Creds) -> tuple[grpc.StatusCode, str]:
+    csr = pki.make_csr(pki.generate_private_key(), "x")
+    with channel(c.control_endpoint, creds) as ch:
+        return status_of(controller_pb2_grpc.ControllerStub(ch).Renew, controller_pb2.RenewRequest(csr_pem=csr))
+
+
+def test_certificate_from_foreign_ca_is_refused(controller: ControllerProcess, ca: CertificateAuthority,
+                                                tmp_path: Path) -> None:
+    c = controller
+    foreign = CertificateAuthority.create(tmp_path / "foreign-ca", TRUST_DOMAIN)  # same trust domain, other key
+    real_root = ca.certificate_pem
+    f_key, f_cert = foreign.issue_operator("admin", "admin", timedelta(hours=1))
+    n_key, n_cert = foreign.issue_node("host-a", timedelta(hours=1))
+    # Control: the same kind of credential from the real CA is accepted.
+    assert _list_nodes(c, operator_creds(ca, "admin", "admin"))[0] == grpc.StatusCode.OK
+    assert _list_nodes(c, Creds(f_key, f_cert, real_root))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _renew(c, Creds(n_key, n_cert, real_root))[0] == grpc.StatusCode.UNAVAILABLE
+    assert_still_serving(c)
+
+
+def test_expired_certificates_are_refused(controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    c = controller
+    now = datetime.now(UTC)
+    past = {"not_before": now - timedelta(hours=2), "not_after": now - timedelta(hours=1)}
+    future = {"not_before": now + timedelta(hours=1), "not_after": now + timedelta(hours=2)}
+    assert _renew(c, node_creds(ca, "cert-valid"))[0] == grpc.StatusCode.OK  # control
+    assert _renew(c, node_creds(ca, "cert-expired", **past))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _list_nodes(c, operator_creds(ca, "expired-op", "admin", **past))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _list_nodes(c, operator_creds(ca, "future-op", "admin", **future))[0] == grpc.StatusCode.UNAVAILABLE
+    assert_still_serving(c)
+
+
+def test_client_without_certificate_is_refused(controller: ControllerProcess) -> None:
+    c = controller
+    no_cert = bootstrap_creds(c)
+    assert _list_nodes(c, no_cert)[0] == grpc.StatusCode.UNAVAILABLE
+    assert _renew(c, no_cert)[0] == grpc.StatusCode.UNAVAILABLE
+    with channel(c.control_endpoint, no_cert) as ch, sync_stream(ch) as stream:
+        stream.hello()
+        assert stream.end_status()[0] == grpc.StatusCode.UNAVAILABLE
+    assert_still_serving(c)
+
+
+def test_revocation_ends_open_stream_and_refuses_the_certificate(controller: ControllerProcess) -> None:
+    c = controller
+    res, identity = agent_join(c, "rev-node", c.token("rev-node"))
+    assert res.returncode == 0, res.stderr
+    creds = Creds.of_dir(identity, key="node.key", cert="node.crt")
+    with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
+        stream.hello()
+        assert stream.connected_as() == "rev-node"
+        assert c.nodes()["rev-node"]["state"] == "connected"
+
+        revoke = c.veilctl("revoke", "rev-node", "--reason", "test")
+        assert revoke.returncode == 0, revoke.stderr
+        assert "disconnected" in revoke.stdout  # the controller saw the stream open when it revoked
+
+        code, details = stream.end_status()  # DEADLINE_EXCEEDED here would mean the stream was left open
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+        assert "revoked" in details
+
+    code, details = _renew(c, creds)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
+    with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
+        stream.hello()
+        code, details = stream.end_status()
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
+    assert c.nodes()["rev-node"]["state"] == "revoked"
+
+
+# --------------------------------------------------------------------------- 3. authorization matrix
+
+
+def _call_method(ch: grpc.Channel, method: str, node_name: str) -> tuple[grpc.StatusCode, str]:
+    """Call ``method`` with a minimal, valid-ish request; Sync counts as OK once the controller says connected."""
+    if method == SYNC_METHOD:
+        with sync_stream(ch) as stream:
+            stream.hello()
+            if stream.connected_as() == node_name:
+                return grpc.StatusCode.OK, ""
+            return stream.end_status()
+    csr = pki.make_csr(pki.generate_private_key(), node_name)
+    spec = EXAMPLE_SPEC.read_text()
+    admin = admin_pb2_grpc.AdminStub(ch)
+    ctl = controller_pb2_grpc.ControllerStub(ch)
+    calls: dict[str, tuple[Callable[..., Any], Any]] = {
+        JOIN_METHOD: (ctl.Join, controller_pb2.JoinRequest(node_name=node_name, token="x" * 43, csr_pem=csr)),
+        "/veilnet.v1.Controller/Renew": (ctl.Renew, controller_pb2.RenewRequest(csr_pem=csr)),
+        "/veilnet.v1.Admin/GetSpec": (admin.GetSpec, admin_pb2.GetSpecRequest()),
+        "/veilnet.v1.Admin/History": (admin.History, admin_pb2.HistoryRequest(limit=5)),
+        "/veilnet.v1.Admin/DiffSpec": (admin.DiffSpec, admin_pb2.DiffSpecRequest(spec_yaml=spec)),
+        "/veilnet.v1.Admin/ListNodes": (admin.ListNodes, admin_pb2.ListNodesRequest()),
+        "/veilnet.v1.Admin/ReadAudit": (admin.ReadAudit, admin_pb2.ReadAuditRequest(limit=1)),
+        # The baseline again: unchanged, so an allowed call leaves the revision alone.
+        "/veilnet.v1.Admin/ApplySpec": (admin.ApplySpec, admin_pb2.ApplySpecRequest(spec_yaml=spec, message="mx")),
+        "/veilnet.v1.Admin/Rollback": (admin.Rollback, admin_pb2.RollbackRequest(revision=1, message="mx")),
+        "/veilnet.v1.Admin/CreateJoinToken": (admin.CreateJoinToken,
+                                              admin_pb2.CreateJoinTokenRequest(node_name="mx-target", ttl_seconds=60)),
+        "/veilnet.v1.Admin/RevokeNode": (admin.RevokeNode, admin_pb2.RevokeNodeRequest(node_name="mx-never-joined")),
+    }
+    fn, request = calls[method]
+    return status_of(fn, request)
+
+
+def test_authorization_matrix_over_every_rpc(controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    c = controller
+    methods = [*authz.MATRIX, JOIN_METHOD]
+    # Every RPC the services define is covered (a new one must be added to MATRIX, or it is refused for all).
+    defined = {f"/veilnet.v1.{svc.name}/{m.name}"
+               for svc in (admin_pb2.DESCRIPTOR.services_by_name["Admin"],
+                           controller_pb2.DESCRIPTOR.services_by_name["Controller"]) for m in svc.methods}
+    assert defined == set(methods)
+    revision_before = current_spec(c)["revision"]
+    audit_before = len(audit_entries(c))
+
+    results: dict[tuple[str, str], tuple[grpc.StatusCode, str]] = {}
+    for role in authz.ALL_ROLES:
+        name = f"mx-{role}"
+        with channel(c.control_endpoint, role_creds(ca, role, name)) as ch:
+            for method in methods:
+                results[method, role] = _call_method(ch, method, name)
+
+    wrong = []
+    for (method, role), (code, details) in results.items():
+        if authz.allowed(method, role):
+            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                wrong.append(f"{role} -> {method}: {code.name} {details!r}, but the matrix allows it")
+        elif code != grpc.StatusCode.PERMISSION_DENIED:
+            wrong.append(f"{role} -> {method}: {code.name} {details!r}, want PERMISSION_DENIED")
+        elif f"role {role!r}" not in details:
+            wrong.append(f"{role} -> {method}: denial does not name the role: {details!r}")
+    assert wrong == [], "\n".join(wrong)
+    # Something was actually allowed, and it did work (not merely "not denied").
+    assert results[SYNC_METHOD, "node"][0] == grpc.StatusCode.OK
+    assert results["/veilnet.v1.Admin/CreateJoinToken", "admin"][0] == grpc.StatusCode.OK
+    assert results["/veilnet.v1.Admin/RevokeNode", "admin"][0] == grpc.StatusCode.NOT_FOUND
+    assert current_spec(c)["revision"] == revision_before
+
+    # Every denied call outside the read-only ones is in the audit log, attributed to the caller.
+    denied = {(e["actor"], e["role"], e["target"]) for e in audit_entries(c)[audit_before:]
+              if e["action"] == "denied"}
+    want = {(f"mx-{role}", role, method) for (method, role) in results
+            if not authz.allowed(method, role) and method not in READ_ONLY}
+    assert want - denied == set()
+    assert {t for t in denied if t[2] in READ_ONLY} == set()
+
+
+def test_viewer_cannot_apply(controller: ControllerProcess, tmp_path: Path) -> None:
+    c = controller
+    before = current_spec(c)
+    raw = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    raw["segments"][1]["vni"] = 201  # a real change: an allowed apply would make a new revision
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    audit_before = len(audit_entries(c))
+
+    res = c.veilctl("apply", "-f", str(changed), "-m", "viewer try", credentials=c.operator("view-op", "viewer"))
+    assert res.returncode == 3, (res.returncode, res.stderr)
+    assert "permission_denied" in res.stderr and "'viewer'" in res.stderr, res.stderr
+
+    after = current_spec(c)
+    assert (after["revision"], after["spec_yaml"]) == (before["revision"], before["spec_yaml"])
+    assert [(e["actor"], e["role"], e["action"], e["target"]) for e in audit_entries(c)[audit_before:]] == [
+        ("view-op", "viewer", "denied", "/veilnet.v1.Admin/ApplySpec")]
+    # The refusal was about the role, not the file: the viewer may read, and the file is a valid change.
+    diff = c.veilctl("diff", "-f", str(changed), credentials=c.operator("view-op", "viewer"))
+    assert diff.returncode == 1 and "201" in diff.stdout, (diff.returncode, diff.stdout, diff.stderr)
+
+
+# --------------------------------------------------------------------------- 4. malformed and oversized input
+
+
+def test_garbage_bytes_to_every_unary_method(controller: ControllerProcess) -> None:
+    c = controller
+    admin_methods = [f"/veilnet.v1.Admin/{m.name}" for m in admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods]
+    assert all(not m.client_streaming and not m.server_streaming
+               for m in admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods)
+    codes = {}
+    with channel(c.control_endpoint, admin_creds(c)) as ch:
+        for method in [*admin_methods, "/veilnet.v1.Controller/Renew"]:
+            codes[method] = status_of(ch.unary_unary(method), GARBAGE)[0]
+    with channel(c.bootstrap_endpoint, bootstrap_creds(c)) as ch:
+        codes["bootstrap " + JOIN_METHOD] = status_of(ch.unary_unary(JOIN_METHOD), GARBAGE)[0]
+    # gRPC reports an undecodable request as UNKNOWN ("DecodeError"); what matters is an error, not a crash.
+    errors = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    bad = {m: code.name for m, code in codes.items() if code not in errors}
+    assert bad == {}, bad
+    assert_still_serving(c)
+
+
+def test_oversized_join_is_refused(controller: ControllerProcess) -> None:
+    c = controller
+    token = c.token("big-join")
+    request = controller_pb2.JoinRequest(node_name="big-join", token=token, csr_pem=b"x" * (65 * KIB))
+    with channel(c.bootstrap_endpoint, bootstrap_creds(c)) as ch:
+        code, _ = status_of(controller_pb2_grpc.ControllerStub(ch).Join, request)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_still_serving(c)
+    ok, _ = agent_join(c, "big-join", token)  # refused before the handler: the token was not touched
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_oversized_and_too_large_specs(controller: ControllerProcess) -> None:
+    c = controller
+    before = current_spec(c)
+    with channel(c.control_endpoint, admin_creds(c)) as ch:
+        apply = admin_pb2_grpc.AdminStub(ch).ApplySpec
+        code, _ = status_of(apply, admin_pb2.ApplySpecRequest(spec_yaml="#" + "x" * (17 * MIB)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        code, details = status_of(apply, admin_pb2.ApplySpecRequest(spec_yaml="# " + "x" * (9 * MIB) + "\n"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "spec" in details and "larger than" in details, details
+    after = current_spec(c)
+    assert (after["revision"], after["spec_yaml"]) == (before["revision"], before["spec_yaml"])
+    assert_still_serving(c)
+
+
+def _mutated(mutate: Callable[[dict[str, Any]], None]) -> str:
+    raw = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    mutate(raw)
+    return yaml.safe_dump(raw)
+
+
+@pytest.mark.parametrize(("mutate", "field", "reason"), [
+    (lambda raw: raw["segments"][1].__setitem__("vni", 100), "segments[1].vni", "duplicate VNI"),
+    (lambda raw: raw["endpoints"][0].__setitem__("ipv4", "10.9.9.9"), "endpoints[0].ipv4", "outside the subnet"),
+], ids=["duplicate-vni", "ip-outside-subnet"])
+def test_invalid_spec_names_the_field(controller: ControllerProcess, tmp_path: Path,
+                                      mutate: Callable[[dict[str, Any]], None], field: str, reason: str) -> None:
+    c = controller
+    before = current_spec(c)
+    text = _mutated(mutate)
+    with channel(c.control_endpoint, admin_creds(c)) as ch:
+        code, details = status_of(admin_pb2_grpc.AdminStub(ch).ApplySpec,
+                                  admin_pb2.ApplySpecRequest(spec_yaml=text, message="bad"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"{field}: ") and reason in details, details
+    # veilctl reports it as invalid input (exit 2) naming the field.
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    res = c.veilctl("apply", "-f", str(path))
+    assert res.returncode == 2 and field in res.stderr, (res.returncode, res.stderr)
+    after = current_spec(c)
+    assert (after["revision"], after["spec_yaml"]) == (before["revision"], before["spec_yaml"])
+
+
+def test_sync_protocol_violations(controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    c = controller
+    # First message is not a hello.
+    with channel(c.control_endpoint, node_creds(ca, "proto-1")) as ch, sync_stream(ch) as stream:
+        stream.send(controller_pb2.AgentMessage(ack=controller_pb2.Ack(sequence=1, ok=True)))
+        code, details = stream.end_status()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "first message on Sync must be hello" in details
+
+    # A hello with a WireGuard key that is not one.
+    with channel(c.control_endpoint, node_creds(ca, "proto-2")) as ch, sync_stream(ch) as stream:
+        stream.hello(wireguard_public_key="not-a-key")
+        code, details = stream.end_status()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "hello.wireguard_public_key" in details, details
+    assert "proto-2" not in c.nodes()  # nothing of it was recorded
+
+    # A second hello after the first: the stream is open, then ends.
+    with channel(c.control_endpoint, node_creds(ca, "proto-3")) as ch, sync_stream(ch) as stream:
+        stream.hello()
+        assert stream.connected_as() == "proto-3"
+        stream.hello()
+        code, details = stream.end_status()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unexpected message 'hello' after hello" in details, details
+
+    # An empty message after hello.
+    with channel(c.control_endpoint, node_creds(ca, "proto-4")) as ch, sync_stream(ch) as stream:
+        stream.hello()
+        assert stream.connected_as() == "proto-4"
+        stream.send(controller_pb2.AgentMessage())
+        code, details = stream.end_status()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unexpected message 'empty'" in details, details
+    assert_still_serving(c)
+
+
+# --------------------------------------------------------------------------- 5. audit log
+
+
+def _audit_verify_offline(c: ControllerProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_bin("veilnet-controller"), "audit-verify", "--data-dir", str(c.data)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_audit_log_tampering_is_detected(fresh_controller: ControllerProcess, tmp_path: Path) -> None:
+    c = fresh_controller
+    c.veilctl("apply", "-f", str(EXAMPLE_SPEC), "-m", "first", check=True)
+    c.token("host-a")
+    second = tmp_path / "second.yaml"
+    second.write_text(_mutated(lambda raw: raw["segments"][1].__setitem__("vni", 201)))
+    c.veilctl("apply", "-f", str(second), "-m", "second", check=True)
+    entries = audit_entries(c)
+    assert [e["action"] for e in entries] == ["spec.apply", "token.create", "spec.apply"]
+    ok = c.veilctl("audit", "--verify")
+    assert ok.returncode == 0 and "hash chain verified" in ok.stdout, (ok.returncode, ok.stdout, ok.stderr)
+
+    c.stop()
+    offline = _audit_verify_offline(c)
+    assert offline.returncode == 0 and offline.stdout.startswith("ok: 3 entries"), offline.stdout
+
+    db = sqlite3.connect(c.data / "controller.db")
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # the trigger guards the log...
+            db.execute("UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
+        db.rollback()
+        db.execute("DROP TRIGGER audit_no_update")  # ...until someone with the file removes it
+        db.execute("UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
+        db.commit()
+    finally:
+        db.close()
+
+    offline = _audit_verify_offline(c)
+    assert offline.returncode == 1, offline
+    assert "TAMPERED: entry 2: hash mismatch" in offline.stdout, offline.stdout
+
+    c.start()
+    broken = c.veilctl("audit", "--verify")
+    assert broken.returncode == 1, (broken.returncode, broken.stdout, broken.stderr)
+    assert "HASH CHAIN BROKEN: entry 2" in broken.stdout, broken.stdout
+
+
+# --------------------------------------------------------------------------- 6. tokens stored hashed
+
+
+def test_join_tokens_are_stored_only_as_hashes(fresh_controller: ControllerProcess) -> None:
+    c = fresh_controller
+    token = c.token("host-a")
+    unused = c.token("host-b")
+    res, _ = agent_join(c, "host-a", token)
+    assert res.returncode == 0, res.stderr
+    c.stop()
+
+    stored = b"".join(p.read_bytes() for p in sorted(c.data.glob("controller.db*")))
+    for t in (token, unused):
+        assert t.encode() not in stored
+        assert token_hash(t).encode() in stored  # we are looking where the tokens live
+        assert t not in c.log_text()

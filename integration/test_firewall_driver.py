@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+
 from veilnet_agent.drivers import rtnl
 from veilnet_agent.drivers.firewall import FirewallDriver, ObservedFirewall
 from veilnet_agent.errors import DriverError

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from veilnet_agent import naming
 from veilnet_agent.drivers import rtnl
 from veilnet_agent.drivers.links import GENEVE_UNSUPPORTED, LinksDriver

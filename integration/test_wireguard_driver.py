@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from veilnet_agent.naming import OWNER_MARK, WG_IFNAME
 
 pytestmark = pytest.mark.root

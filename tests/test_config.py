@@ -4,6 +4,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+
 from veilnet_agent.config import load_config, parse_config
 from veilnet_agent.errors import ValidationError
 

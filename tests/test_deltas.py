@@ -8,6 +8,7 @@ import pytest
 from factories import peer, state, wg_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from veilnet_agent.errors import ValidationError
 from veilnet_agent.model import parse_node_state, update_peers
 from veilnet_agent.render import NodeContext, render_all, render_peer_changes

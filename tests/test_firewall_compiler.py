@@ -11,6 +11,7 @@ import pytest
 from factories import v4_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from veilnet_agent.errors import ValidationError
 from veilnet_agent.firewall_compiler import (
     FINGERPRINT_PREFIX,

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from factories import state, v4_state, wg_key
+
 from veilnet_agent.errors import ValidationError
 from veilnet_agent.model import parse_node_state
 from veilnet_agent.naming import gateway_mac

@@ -7,6 +7,7 @@ from typing import Any
 from factories import peer, state, v4_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from veilnet_agent import naming
 from veilnet_agent.model import parse_node_state
 from veilnet_agent.objects import FdbEntry, KernelState, NeighEntry

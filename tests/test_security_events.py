@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import structlog
 from structlog.testing import capture_logs
+
 from veilnet_agent import security_events
 from veilnet_agent.drivers import nflog
 from veilnet_agent.drivers.nflog import LoggedPacket

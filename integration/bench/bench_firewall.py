@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "agent"))
 sys.path.insert(0, str(REPO / "integration"))
 from factories import wg_key  # noqa: E402
 from lab import delete_netns  # noqa: E402
+
 from veilnet_agent import naming  # noqa: E402
 from veilnet_agent.config import FirewallConfig  # noqa: E402
 from veilnet_agent.drivers.firewall import FirewallDriver  # noqa: E402

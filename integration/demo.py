@@ -1,4 +1,4 @@
-"""Veilnet demo: three simulated hosts, two segments, real agents, real traffic.
+"""Veilnet demo: a controller, three simulated hosts joined with tokens, two segments, real traffic.
 
 Run as root through ``scripts/demo``. Everything lives in network namespaces
 named ``<prefix>-*`` and is torn down at the end, also on failure or Ctrl-C.
@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lab import (
@@ -26,6 +28,20 @@ from lab import (
     tail,
     wait_until,
 )
+
+EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "examples" / "network.yaml"
+
+# Listens on the given TCP ports and accepts every connection (the API "server" in c-web).
+LISTEN = r"""
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for port in sys.argv[1:]:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(port))); s.listen(64); sel.register(s, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        conn, _ = key.fileobj.accept(); conn.close()
+"""
 
 
 class Demo:
@@ -68,37 +84,86 @@ def all_handshakes(lab: Lab) -> bool:
     return True
 
 
+def spec_from_example(lab: Lab) -> Path:
+    """examples/network.yaml, with each endpoint's namespace named as the lab names it (``<prefix>-<endpoint>``)."""
+    spec = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    for endpoint in spec["endpoints"]:
+        endpoint["netns"] = lab.netns_of(endpoint["name"])
+    path = lab.run_dir / "network.json"
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    return path
+
+
+def show(text: str, indent: str = "  ") -> None:
+    for line in text.rstrip().splitlines():
+        print(indent + line)
+
+
+def tcp(lab: Lab, src: str, dst_ip: str, port: int) -> str:
+    """ok | timeout | refused: one TCP connection from ``src`` (timeout = dropped by the firewall)."""
+    code = ("import socket,sys\n"
+            "try:\n"
+            f"  socket.create_connection(('{dst_ip}', {port}), timeout=1).close(); print('ok')\n"
+            "except socket.timeout: print('timeout')\n"
+            "except ConnectionRefusedError: print('refused')\n")
+    return lab.endpoint(src).run([sys.executable, "-c", code], check=False).stdout.strip()
+
+
 def run_demo(demo: Demo, iperf_seconds: int) -> None:
     lab = demo.lab
-    topo = standard_topology()
+    topo = standard_topology()  # the same hosts, segments and endpoints as examples/network.yaml
 
-    heading("Topology")
-    for h in topo.hosts:
-        eps = ", ".join(f"{e.name} ({e.segment})" for e in topo.endpoints_of(h.name))
-        print(f"  {h.name:7} underlay {h.underlay_ipv4:12} transport {h.transport_address:16} {eps}")
-    for s in topo.segments:
-        v6 = f", {s.ipv6_subnet}" if s.ipv6_subnet else ""
-        print(f"  segment {s.name:6} VNI {s.vni:<4} {s.ipv4_subnet}{v6}")
-
-    heading("Building the lab and starting one veilnet-agent per host")
+    heading("Controller (SQLite, its own CA) in the underlay namespace at 192.0.2.2")
     t0 = time.monotonic()
-    lab.build(topo, resync_interval=2.0)
-    demo.check("agents ready", True, f"{time.monotonic() - t0:.1f}s")
+    lab.run_dir.mkdir(parents=True, exist_ok=True)
+    ctl = lab.start_controller()
+    demo.check("veilnet-controller serving", True,
+               f"mutual TLS {ctl.control_endpoint}, join {ctl.bootstrap_endpoint}, CA {ctl.ca_hash[:23]}...")
+
+    heading("Joining three hosts with single-use tokens (CA pinned by hash)")
+    lab._config_args = {"resync_interval": 2.0, "log_level": "info", "backend": "auto"}
+    for h in topo.hosts:
+        host = lab.add_host(h.name, h.underlay_ipv4, h.underlay_ipv6)
+        host.write_config(listen_port=h.listen_port, underlay_address=h.underlay_address, **lab._config_args)
+        token = ctl.token(h.name)
+        res = host.join(ctl, token=token, check=False)
+        demo.check(f"{h.name} joined", res.returncode == 0, (res.stdout or res.stderr).strip().splitlines()[0])
+        reuse = host.join(ctl, token=token, check=False)
+        demo.check("  the same token again is refused", reuse.returncode != 0,
+                   reuse.stderr.strip().removeprefix("error: "))
+    for e in topo.endpoints:
+        lab.add_endpoint(e.name)
+    for host in lab.hosts.values():
+        host.start_agent(wait_ready=False)
+    for host in lab.hosts.values():
+        host.wait_for_log("control_connected", timeout=30)
+    demo.check("agents connected to the controller (outbound; hosts listen on no control port)", True)
+
+    heading("veilctl apply -f examples/network.yaml")
+    spec_path = spec_from_example(lab)
+    res = ctl.veilctl("apply", "-f", str(spec_path), "-m", "demo: initial network", "--wait", "60")
+    show(res.stderr)
+    demo.check("revision 1 applied on every host", res.returncode == 0, f"{time.monotonic() - t0:.1f}s since start")
+    lab.topology = topo
+    print()
+    show(ctl.veilctl("nodes").stdout)
 
     heading("Waiting for WireGuard handshakes")
     try:
-        lab.wait_connectivity(timeout=30)  # traffic starts the handshakes
+        for src, dst in [("a-web", "b-web"), ("a-web", "c-web"), ("b-web", "c-web"), ("a-db", "b-db")]:
+            if not lab.endpoint(src).wait_ping(topo.endpoint(dst).ipv4, 30):
+                raise LabError(f"{src} cannot reach {dst}")
         wait_until(lambda: all_handshakes(lab), 20, 0.5, "handshakes")
-        demo.check("every host has a handshake with every peer", True)
+        demo.check("every host has a handshake with every peer it shares a segment with", True)
     except (LabError, TimeoutError) as e:
-        demo.check("every host has a handshake with every peer", False, str(e))
+        demo.check("every host has a handshake with every peer it shares a segment with", False, str(e))
 
     heading("WireGuard (wg show, public keys only)")
     for host in lab.hosts.values():
         print(f"--- {host.name}")
         print(public_wg_show(host.wg_show()))
 
-    heading("Cross-host pings (same segment)")
+    heading("Cross-host pings (same segment; blue is default-deny with ICMP allowed by policy)")
     pairs = [
         ("a-web", "b-web", 4), ("a-web", "c-web", 4), ("b-web", "c-web", 4),
         ("a-db", "b-db", 4),
@@ -117,17 +182,51 @@ def run_demo(demo: Demo, iperf_seconds: int) -> None:
         ip = topo.endpoint(dst).ipv4
         res = lab.endpoint(src).ping(ip, count=2, args=("-i", "0.3"))
         demo.check(f"{src:6} -> {dst:6} {ip} blocked", res.returncode != 0)
+    applied = json.loads((lab.host("host-c").state_dir / "controller" / "applied.json").read_text())["state"]
+    demo.check("host-c (blue only) was told nothing about green",
+               "green" not in json.dumps(applied) and "203.0.113.64" not in json.dumps(applied),
+               f"its state: segments {[s['name'] for s in applied['segments']]}, "
+               f"peers {[p['name'] for p in applied['peers']]}")
 
-    heading(f"iperf3 a-web -> b-web over the overlay ({iperf_seconds}s)")
-    server_ip = topo.endpoint("b-web").ipv4
-    server = lab.endpoint("b-web").popen(
+    heading("Policy through the controller: web -> api tcp 8080, then 9090, then rollback")
+    api_ip = topo.endpoint("c-web").ipv4
+    server = lab.endpoint("c-web").popen([sys.executable, "-c", LISTEN, "8080", "9090"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: tcp(lab, "c-web", api_ip, 8080) == "ok", 10, 0.2, "api server listening")
+        demo.check("a-web -> c-web:8080 allowed (web-to-api)", tcp(lab, "a-web", api_ip, 8080) == "ok")
+        demo.check("a-web -> c-web:9090 dropped (no policy)", tcp(lab, "a-web", api_ip, 9090) == "timeout")
+        spec = json.loads(spec_path.read_text())
+        next(p for p in spec["policies"] if p["name"] == "web-to-api")["ports"] = [9090]
+        changed = lab.run_dir / "network-9090.json"
+        changed.write_text(json.dumps(spec, indent=2))
+        print("  veilctl diff:")
+        show(ctl.veilctl("diff", "-f", str(changed)).stdout, "    ")
+        t1 = time.monotonic()
+        res = ctl.veilctl("apply", "-f", str(changed), "-m", "demo: api moves to 9090", "--wait", "30")
+        demo.check("revision 2 applied on every host", res.returncode == 0, f"{(time.monotonic() - t1) * 1000:.0f} ms")
+        demo.check("a-web -> c-web:9090 now allowed", tcp(lab, "a-web", api_ip, 9090) == "ok")
+        demo.check("a-web -> c-web:8080 now dropped", tcp(lab, "a-web", api_ip, 8080) == "timeout")
+        res = ctl.veilctl("rollback", "1", "--wait", "30")
+        demo.check("veilctl rollback 1 (as revision 3)", res.returncode == 0)
+        demo.check("a-web -> c-web:8080 allowed again", tcp(lab, "a-web", api_ip, 8080) == "ok")
+        print()
+        show(ctl.veilctl("history").stdout)
+    finally:
+        server.kill()
+        server.wait()
+
+    heading(f"iperf3 a-db -> b-db over the overlay ({iperf_seconds}s)")
+    # web -> web TCP is not allowed in blue (default-deny); green is isolated: free inside.
+    server_ip = topo.endpoint("b-db").ipv4
+    server = lab.endpoint("b-db").popen(
         ["iperf3", "-s", "-1", "-B", server_ip],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         res = None
         for _ in range(20):  # until the server listens
-            res = lab.endpoint("a-web").run(
+            res = lab.endpoint("a-db").run(
                 ["iperf3", "-c", server_ip, "-t", str(iperf_seconds), "-J"],
                 check=False, timeout=iperf_seconds + 30,
             )
@@ -140,8 +239,8 @@ def run_demo(demo: Demo, iperf_seconds: int) -> None:
             sent = end["sum_sent"]["bits_per_second"] / 1e6
             recv = end["sum_received"]["bits_per_second"] / 1e6
             retr = end["sum_sent"].get("retransmits", 0)
-            print(f"  sender   {sent:8.1f} Mbit/s  (retransmits {retr})")
-            print(f"  receiver {recv:8.1f} Mbit/s")
+            print(f"  a-db -> b-db (green)  sender {sent:8.1f} Mbit/s  (retransmits {retr})")
+            print(f"                        receiver {recv:6.1f} Mbit/s")
             demo.check("iperf3 TCP throughput", recv > 0, f"{recv:.0f} Mbit/s")
         except (ValueError, KeyError) as e:
             demo.check("iperf3 TCP throughput", False, f"{e}: {tail(res.stdout + res.stderr, 5)}")
@@ -150,7 +249,27 @@ def run_demo(demo: Demo, iperf_seconds: int) -> None:
             server.kill()
         server.wait()
 
-    heading("Agent logs (last events)")
+    heading("Revoking host-c: disconnected at once, removed from every peer")
+    key_c = lab.host("host-c").identity()
+    res = ctl.veilctl("revoke", "host-c", "--reason", "demo")
+    show(res.stdout)
+    try:
+        for name in ("host-a", "host-b"):
+            wait_until(lambda n=name: key_c not in lab.host(n).wg_peers(), 10, 0.1, f"{name} drops host-c")
+        demo.check("host-a and host-b removed host-c's WireGuard key", True)
+    except TimeoutError as e:
+        demo.check("host-a and host-b removed host-c's WireGuard key", False, str(e))
+    demo.check("a-web -> c-web now unreachable",
+               lab.endpoint("a-web").ping(api_ip, count=2, args=("-i", "0.3")).returncode != 0)
+    print()
+    show(ctl.veilctl("nodes").stdout)
+
+    heading("Audit log (hash chain verified)")
+    res = ctl.veilctl("audit", "--verify")
+    show(res.stdout)
+    demo.check("audit hash chain verified", res.returncode == 0)
+
+    heading("Agent logs (event counts)")
     for host in lab.hosts.values():
         evs = host.log_events()
         counts: dict[str, int] = {}

@@ -121,7 +121,7 @@ def test_example_compiles_to_valid_states() -> None:
     assert [e.name for e in a.endpoints] == ["a-web", "a-db"]
     assert [p.name for p in a.peers] == ["host-b", "host-c"]
     assert [len(p.endpoints) for p in a.peers] == [2, 1]
-    assert [p.name for p in a.policies] == ["web-to-api", "blue-icmp"]
+    assert [p.name for p in a.policies] == ["web-to-api", "blue-icmp", "blue-icmpv6"]
     assert str(a.transport_address) == "198.51.100.11/24"
     assert str(a.peers[0].transport_address) == "198.51.100.12"
     assert states["host-a"]["segments"][0] is spec.raw["segments"][0], "segments are emitted verbatim"
@@ -222,7 +222,7 @@ def test_a_node_learns_nothing_of_segments_it_does_not_carry() -> None:
     for fact in GREEN_FACTS:
         assert fact not in c_text, f"host-c (blue only) learned {fact!r}"
     assert [p["name"] for p in states["host-d"]["policies"]] == ["green-db", "labels-only", "ops"]
-    assert [p["name"] for p in states["host-c"]["policies"]] == ["web-to-api", "blue-icmp", "labels-only", "ops"]
+    assert [p["name"] for p in states["host-c"]["policies"]] == ["web-to-api", "blue-icmp", "blue-icmpv6", "labels-only", "ops"]
     assert [p["name"] for p in states["host-a"]["policies"]] == [p.name for p in spec.policies]
     assert [p["name"] for p in states["host-d"]["peers"]] == ["host-a", "host-b"]
     assert [e["segment"] for p in states["host-d"]["peers"] for e in p["endpoints"]] == ["green", "green"]
@@ -365,7 +365,7 @@ def test_policy_of_a_segment_only_reaches_its_nodes() -> None:
     spec = isolation_spec()
     old = example_states(spec)
     raw = copy.deepcopy(dict(spec.raw))
-    raw["policies"][2]["ports"] = [5433]  # green-db
+    next(p for p in raw["policies"] if p["name"] == "green-db")["ports"] = [5433]
     new = example_states(parse_spec(raw))
     assert diff_states(old["host-c"], new["host-c"]).is_empty()
     assert diff_states(old["host-d"], new["host-d"]) == Delta(policies=new["host-d"]["policies"])

@@ -70,7 +70,7 @@ def test_example_parses() -> None:
     assert (a_web.node, a_web.netns, a_web.ifname, a_web.labels) == ("host-a", "a-web", "eth0", (("app", "web"),))
     assert str(a_web.ipv4) == "203.0.113.10" and str(a_web.ipv6) == "fd00:b1::10"
     assert spec.endpoints[1].ipv6 is None
-    assert [p.name for p in spec.policies] == ["web-to-api", "blue-icmp"]
+    assert [p.name for p in spec.policies] == ["web-to-api", "blue-icmp", "blue-icmpv6"]
     assert spec.raw == BASE and spec.raw is not BASE
     assert spec.node("host-b").name == "host-b" and spec.segment("green").vni == 200
 
@@ -241,7 +241,7 @@ def test_policies_may_select_node_labels() -> None:
     raw = base()
     raw["policies"].append({"name": "zone-a", "source": {"match_labels": {"node.zone": "a"}},
                             "destination": {"segment": "blue"}, "protocol": "icmp"})
-    assert parse_spec(raw).policies[2].source.match_labels == (("node.zone", "a"),)
+    assert parse_spec(raw).policies[-1].source.match_labels == (("node.zone", "a"),)
 
 
 @pytest.mark.parametrize(("key", "limit"), [("nodes", 10_000), ("endpoints", 100_000), ("policies", 10_000),

@@ -133,7 +133,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 TokenResult.WRONG_NODE: f"join token was not issued for node {node!r}",
             }[result]
             s.log.warning("join_refused", node=node, reason=reason, peer=context.peer())
-            s.store.append_audit(node, "node", "node.join-refused", node, None, {"reason": reason})
+            s.store.append_audit("anonymous", "none", "node.join-refused", node, None,
+                                 {"reason": reason, "peer": context.peer()})
             await fail(context, grpc.StatusCode.PERMISSION_DENIED, reason)
         identity = pki.identity_from_certificate(cert, s.ca.trust_domain)
         s.store.record_certificate(node, identity.serial, identity.not_after)

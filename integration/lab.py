@@ -566,7 +566,7 @@ class Host(_InNamespaces):
              check: bool = True) -> subprocess.CompletedProcess[str]:
         """``veilnet-agent join`` against the lab's controller; afterwards the agent runs in controller mode."""
         res = self.run(self.agent_argv(
-            "join", "--controller", ctl.bootstrap_endpoint, "--token", token or ctl.token(self.name),
+            "join", "--controller", ctl.bootstrap_endpoint, f"--token={token or ctl.token(self.name)}",
             "--ca-hash", ca_hash or ctl.ca_hash), check=False)
         if check and res.returncode != 0:
             raise LabError(f"{self.name}: join failed: {res.stderr.strip()}")

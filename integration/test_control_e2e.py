@@ -263,6 +263,26 @@ def test_certificates_renew_at_two_thirds_of_their_life(ctl_lab: Lab) -> None:
     assert verdicts(lab) == ["ok", "timeout"]
 
 
+def test_rotate_keys_command_reaches_every_peer(ctl_lab: Lab) -> None:
+    lab, ctl = ctl_lab, ctl_lab.controller
+    old = lab.host("host-a").identity()
+    res = ctl.veilctl("command", "host-a", "rotate-keys")
+    assert res.returncode == 0, res.stderr
+    new = wait_until(lambda: (k := lab.host("host-a").identity()) != old and k, PROPAGATE, 0.2, "host-a's new key")
+    for name in ("host-b", "host-c"):
+        wait_until(lambda n=name: new in lab.host(n).wg_peers() and old not in lab.host(n).wg_peers(),
+                   PROPAGATE, 0.2, f"{name} has host-a's new key")
+    assert ctl.nodes()["host-a"]["wireguard_public_key"] == new
+    assert lab.endpoint("a-web").wait_ping("203.0.113.20", PROPAGATE)
+    assert lab.endpoint("a-db").wait_ping("203.0.113.84", PROPAGATE)
+    offset = lab.host("host-b").log_offset()
+    assert ctl.veilctl("command", "host-b", "resync").returncode == 0
+    wait_until(lambda: any(e.get("kind") == "resync" for e in events_since(lab, "host-b", offset, "command")),
+               PROPAGATE, 0.2, "host-b resynced")
+    denied = ctl.veilctl("command", "host-b", "resync", credentials=ctl.operator("eve", "viewer"))
+    assert denied.returncode == 3 and "viewer" in denied.stderr
+
+
 def test_revoked_node_is_disconnected_and_removed_from_every_peer(ctl_lab: Lab) -> None:
     lab, ctl = ctl_lab, ctl_lab.controller
     key_c = lab.host("host-c").identity()

@@ -430,6 +430,8 @@ def _call_method(ch: grpc.Channel, method: str, node_name: str) -> tuple[grpc.St
         "/veilnet.v1.Admin/CreateJoinToken": (admin.CreateJoinToken,
                                               admin_pb2.CreateJoinTokenRequest(node_name="mx-target", ttl_seconds=60)),
         "/veilnet.v1.Admin/RevokeNode": (admin.RevokeNode, admin_pb2.RevokeNodeRequest(node_name="mx-never-joined")),
+        "/veilnet.v1.Admin/SendCommand": (admin.SendCommand,
+                                          admin_pb2.SendCommandRequest(node_name="mx-never-joined", command="resync")),
     }
     fn, request = calls[method]
     return status_of(fn, request)
@@ -467,6 +469,7 @@ def test_authorization_matrix_over_every_rpc(controller: ControllerProcess, ca: 
     assert results[SYNC_METHOD, "node"][0] == grpc.StatusCode.OK
     assert results["/veilnet.v1.Admin/CreateJoinToken", "admin"][0] == grpc.StatusCode.OK
     assert results["/veilnet.v1.Admin/RevokeNode", "admin"][0] == grpc.StatusCode.NOT_FOUND
+    assert results["/veilnet.v1.Admin/SendCommand", "network-admin"][0] == grpc.StatusCode.NOT_FOUND
     assert current_spec(c)["revision"] == revision_before
 
     # Every denied call outside the read-only ones is in the audit log, attributed to the caller.

@@ -26,6 +26,7 @@ MATRIX: Final[dict[str, frozenset[str]]] = {
     "/veilnet.v1.Admin/ReadAudit": READ,
     "/veilnet.v1.Admin/ApplySpec": WRITE,
     "/veilnet.v1.Admin/Rollback": WRITE,
+    "/veilnet.v1.Admin/SendCommand": WRITE,
     "/veilnet.v1.Admin/CreateJoinToken": ADMIN,
     "/veilnet.v1.Admin/RevokeNode": ADMIN,
 }

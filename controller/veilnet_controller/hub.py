@@ -24,6 +24,7 @@ import structlog
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet_agent import wire
+from veilnet_agent.errors import ValidationError
 
 from .compile import compile_nodes
 from .spec import EndpointSpec, NetworkSpec, parse_spec_text, validate_attached_endpoints
@@ -48,6 +49,10 @@ class NodeRuntime:
     last_seen: datetime | None = None
     capabilities: tuple[str, ...] = ()
     kernel_operations: int = 0
+
+
+class KeyConflict(Exception):
+    """A node presented a WireGuard public key another node already holds."""
 
 
 class Session:
@@ -139,7 +144,11 @@ class Hub:
         if self.spec is None:
             self.states = {}
         else:
-            self.states = compile_nodes(self.spec, self.public_keys, self.attached, excluded=self.revoked_nodes)
+            try:
+                self.states = compile_nodes(self.spec, self.public_keys, self.attached, excluded=self.revoked_nodes)
+            except ValidationError as exc:  # keys are checked on arrival; this is a last line of defence
+                self.log.error("compile_failed", field=exc.field, reason=exc.reason, note="previous states kept")
+                return
         self.compile_seconds = time.perf_counter() - started
         for node, session in self.sessions.items():
             session.set_target(self._state_of(node), self.spec_revision)
@@ -169,13 +178,26 @@ class Hub:
         self.spec = spec
         self.spec_revision = revision
         # Attached endpoints that no longer fit the spec (segment removed, address now taken) are dropped.
-        for node in list(self.attached):
-            self._set_attached(node, self.store.attached_endpoints().get(node, []), log_errors=True)
+        stored = self.store.attached_endpoints()
+        self.attached = {}
+        for node, raws in stored.items():
+            self._set_attached(node, raws, log_errors=True)
         self.recompile_now()
 
     # ------------------------------------------------------------------ sessions
 
+    def key_holder(self, key: str) -> str | None:
+        return next((n for n, k in self.public_keys.items() if k == key), None)
+
+    def _check_key(self, node: str, key: str) -> None:
+        holder = self.key_holder(key)
+        if holder is not None and holder != node:
+            # Accepting it would make two peers share a key everywhere (and let a node impersonate another).
+            raise KeyConflict(f"WireGuard public key already registered to node {holder!r}")
+
     def connect(self, node: str, serial: str, hello: cpb.Hello) -> Session:
+        if hello.wireguard_public_key:
+            self._check_key(node, hello.wireguard_public_key)
         old = self.sessions.get(node)
         if old is not None:
             old.close("replaced by a newer stream from the same node")
@@ -225,6 +247,7 @@ class Hub:
                              field=ack.error_field, value=ack.error_value, reason=ack.error_reason)
 
     def key_update(self, session: Session, key: str) -> None:
+        self._check_key(session.node, key)
         if self.public_keys.get(session.node) != key:
             self.public_keys[session.node] = key
             self.store.set_wireguard_key(session.node, key, list(self.runtime[session.node].capabilities))
@@ -244,8 +267,6 @@ class Hub:
         return False
 
     def _set_attached(self, node: str, raws: list[dict[str, Any]], *, log_errors: bool) -> None:
-        from veilnet_agent.errors import ValidationError
-
         if self.spec is None or node not in {n.name for n in self.spec.nodes}:
             self.attached.pop(node, None)
             return

@@ -35,7 +35,7 @@ from veilnet_agent.validate import name as validate_name
 
 from . import authz
 from .ca import CertificateAuthority, certificate_pem
-from .hub import Hub, Session
+from .hub import Hub, KeyConflict, Session
 from .spec import canonical_text, load_spec_text, parse_spec, summarize_changes, unified_diff
 from .store import ConflictError, Store, TokenResult
 
@@ -46,6 +46,11 @@ DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 86400
 
 T = TypeVar("T")
+COMMANDS = {
+    "resync": cpb.Command.RESYNC,
+    "rotate-keys": cpb.Command.ROTATE_KEYS,
+    "renew-certificate": cpb.Command.RENEW_CERTIFICATE,
+}
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 wg_public_key(hello.wireguard_public_key, "hello.wireguard_public_key")
             except ValidationError as exc:
                 await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
-        session = s.hub.connect(identity.name, identity.serial, hello)
+        try:
+            session = s.hub.connect(identity.name, identity.serial, hello)
+        except KeyConflict as exc:
+            s.log.warning("wireguard_key_conflict", node=identity.name, reason=str(exc))
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"hello.wireguard_public_key: {exc}")
         await context.send_initial_metadata((("veilnet-node", identity.name),))  # tells the agent it is connected
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
         try:
@@ -222,7 +231,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     key = wg_public_key(message.key_update.wireguard_public_key, "key_update.wireguard_public_key")
                 except ValidationError as exc:
                     raise _BadMessage(_validation_details(exc)) from None
-                hub.key_update(session, key)
+                try:
+                    hub.key_update(session, key)
+                except KeyConflict as exc:
+                    raise _BadMessage(f"key_update.wireguard_public_key: {exc}") from None
             elif kind == "endpoints":
                 hub.endpoints_reported(session, [wire.endpoint_from_proto(e) for e in message.endpoints.endpoints])
             else:
@@ -383,6 +395,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                              {"reason": request.reason, "serials": serials})
         s.log.warning("node_revoked", node=request.node_name, by=who.spiffe_id, serials=serials)
         return apb.RevokeNodeResponse(certificates_revoked=len(serials), was_connected=was_connected)
+
+    async def SendCommand(self, request: apb.SendCommandRequest,
+                          context: aio.ServicerContext[Any, Any]) -> apb.SendCommandResponse:
+        who = await self._auth(context, "SendCommand")
+        kind = COMMANDS.get(request.command)
+        if kind is None:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"command: must be one of {', '.join(COMMANDS)} (got {request.command!r})")
+        if request.node_name not in self.s.hub.runtime and self.s.store.node(request.node_name) is None:
+            await fail(context, grpc.StatusCode.NOT_FOUND, f"node {request.node_name!r} never joined")
+        delivered = self.s.hub.command(request.node_name, kind)
+        self.s.store.append_audit(who.name, who.role, "node.command", request.node_name, None,
+                                  {"command": request.command, "delivered": delivered})
+        return apb.SendCommandResponse(delivered=delivered)
 
     async def ReadAudit(self, request: apb.ReadAuditRequest,
                         context: aio.ServicerContext[Any, Any]) -> apb.ReadAuditResponse:

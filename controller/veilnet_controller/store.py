@@ -42,6 +42,7 @@ GENESIS_HASH = "0" * 64
 """``previous_hash`` of the first audit entry: there is nothing before it to link to."""
 
 TOKEN_BYTES = 32
+TOKEN_PREFIX = "vnjoin_"
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -566,7 +567,8 @@ class SQLiteStore:
             raise StoreError("token node name must not be empty")
         if ttl <= timedelta(0):
             raise StoreError(f"token ttl must be positive (got {ttl})")
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        # A recognisable prefix (secret scanners, logs) that also keeps the token from starting with "-".
+        token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
         created_at = datetime.now(UTC)
         expires_at = created_at + ttl
         with self._write() as conn:

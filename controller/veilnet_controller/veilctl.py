@@ -6,7 +6,7 @@ controller: ``--controller HOST:PORT`` or $VEILCTL_CONTROLLER.
 
 Exit codes scripts can rely on::
 
-    0  success (diff: no difference)     4  not found
+    0  success (diff: no difference)     4  not found (command: node not connected)
     1  diff: differences found;          5  conflict (the spec changed meanwhile)
        apply --wait: not every node      6  controller unreachable / TLS failure
        applied in time; audit --verify:  7  other server error
@@ -259,6 +259,14 @@ def cmd_audit(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
     return EXIT_DIFFERENT if args.verify and not resp.verified else EXIT_OK
 
 
+def cmd_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
+    resp = stub.SendCommand(apb.SendCommandRequest(node_name=args.node, command=args.what),
+                            timeout=args.timeout)
+    _emit(args, {"delivered": resp.delivered},
+          f"{args.what} sent to {args.node}" if resp.delivered else f"{args.node} is not connected: not sent")
+    return EXIT_OK if resp.delivered else EXIT_NOT_FOUND
+
+
 Command = Callable[[argparse.Namespace, admin_pb2_grpc.AdminStub], int]
 
 
@@ -301,6 +309,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("revoke", cmd_revoke, "revoke a node: disconnect it and remove it from every peer")
     sp.add_argument("node")
     sp.add_argument("--reason")
+    sp = add("command", cmd_command, "ask a connected node to resync, rotate-keys or renew-certificate")
+    sp.add_argument("node")
+    sp.add_argument("what", metavar="COMMAND", choices=("resync", "rotate-keys", "renew-certificate"))
     sp = add("audit", cmd_audit, "read the audit log")
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--verify", action="store_true", help="verify the hash chain (exit 1 if broken)")

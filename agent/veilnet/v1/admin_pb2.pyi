@@ -213,3 +213,17 @@ class ReadAuditResponse(_message.Message):
     verify_error: str
     total: int
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., verified: _Optional[bool] = ..., verify_error: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
+class SendCommandRequest(_message.Message):
+    __slots__ = ("node_name", "command")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    command: str
+    def __init__(self, node_name: _Optional[str] = ..., command: _Optional[str] = ...) -> None: ...
+
+class SendCommandResponse(_message.Message):
+    __slots__ = ("delivered",)
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    delivered: bool
+    def __init__(self, delivered: _Optional[bool] = ...) -> None: ...

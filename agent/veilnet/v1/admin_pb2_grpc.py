@@ -79,6 +79,11 @@ class AdminStub:
                 request_serializer=veilnet_dot_v1_dot_admin__pb2.ReadAuditRequest.SerializeToString,
                 response_deserializer=veilnet_dot_v1_dot_admin__pb2.ReadAuditResponse.FromString,
                 _registered_method=True)
+        self.SendCommand = channel.unary_unary(
+                '/veilnet.v1.Admin/SendCommand',
+                request_serializer=veilnet_dot_v1_dot_admin__pb2.SendCommandRequest.SerializeToString,
+                response_deserializer=veilnet_dot_v1_dot_admin__pb2.SendCommandResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -138,6 +143,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendCommand(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +196,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReadAudit,
                     request_deserializer=veilnet_dot_v1_dot_admin__pb2.ReadAuditRequest.FromString,
                     response_serializer=veilnet_dot_v1_dot_admin__pb2.ReadAuditResponse.SerializeToString,
+            ),
+            'SendCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendCommand,
+                    request_deserializer=veilnet_dot_v1_dot_admin__pb2.SendCommandRequest.FromString,
+                    response_serializer=veilnet_dot_v1_dot_admin__pb2.SendCommandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +446,33 @@ class Admin:
             '/veilnet.v1.Admin/ReadAudit',
             veilnet_dot_v1_dot_admin__pb2.ReadAuditRequest.SerializeToString,
             veilnet_dot_v1_dot_admin__pb2.ReadAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilnet.v1.Admin/SendCommand',
+            veilnet_dot_v1_dot_admin__pb2.SendCommandRequest.SerializeToString,
+            veilnet_dot_v1_dot_admin__pb2.SendCommandResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -116,6 +116,7 @@ class Hub:
         self.revoked_serials: set[str] = set()
         self._recompile_task: asyncio.Task[None] | None = None
         self.compile_seconds = 0.0
+        self.compiles = 0  # how many recompiles ran (coalescing shows here)
 
     # ------------------------------------------------------------------ loading
 
@@ -140,6 +141,7 @@ class Hub:
     # ------------------------------------------------------------------ compiling
 
     def recompile_now(self) -> None:
+        self.compiles += 1
         started = time.perf_counter()
         if self.spec is None:
             self.states = {}

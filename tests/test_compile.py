@@ -222,7 +222,8 @@ def test_a_node_learns_nothing_of_segments_it_does_not_carry() -> None:
     for fact in GREEN_FACTS:
         assert fact not in c_text, f"host-c (blue only) learned {fact!r}"
     assert [p["name"] for p in states["host-d"]["policies"]] == ["green-db", "labels-only", "ops"]
-    assert [p["name"] for p in states["host-c"]["policies"]] == ["web-to-api", "blue-icmp", "blue-icmpv6", "labels-only", "ops"]
+    assert [p["name"] for p in states["host-c"]["policies"]] == [
+        "web-to-api", "blue-icmp", "blue-icmpv6", "labels-only", "ops"]
     assert [p["name"] for p in states["host-a"]["policies"]] == [p.name for p in spec.policies]
     assert [p["name"] for p in states["host-d"]["peers"]] == ["host-a", "host-b"]
     assert [e["segment"] for p in states["host-d"]["peers"] for e in p["endpoints"]] == ["green", "green"]

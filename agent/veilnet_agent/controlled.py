@@ -189,7 +189,6 @@ class ControlledDaemon:
                            have=self.received_sequence, note="reconnecting for a fresh snapshot")
             self.client.reconnect("update out of order")
             return
-        previous = self.received
         self.received = new
         self.received_sequence = update.sequence
         self.received_revision = update.spec_revision
@@ -204,19 +203,20 @@ class ControlledDaemon:
             ack.error_field, ack.error_value, ack.error_reason = exc.field, str(exc.value), exc.reason
             self.log.error("state_rejected", source="controller", spec_revision=update.spec_revision,
                            field=exc.field, value=str(exc.value), reason=exc.reason)
-            if previous is None:
-                self.received = None
         else:
             self.last_error = ""
             ack.ok = True
             ack.kernel_operations = self._kernel_operations(outcome)
             self.applied_sequence = update.sequence
             self.applied_revision = update.spec_revision
-            self._persist_applied()
             self.log.info("update_applied", sequence=update.sequence, spec_revision=update.spec_revision,
                           kind=body, kernel_operations=ack.kernel_operations,
                           seconds=round(time.perf_counter() - started, 4))
         self.client.send(cpb.AgentMessage(ack=ack))
+        if ack.ok:
+            # After the ack: the controller learns of the new state without waiting for the disk
+            # (~10 ms for 5,000 peers); a crash in between restores the previous state, then resyncs.
+            self._persist_applied()
 
     def _on_command(self, command: cpb.Command) -> None:
         if command.kind == cpb.Command.RESYNC:

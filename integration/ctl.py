@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab import json_lines, read_log
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -121,21 +124,10 @@ class ControllerProcess:
     # ------------------------------------------------------------------ logs
 
     def log_text(self, since: int = 0) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(since)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, since)
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text(since).splitlines():
-            with contextlib.suppress(ValueError):
-                item = json.loads(line)
-                if isinstance(item, dict):
-                    out.append(item)
-        return out
+        return json_lines(self.log_text(since))
 
     # ------------------------------------------------------------------ credentials and veilctl
 

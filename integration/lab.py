@@ -168,6 +168,30 @@ def delete_netns(name: str) -> None:
         sh(["ip", "netns", "delete", name], check=False)
 
 
+def read_log(path: Path, since: int = 0) -> str:
+    """A log file's text from byte offset ``since`` ("" if it does not exist yet)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects among ``text``'s lines (structlog events); other lines are skipped."""
+    events = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                events.append(obj)
+    return events
+
+
 def _alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
@@ -633,25 +657,11 @@ class Host(_InNamespaces):
             return 0
 
     def log_text(self, since: int = 0) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(since)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, since)
 
     def log_events(self, since: int = 0) -> list[dict[str, Any]]:
         """The agent's JSON log lines from byte offset ``since`` (non-JSON lines skipped)."""
-        events = []
-        for line in self.log_text(since).splitlines():
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-                if isinstance(obj, dict):
-                    events.append(obj)
-        return events
+        return json_lines(self.log_text(since))
 
     def wait_for_log(
         self,

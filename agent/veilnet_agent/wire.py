@@ -177,14 +177,33 @@ def policy_from_proto(msg: pb.Policy) -> Raw:
 # --------------------------------------------------------------------------- whole states and deltas
 
 
-def state_to_proto(raw: Mapping[str, Any]) -> pb.NodeState:
+Memo = dict[int, tuple[object, Any]]
+
+
+def _memo(memo: Memo | None, item: Any, convert: Any) -> Any:
+    """``convert(item)``, once per object while ``memo`` lives (the memo keeps ``item`` alive: ids stay unique)."""
+    if memo is None:
+        return convert(item)
+    found = memo.get(id(item))
+    if found is not None and found[0] is item:
+        return found[1]
+    made = convert(item)
+    memo[id(item)] = (item, made)
+    return made
+
+
+def _items(memo: Memo | None, items: Any, convert: Any) -> list[Any]:
+    return _memo(memo, items, lambda xs: [convert(x) for x in xs or ()]) if items else []
+
+
+def state_to_proto(raw: Mapping[str, Any], memo: Memo | None = None) -> pb.NodeState:
     return pb.NodeState(
         node=_text(raw, "node"),
         transport_address=_text(raw, "transport_address"),
-        segments=[segment_to_proto(s) for s in raw.get("segments") or ()],
+        segments=_items(memo, raw.get("segments"), segment_to_proto),
         endpoints=[endpoint_to_proto(e) for e in raw.get("endpoints") or ()],
-        peers=[peer_to_proto(p) for p in raw.get("peers") or ()],
-        policies=[policy_to_proto(p) for p in raw.get("policies") or ()],
+        peers=[_memo(memo, p, peer_to_proto) for p in raw.get("peers") or ()],
+        policies=_items(memo, raw.get("policies"), policy_to_proto),
     )
 
 
@@ -280,21 +299,21 @@ def apply_delta(state: Mapping[str, Any], delta: Delta) -> dict[str, Any]:
     return result
 
 
-def delta_to_proto(delta: Delta) -> pb.StateDelta:
+def delta_to_proto(delta: Delta, memo: Memo | None = None) -> pb.StateDelta:
     msg = pb.StateDelta(
         transport_address=delta.transport_address or "",
-        peer_upserts=[peer_to_proto(p) for p in delta.peer_upserts],
+        peer_upserts=[_memo(memo, p, peer_to_proto) for p in delta.peer_upserts],
         peer_removes=list(delta.peer_removes),
     )
     if delta.segments is not None:
         msg.segments.SetInParent()
-        msg.segments.items.extend(segment_to_proto(s) for s in delta.segments)
+        msg.segments.items.extend(_items(memo, delta.segments, segment_to_proto))
     if delta.endpoints is not None:
         msg.endpoints.SetInParent()
         msg.endpoints.items.extend(endpoint_to_proto(e) for e in delta.endpoints)
     if delta.policies is not None:
         msg.policies.SetInParent()
-        msg.policies.items.extend(policy_to_proto(p) for p in delta.policies)
+        msg.policies.items.extend(_items(memo, delta.policies, policy_to_proto))
     return msg
 
 

@@ -31,6 +31,7 @@ def compile_nodes(
     public_keys: Mapping[str, str],
     attached: Mapping[str, Sequence[EndpointSpec]],
     excluded: Collection[str] = (),
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The agent state of every spec node not in ``excluded``, by node name.
 
@@ -94,6 +95,8 @@ def compile_nodes(
 
     by_name = {n.name: n for n in nodes}
     views: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+    old_views: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = (previous or {}).get("views", {})
+    old_sets: dict[tuple[str, ...], tuple[list[Any], list[Any]]] = (previous or {}).get("sets", {})
 
     def view(peer: str, shared: tuple[str, ...]) -> dict[str, Any]:
         found = views.get((peer, shared))
@@ -113,6 +116,9 @@ def compile_nodes(
         if n.keepalive:
             made["keepalive"] = n.keepalive
         made["endpoints"] = endpoints
+        before = old_views.get((peer, shared))
+        if before is not None and before == made:
+            made = before  # unchanged since the last compile: the same object, so diffs compare by identity
         views[(peer, shared)] = made
         return made
 
@@ -127,6 +133,10 @@ def compile_nodes(
                 [raw_segments[s] for s in mine],
                 [raw for raw, refs in zip(raw_policies, policy_segments, strict=True) if refs <= mine_set],
             )
+            before_sets = old_sets.get(mine)
+            if before_sets is not None:
+                sections = (before_sets[0] if before_sets[0] == sections[0] else sections[0],
+                            before_sets[1] if before_sets[1] == sections[1] else sections[1])
             per_set[mine] = sections
         shared: dict[str, list[str]] = {}
         for s in mine:  # spec order, so each shared list comes out in spec order
@@ -146,6 +156,9 @@ def compile_nodes(
             "peers": peers,
             "policies": sections[1],
         }
+    if previous is not None:
+        previous["views"] = views
+        previous["sets"] = per_set
     return states
 
 

@@ -67,6 +67,7 @@ class Session:
         self.target: dict[str, Any] | None = None
         self.target_revision = 0
         self.commands: deque[cpb.Command] = deque()
+        self.memo: wire.Memo | None = None  # protos of the shared parts of the target's compile
         self.wake = asyncio.Event()
         self.closed_reason: str | None = None
 
@@ -74,9 +75,10 @@ class Session:
         self.closed_reason = reason
         self.wake.set()
 
-    def set_target(self, state: dict[str, Any] | None, revision: int) -> None:
+    def set_target(self, state: dict[str, Any] | None, revision: int, memo: wire.Memo | None = None) -> None:
         self.target = state
         self.target_revision = revision
+        self.memo = memo
         self.wake.set()
 
     def next_message(self) -> cpb.ControllerMessage | None:
@@ -87,13 +89,13 @@ class Session:
             return None
         update = cpb.NodeUpdate(spec_revision=self.target_revision, base_sequence=self.sequence)
         if self.sent_state is None:
-            update.snapshot.CopyFrom(wire.state_to_proto(self.target))
+            update.snapshot.CopyFrom(wire.state_to_proto(self.target, self.memo))
         else:
             delta = wire.diff_states(self.sent_state, self.target)
             if delta.is_empty() and self.target_revision == self.sent_revision:
                 self.sent_state = self.target
                 return None
-            update.delta.CopyFrom(wire.delta_to_proto(delta))
+            update.delta.CopyFrom(wire.delta_to_proto(delta, self.memo))
         self.sequence += 1
         update.sequence = self.sequence
         self.sent_state = self.target
@@ -116,6 +118,8 @@ class Hub:
         self.revoked_serials: set[str] = set()
         self._recompile_task: asyncio.Task[None] | None = None
         self.compile_seconds = 0.0
+        self._compiled: dict[str, Any] = {}  # the last compile's shared parts, reused when unchanged
+        self.proto_memo: wire.Memo = {}
         self.compiles = 0  # how many recompiles ran (coalescing shows here)
 
     # ------------------------------------------------------------------ loading
@@ -147,13 +151,15 @@ class Hub:
             self.states = {}
         else:
             try:
-                self.states = compile_nodes(self.spec, self.public_keys, self.attached, excluded=self.revoked_nodes)
+                self.states = compile_nodes(self.spec, self.public_keys, self.attached, excluded=self.revoked_nodes,
+                                            previous=self._compiled)
             except ValidationError as exc:  # keys are checked on arrival; this is a last line of defence
                 self.log.error("compile_failed", field=exc.field, reason=exc.reason, note="previous states kept")
                 return
         self.compile_seconds = time.perf_counter() - started
+        self.proto_memo = {}
         for node, session in self.sessions.items():
-            session.set_target(self._state_of(node), self.spec_revision)
+            session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
         self.log.info("compiled", revision=self.spec_revision, nodes=len(self.states),
                       seconds=round(self.compile_seconds, 4))
 
@@ -173,7 +179,9 @@ class Hub:
             self._recompile_task = asyncio.get_running_loop().create_task(self._delayed_recompile())
 
     async def _delayed_recompile(self) -> None:
-        await asyncio.sleep(RECOMPILE_DELAY)
+        # Coalesce for longer when compiling is expensive: a hello storm of new keys then costs a few
+        # recompiles (each followed by a delta to every session) instead of one every RECOMPILE_DELAY.
+        await asyncio.sleep(max(RECOMPILE_DELAY, 4 * self.compile_seconds))
         self.recompile_now()
 
     def set_spec(self, spec: NetworkSpec, revision: int) -> None:
@@ -219,7 +227,7 @@ class Hub:
         if self.spec is not None and hello.attached_endpoints:
             raws = [wire.endpoint_from_proto(e) for e in hello.attached_endpoints]
             changed |= self._store_attached(node, raws)
-        session.set_target(self._state_of(node), self.spec_revision)
+        session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
         if changed:
             self.request_recompile()
         self.log.info("agent_connected", node=node, capabilities=list(hello.capabilities))

@@ -251,6 +251,8 @@ class _BadMessage(Exception):
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, services: Services) -> None:
         self.s = services
+        # the current revision: number, parsed spec, canonical text (None until first needed)
+        self._current: tuple[int, Any, str | None] = (0, None, "")
 
     async def _auth(self, context: aio.ServicerContext[Any, Any], method: str) -> pki.Identity:
         return await self.s.authenticate(context, f"/veilnet.v1.Admin/{method}")
@@ -262,11 +264,33 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         except ValidationError as exc:
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
 
-    def _current_canonical(self) -> tuple[int, str]:
+    def _current_raw(self) -> tuple[int, Any]:
+        """The current revision's number and parsed spec (cached: revisions never change)."""
         record = self.s.store.revision()
         if record is None:
-            return 0, ""
-        return record.number, canonical_text(load_spec_text(record.spec_text))
+            return 0, None
+        if self._current[0] != record.number:
+            self._current = (record.number, load_spec_text(record.spec_text), None)
+        return self._current[0], self._current[1]
+
+    async def _diff_texts(self, current: tuple[int, Any, str | None], raw: Any) -> tuple[str, str]:
+        """(canonical text of ``raw``, unified diff from the current revision), computed in a thread.
+
+        Dumping a 1,000-node spec as canonical YAML takes a few hundred ms; off the event loop, the
+        Sync streams keep sending meanwhile.
+        """
+        number, current_raw, current_text = current
+
+        def work() -> tuple[str, str, str]:
+            old = current_text if current_text is not None else (
+                canonical_text(current_raw) if current_raw is not None else "")
+            new = canonical_text(raw)
+            return old, new, unified_diff(old, new, f"revision {number}", "new")
+
+        old_text, new_text, diff = await asyncio.to_thread(work)
+        if self._current[0] == number and self._current[2] is None:
+            self._current = (number, current_raw, old_text)
+        return new_text, diff
 
     async def ApplySpec(self, request: apb.ApplySpecRequest,
                         context: aio.ServicerContext[Any, Any]) -> apb.ApplySpecResponse:
@@ -279,13 +303,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                           spec: Any, message: str, expected: int | None,
                           rolled_back_from: int | None) -> apb.ApplySpecResponse:
         s = self.s
-        current_number, current_text = self._current_canonical()
-        new_text = canonical_text(raw)
-        diff = unified_diff(current_text, new_text, f"revision {current_number}", "new")
+        current_number, current_raw = self._current_raw()
+        current = self._current
         if expected is not None and expected != current_number:
             await fail(context, grpc.StatusCode.ABORTED,
-                                f"expected revision {expected} but the current revision is {current_number}")
-        if current_number and new_text == current_text:
+                       f"expected revision {expected} but the current revision is {current_number}")
+        if current_number and raw == current_raw:  # equal data, whatever the comments, order or format
             return apb.ApplySpecResponse(revision=current_number, changed=False, diff="")
         old_spec = s.hub.spec
         try:
@@ -299,17 +322,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if rolled_back_from:
             detail["restored_revision"] = rolled_back_from
         s.store.append_audit(who.name, who.role, action, "network-spec", record.number, detail)
-        s.hub.set_spec(spec, record.number)
+        s.hub.set_spec(spec, record.number)  # the fan-out starts at the next await
         s.log.info("spec_applied", revision=record.number, by=who.spiffe_id, changes=changes)
+        new_text, diff = await self._diff_texts(current, raw)
+        if self._current[0] <= record.number:
+            self._current = (record.number, raw, new_text)
         return apb.ApplySpecResponse(revision=record.number, changed=True, diff=diff)
 
     async def DiffSpec(self, request: apb.DiffSpecRequest,
                        context: aio.ServicerContext[Any, Any]) -> apb.DiffSpecResponse:
         await self._auth(context, "DiffSpec")
         raw, _spec = await self._parse(context, request.spec_yaml)
-        number, current = self._current_canonical()
-        return apb.DiffSpecResponse(current_revision=number,
-                                    diff=unified_diff(current, canonical_text(raw), f"revision {number}", "new"))
+        number, _ = self._current_raw()
+        _, diff = await self._diff_texts(self._current, raw)
+        return apb.DiffSpecResponse(current_revision=number, diff=diff)
 
     async def GetSpec(self, request: apb.GetSpecRequest, context: aio.ServicerContext[Any, Any]) -> apb.GetSpecResponse:
         await self._auth(context, "GetSpec")

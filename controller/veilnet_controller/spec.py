@@ -537,9 +537,12 @@ def validate_attached_endpoints(
 # --------------------------------------------------------------------------- diffs
 
 
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter: same text, ~4x faster
+
+
 def canonical_text(raw: object) -> str:
     """The spec as sorted-key block YAML: comments and formatting do not show in a diff of two of these."""
-    text: str = yaml.safe_dump(_plain(raw), sort_keys=True, default_flow_style=False, allow_unicode=True)
+    text: str = yaml.dump(_plain(raw), Dumper=_DUMPER, sort_keys=True, default_flow_style=False, allow_unicode=True)
     return text
 
 

@@ -119,6 +119,11 @@ def test_every_host_joined_and_applied_the_spec(ctl_lab: Lab) -> None:
         assert mode == 0o660, oct(mode)
         assert (host.state_dir / "identity" / "node.key").stat().st_mode & 0o777 == 0o600
     assert verdicts(ctl_lab) == ["ok", "timeout"]
+    # Agents report their health: every peer has a recent WireGuard handshake.
+    wait_until(lambda: all(n["peers_with_recent_handshake"] == n["peers"] == 2 for n in ctl.nodes().values()),
+               PROPAGATE, 0.5, "every node reports a handshake with both peers")
+    table = ctl.veilctl("nodes").stdout
+    assert "HANDSHAKES" in table and "2/2" in table, table
 
 
 def test_policy_change_through_veilctl_changes_traffic(ctl_lab: Lab) -> None:
@@ -249,6 +254,34 @@ def test_agent_restart_without_controller_restores_the_last_state(ctl_lab: Lab) 
         since = offsets(lab)
         ctl.start()
     wait_resynced_without_kernel_work(lab, since)
+
+
+def test_agent_restart_mid_stream_recreates_nothing(ctl_lab: Lab) -> None:
+    lab = ctl_lab
+    host = lab.host("host-b")
+    before = host.ifindexes("vn")
+    offset = host.log_offset()
+    with pinging(lab, "a-web", "203.0.113.20", 6) as ping:
+        time.sleep(0.5)
+        host.stop_agent(signal.SIGKILL)
+        host.start_agent()
+    sent, received, out = loss(ping)
+    assert received == sent, out
+    wait_until(lambda: events_since(lab, "host-b", offset, "update_applied"), 30, 0.2, "host-b resynced")
+    applied = [e["kernel_operations"] for e in events_since(lab, "host-b", offset, "update_applied")]
+    assert applied and set(applied) == {0}, applied  # (a certificate renewal may add another zero-op resync)
+    assert not events_since(lab, "host-b", offset, "applied"), "the restart changed kernel objects"
+    assert host.ifindexes("vn") == before
+
+
+def test_drift_is_repaired_and_reported_to_the_controller(ctl_lab: Lab) -> None:
+    lab, ctl = ctl_lab, ctl_lab.controller
+    before = ctl.nodes()["host-a"]["drift_repairs"]
+    lab.host("host-a").run(["bridge", "fdb", "del", "02:00:00:0b:00:01", "dev", "vnvx100", "master"])
+    wait_until(lambda: ctl.nodes()["host-a"]["drift_repairs"] > before, PROPAGATE, 0.5,
+               "host-a repaired the deleted FDB entry and told the controller")
+    assert "02:00:00:0b:00:01" in lab.host("host-a").run(["bridge", "fdb", "show", "dev", "vnvx100"]).stdout
+    assert any(e.get("event") == "agent_repaired_drift" and e.get("node") == "host-a" for e in ctl.events())
 
 
 def test_certificates_renew_at_two_thirds_of_their_life(ctl_lab: Lab) -> None:

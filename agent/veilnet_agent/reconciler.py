@@ -89,6 +89,8 @@ class Reconciler:
         self._cache: KernelState | None = None  # the kernel as last applied; None = unknown
         self._geneve: bool | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wg-apply")
+        self.handshakes: dict[str, int] = {}  # as of the last read-back
+        self.drift_repairs = 0  # full resyncs that found and repaired drift
 
     # -- desired state -------------------------------------------------
     @property
@@ -154,6 +156,7 @@ class Reconciler:
     def observe(self) -> KernelState:
         links = self.links.observe()
         wg = self.wireguard.observe()
+        self.handshakes = dict(getattr(wg, "handshakes", {}))  # public key -> epoch seconds (0: never)
         return KernelState(links=links.links, fdb=links.fdb, neigh=links.neigh, wg=wg.interface, wg_peers=wg.peers)
 
     def reconcile(self, *, full: bool) -> Outcome:
@@ -175,6 +178,7 @@ class Reconciler:
         target = self.rendered.target
         outcome.ops = plan(target, observed)
         outcome.drift = full and bool(outcome.ops) and self._generation == self._converged_generation
+        self.drift_repairs += outcome.drift
         if outcome.ops:
             result = self._apply(outcome.ops)
             outcome.failed = result.failed

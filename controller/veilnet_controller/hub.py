@@ -49,6 +49,8 @@ class NodeRuntime:
     last_seen: datetime | None = None
     capabilities: tuple[str, ...] = ()
     kernel_operations: int = 0
+    peers_with_recent_handshake: int = 0
+    drift_repairs: int = 0
 
 
 class KeyConflict(Exception):
@@ -255,6 +257,14 @@ class Hub:
             rt.rejected_spec_revision = ack.spec_revision
             self.log.warning("agent_rejected_state", node=session.node, sequence=ack.sequence,
                              field=ack.error_field, value=ack.error_value, reason=ack.error_reason)
+
+    def status_reported(self, session: Session, status: cpb.AgentStatus) -> None:
+        rt = self.runtime.setdefault(session.node, NodeRuntime())
+        rt.last_seen = now_utc()
+        rt.peers_with_recent_handshake = status.peers_with_recent_handshake
+        if status.drift_repairs > rt.drift_repairs:
+            self.log.warning("agent_repaired_drift", node=session.node, drift_repairs=status.drift_repairs)
+        rt.drift_repairs = status.drift_repairs
 
     def key_update(self, session: Session, key: str) -> None:
         self._check_key(session.node, key)

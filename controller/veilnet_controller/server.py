@@ -235,6 +235,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     hub.key_update(session, key)
                 except KeyConflict as exc:
                     raise _BadMessage(f"key_update.wireguard_public_key: {exc}") from None
+            elif kind == "status":
+                hub.status_reported(session, message.status)
             elif kind == "endpoints":
                 hub.endpoints_reported(session, [wire.endpoint_from_proto(e) for e in message.endpoints.endpoints])
             else:
@@ -386,6 +388,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 applied_spec_revision=rt.applied_spec_revision if rt else 0,
                 last_error=rt.last_error if rt else "",
                 rejected_spec_revision=rt.rejected_spec_revision if rt else 0,
+                peers_with_recent_handshake=rt.peers_with_recent_handshake if rt else 0,
+                drift_repairs=rt.drift_repairs if rt else 0,
                 last_seen=rfc3339(rt.last_seen) if rt else "",
                 certificate_expires=rfc3339(rec.certificate_not_after) if rec else "",
                 peers=len(state["peers"]) if state else 0,

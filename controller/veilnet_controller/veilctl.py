@@ -210,15 +210,17 @@ def cmd_nodes(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
         rev = str(n.applied_spec_revision) if n.applied_spec_revision else "-"
         if n.applied_spec_revision and n.applied_spec_revision < resp.current_revision and n.in_spec:
             rev += " (behind)"
-        rows.append([n.name, _node_state(n), "yes" if n.in_spec else "no", rev, str(n.peers),
+        handshakes = f"{n.peers_with_recent_handshake}/{n.peers}" if n.connected else "-"
+        rows.append([n.name, _node_state(n), "yes" if n.in_spec else "no", rev, str(n.peers), handshakes,
                      n.last_seen or "-", n.certificate_expires or "-", n.last_error or ""])
     data = {"current_revision": resp.current_revision, "nodes": [
         {"name": n.name, "state": _node_state(n), "in_spec": n.in_spec, "applied_spec_revision":
-         n.applied_spec_revision, "peers": n.peers, "last_seen": n.last_seen, "certificate_expires":
+         n.applied_spec_revision, "peers": n.peers, "peers_with_recent_handshake": n.peers_with_recent_handshake,
+         "drift_repairs": n.drift_repairs, "last_seen": n.last_seen, "certificate_expires":
          n.certificate_expires, "last_error": n.last_error, "wireguard_public_key": n.wireguard_public_key,
          "capabilities": list(n.capabilities)} for n in resp.nodes]}
     _emit(args, data, f"current revision: {resp.current_revision}\n" + _table(
-        ["NAME", "STATE", "IN-SPEC", "APPLIED", "PEERS", "LAST-SEEN", "CERT-EXPIRES", "ERROR"], rows))
+        ["NAME", "STATE", "IN-SPEC", "APPLIED", "PEERS", "HANDSHAKES", "LAST-SEEN", "CERT-EXPIRES", "ERROR"], rows))
     return EXIT_OK
 
 

@@ -45,16 +45,18 @@ class RenewResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_bundle_pem: _Optional[bytes] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "ack", "endpoints", "key_update")
+    __slots__ = ("hello", "ack", "endpoints", "key_update", "status")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     KEY_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
     endpoints: EndpointReport
     key_update: KeyUpdate
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointReport, _Mapping]] = ..., key_update: _Optional[_Union[KeyUpdate, _Mapping]] = ...) -> None: ...
+    status: AgentStatus
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointReport, _Mapping]] = ..., key_update: _Optional[_Union[KeyUpdate, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("agent_version", "capabilities", "wireguard_public_key", "applied_sequence", "applied_spec_revision", "attached_endpoints")
@@ -95,6 +97,28 @@ class EndpointReport(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     endpoints: _containers.RepeatedCompositeFieldContainer[_state_pb2.LocalEndpoint]
     def __init__(self, endpoints: _Optional[_Iterable[_Union[_state_pb2.LocalEndpoint, _Mapping]]] = ...) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("applied_spec_revision", "segments", "endpoints", "peers", "policies", "peers_with_recent_handshake", "drift_repairs", "last_error", "certificate_expires")
+    APPLIED_SPEC_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_WITH_RECENT_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_REPAIRS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    applied_spec_revision: int
+    segments: int
+    endpoints: int
+    peers: int
+    policies: int
+    peers_with_recent_handshake: int
+    drift_repairs: int
+    last_error: str
+    certificate_expires: str
+    def __init__(self, applied_spec_revision: _Optional[int] = ..., segments: _Optional[int] = ..., endpoints: _Optional[int] = ..., peers: _Optional[int] = ..., policies: _Optional[int] = ..., peers_with_recent_handshake: _Optional[int] = ..., drift_repairs: _Optional[int] = ..., last_error: _Optional[str] = ..., certificate_expires: _Optional[str] = ...) -> None: ...
 
 class KeyUpdate(_message.Message):
     __slots__ = ("wireguard_public_key",)

@@ -192,15 +192,17 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         except KeyConflict as exc:
             s.log.warning("wireguard_key_conflict", node=identity.name, reason=str(exc))
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"hello.wireguard_public_key: {exc}")
-        await context.send_initial_metadata((("veilnet-node", identity.name),))  # tells the agent it is connected
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
         try:
+            await context.send_initial_metadata((("veilnet-node", identity.name),))  # tells the agent it is in
             while True:
+                if session.closed_reason is not None:
+                    break  # revoked or replaced: not one more message
                 message = session.next_message()
                 if message is not None:
                     yield message
                     continue
-                if session.closed_reason is not None or reader.done():
+                if reader.done():
                     break
                 session.wake.clear()
                 waiter = asyncio.ensure_future(session.wake.wait())

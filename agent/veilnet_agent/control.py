@@ -72,6 +72,7 @@ class ControlClient:
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
         self.connected = False
         self.endpoint = ""
+        self._misbehaved = False  # the daemon ended the stream over a bad message: back off before dialling
 
     def start(self) -> None:
         self._thread.start()
@@ -89,9 +90,11 @@ class ControlClient:
             self._outgoing.put(message)
             return True
 
-    def reconnect(self, reason: str) -> None:
-        """End the current stream (e.g. after a certificate renewal); the loop dials again at once."""
+    def reconnect(self, reason: str, *, misbehaved: bool = False) -> None:
+        """End the current stream (e.g. after a certificate renewal); the loop dials again at once,
+        or after the backoff delay if the controller ``misbehaved`` (a bad message must not cause a dial loop)."""
         self.log.info("control_reconnect", reason=reason)
+        self._misbehaved = misbehaved
         self._cancel()
 
     def _cancel(self) -> None:
@@ -117,9 +120,10 @@ class ControlClient:
         delays = backoff_delays(INITIAL_BACKOFF, self.max_backoff, random.Random())
         while not self._stop.is_set():
             got_message = self._one_stream()
+            misbehaved, self._misbehaved = self._misbehaved, False
             if self._stop.is_set():
                 break
-            if got_message:
+            if got_message and not misbehaved:
                 delays = backoff_delays(INITIAL_BACKOFF, self.max_backoff, random.Random())
                 delay = 0.05  # a stream that worked and ended (renewal, controller restart): dial again soon
             else:
@@ -127,7 +131,7 @@ class ControlClient:
             self._stop.wait(delay)
 
     def _one_stream(self) -> bool:
-        """Run one Sync stream to its end. True if the controller accepted it."""
+        """Run one Sync stream to its end. True if the controller accepted it and sent a decodable message."""
         outgoing: queue.Queue[cpb.AgentMessage | None] = queue.Queue()
         got_message = False
         reason = "stream ended"
@@ -160,11 +164,11 @@ class ControlClient:
                 for _ in call:  # raises the call's real status
                     pass
                 raise _NotAccepted("the controller closed the stream without accepting it")
-            got_message = True
             self.connected = True
             self.log.info("control_connected", controller=self.endpoint)
             self.deliver(StreamEvent("connected"))
-            for message in call:
+            for message in call:  # an undecodable message ends the stream (INTERNAL) before got_message
+                got_message = True
                 self.deliver(StreamEvent("message", message))
         except _NotAccepted as exc:
             reason = str(exc)

@@ -189,7 +189,7 @@ class ControlledDaemon:
         else:
             self.log.error("update_out_of_order", sequence=update.sequence, base=update.base_sequence,
                            have=self.received_sequence, note="reconnecting for a fresh snapshot")
-            self.client.reconnect("update out of order")
+            self.client.reconnect("update out of order", misbehaved=True)
             return
         self.received = new
         self.received_sequence = update.sequence

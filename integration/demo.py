@@ -121,10 +121,8 @@ def run_demo(demo: Demo, iperf_seconds: int) -> None:
                f"mutual TLS {ctl.control_endpoint}, join {ctl.bootstrap_endpoint}, CA {ctl.ca_hash[:23]}...")
 
     heading("Joining three hosts with single-use tokens (CA pinned by hash)")
-    lab._config_args = {"resync_interval": 2.0, "log_level": "info", "backend": "auto"}
     for h in topo.hosts:
-        host = lab.add_host(h.name, h.underlay_ipv4, h.underlay_ipv6)
-        host.write_config(listen_port=h.listen_port, underlay_address=h.underlay_address, **lab._config_args)
+        host = lab.configure_host(h, resync_interval=2.0)
         token = ctl.token(h.name)
         res = host.join(ctl, token=token, check=False)
         demo.check(f"{h.name} joined", res.returncode == 0, (res.stdout or res.stderr).strip().splitlines()[0])

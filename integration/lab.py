@@ -952,6 +952,13 @@ class Lab:
                 host.start_agent()
         return new_hosts
 
+    def configure_host(self, spec: HostSpec, **config: Any) -> Host:
+        """Create the host's namespaces and write its agent config (the lab's defaults, overridden by ``config``)."""
+        host = self.add_host(spec.name, spec.underlay_ipv4, spec.underlay_ipv6)
+        args = {**getattr(self, "_config_args", {}), **config}
+        host.write_config(listen_port=spec.listen_port, underlay_address=spec.underlay_address, **args)
+        return host
+
     def start_controller(self, **kw: Any) -> Any:
         """A real controller in the underlay namespace at 192.0.2.2 (ports 7443 mutual TLS, 7444 join)."""
         from ctl import ControllerProcess
@@ -976,9 +983,7 @@ class Lab:
         self._config_args = {"resync_interval": resync_interval, "log_level": log_level, "backend": "auto"}
         ctl = self.start_controller(**controller_kw)
         for h in topo.hosts:
-            host = self.add_host(h.name, h.underlay_ipv4, h.underlay_ipv6)
-            host.write_config(listen_port=h.listen_port, underlay_address=h.underlay_address, **self._config_args)
-            host.join(ctl)
+            self.configure_host(h).join(ctl)
         for e in topo.endpoints:
             self.add_endpoint(e.name)
         for host in self.hosts.values():

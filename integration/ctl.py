@@ -43,7 +43,7 @@ class ControllerProcess:
     def __init__(self, workdir: Path, *, host: str = "127.0.0.1", netns: str | None = None,
                  server_names: list[str] | None = None, certificate_lifetime: str = "24h",
                  control_port: int | None = None, bootstrap_port: int | None = None,
-                 trust_domain: str = "veilnet.test") -> None:
+                 trust_domain: str = "veilnet.test", serve_args: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.data = self.workdir / "controller"
         self.host = host
@@ -53,6 +53,7 @@ class ControllerProcess:
         self.control_port = control_port or free_port()
         self.bootstrap_port = bootstrap_port or free_port()
         self.trust_domain = trust_domain
+        self.serve_args = serve_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "controller.log"
         self.ca_hash = ""
@@ -87,7 +88,7 @@ class ControllerProcess:
             self.proc = subprocess.Popen(
                 self._wrap([_bin("veilnet-controller"), "serve", "--data-dir", str(self.data),
                             "--listen", self.control_endpoint, "--bootstrap-listen", self.bootstrap_endpoint,
-                            "--certificate-lifetime", self.certificate_lifetime]),
+                            "--certificate-lifetime", self.certificate_lifetime, *self.serve_args]),
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not any(e.get("event") == "serving" for e in self.events(self.log_offset)):

@@ -674,3 +674,19 @@ def test_join_tokens_are_stored_only_as_hashes(fresh_controller: ControllerProce
         assert t.encode() not in stored
         assert token_hash(t).encode() in stored  # we are looking where the tokens live
         assert t not in c.log_text()
+
+
+def test_failed_joins_are_throttled_per_source_address(tmp_path: Path) -> None:
+    """After N failed joins from one address within a minute, Join is refused before any token is looked at."""
+    with ControllerProcess(tmp_path / "throttled", serve_args=("--join-failures-per-minute", "3")).init() as c:
+        c.start()
+        for i in range(3):
+            res, identity = agent_join(c, f"guess-{i}", "vnjoin_" + secrets.token_urlsafe(32))
+            assert_join_refused(res, identity, "unknown join token")
+        good = c.token("host-a")
+        res, identity = agent_join(c, "host-a", good)
+        assert_join_refused(res, identity, "RESOURCE_EXHAUSTED", "too many failed joins from 127.0.0.1")
+        entries = audit_entries(c)
+        assert [e["action"] for e in entries].count("node.join-refused") == 3  # the throttled try never got that far
+        assert "node.join" not in [e["action"] for e in entries]  # and the good token was not spent
+        assert c.proc is not None and c.proc.poll() is None

@@ -90,6 +90,16 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def resolve_control_endpoint(advertised: str, bootstrap: str) -> str:
+    """Where to dial for Sync: what the controller advertised; a bare ":PORT" means the host we joined through."""
+    if not advertised:
+        return bootstrap
+    if advertised.startswith(":"):
+        host, _ = split_endpoint(bootstrap)
+        return f"[{host}]{advertised}" if ":" in host else f"{host}{advertised}"
+    return advertised
+
+
 def check_ca_hash(text: str) -> str:
     digest = text[len(_CA_HASH_PREFIX):] if text.startswith(_CA_HASH_PREFIX) else ""
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -162,8 +172,9 @@ def join(files: IdentityFiles, node: str, endpoint: str, token: str, ca_hash: st
     pki.write_private_key(files.key, key)
     pki.write_public_file(files.cert, response.certificate_pem)
     pki.write_public_file(files.ca, response.ca_bundle_pem)
+    control = resolve_control_endpoint(response.control_endpoint, endpoint)
     pki.write_public_file(files.controller, json.dumps({
-        "control_endpoint": response.control_endpoint or endpoint,
+        "control_endpoint": control,
         "bootstrap_endpoint": endpoint,
         "spiffe_id": identity.spiffe_id,
         "joined_at": datetime.now(UTC).isoformat(),

@@ -73,6 +73,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _default_advertise(listen: str) -> str:
+    """What joining agents are told to dial: the listen address, or only its port for a wildcard listen.
+
+    A bare ":PORT" makes the agent use the host it reached the bootstrap listener at.
+    """
+    host, _, port = listen.rpartition(":")
+    return f":{port}" if host.strip("[]") in ("0.0.0.0", "::", "") else listen
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .hub import Hub
     from .server import ServerSettings, Services, serve
@@ -86,8 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         control_listen=args.listen,
         bootstrap_listen=args.bootstrap_listen,
-        control_endpoint=args.advertise or args.listen,
+        control_endpoint=args.advertise or _default_advertise(args.listen),
         certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime"),
+        join_failures_per_minute=args.join_failures_per_minute,
     )
     services = Services(ca, store, hub, settings)
     key = (data / "server.key").read_bytes()
@@ -152,8 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     p = add("serve", "serve agents and operators")
     p.add_argument("--listen", default="0.0.0.0:7443", help="mutual-TLS listener (agents' Sync, operators)")
     p.add_argument("--bootstrap-listen", default="0.0.0.0:7444", help="join listener (token + CSR)")
-    p.add_argument("--advertise", help="HOST:PORT agents dial after joining (default: --listen)")
+    p.add_argument("--advertise", help="HOST:PORT agents dial after joining (default: --listen; for a wildcard "
+                                       "listen, the host the agent joined through with --listen's port)")
     p.add_argument("--certificate-lifetime", default="24h", help="node certificate lifetime")
+    p.add_argument("--join-failures-per-minute", type=int, default=20,
+                   help="failed joins allowed per source address and minute before Join is refused for a while")
     p.set_defaults(func=cmd_serve)
     p = add("operator-cert", "issue an operator credential with a role")
     p.add_argument("--name", required=True)

@@ -38,6 +38,7 @@ from .ca import CertificateAuthority, certificate_pem
 from .hub import Hub, KeyConflict, Session
 from .spec import canonical_text, load_spec_text, parse_spec, summarize_changes, unified_diff
 from .store import ConflictError, Store, TokenResult
+from .throttle import FailureThrottle, peer_address
 
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 MAX_BOOTSTRAP_MESSAGE = 64 * 1024
@@ -59,6 +60,7 @@ class ServerSettings:
     bootstrap_listen: str
     control_endpoint: str  # what agents are told to dial after joining
     certificate_lifetime: timedelta
+    join_failures_per_minute: int = 20  # per source address; beyond, Join is refused for a while
 
 
 def rfc3339(value: datetime | None) -> str:
@@ -84,6 +86,7 @@ class Services:
         self.hub = hub
         self.settings = settings
         self.log = structlog.get_logger("veilnet.controller")
+        self.join_throttle = FailureThrottle(settings.join_failures_per_minute)
 
     async def authenticate(self, context: aio.ServicerContext[Any, Any], method: str) -> pki.Identity:
         """The caller's identity if its certificate is ours, unrevoked, and its role may call ``method``."""
@@ -119,15 +122,22 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         if not self.bootstrap:
             await s.authenticate(context, "/veilnet.v1.Controller/Join")  # not in MATRIX: denied (and audited)
             await fail(context, grpc.StatusCode.FAILED_PRECONDITION, "Join is served on the bootstrap listener")
+        source = peer_address(context.peer())
+        wait = s.join_throttle.retry_after(source)
+        if wait:
+            await fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"too many failed joins from {source}; retry in {wait:.0f} s")
         try:
             node = validate_name(request.node_name, "node_name")
         except ValidationError as exc:
+            s.join_throttle.failed(source)
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
         # Sign before spending the token (signing has no side effect): a malformed CSR must not burn it.
         # The certificate is handed out only if the token is good.
         try:
             cert = s.ca.sign_node_csr(request.csr_pem, node, s.settings.certificate_lifetime)
         except pki.PkiError as exc:
+            s.join_throttle.failed(source)
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
         result = s.store.consume_token(request.token, node)
         if result is not TokenResult.OK:
@@ -137,6 +147,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 TokenResult.EXPIRED: "join token expired",
                 TokenResult.WRONG_NODE: f"join token was not issued for node {node!r}",
             }[result]
+            s.join_throttle.failed(source)
             s.log.warning("join_refused", node=node, reason=reason, peer=context.peer())
             s.store.append_audit("anonymous", "none", "node.join-refused", node, None,
                                  {"reason": reason, "peer": context.peer()})

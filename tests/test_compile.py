@@ -134,7 +134,8 @@ def test_example_compiles_to_valid_states() -> None:
 def test_state_shape() -> None:
     spec = example()
     state = compile_nodes(spec, keys_for(spec), {})["host-b"]
-    assert list(state) == ["node", "transport_address", "segments", "endpoints", "peers", "policies"]
+    assert list(state) == ["node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels"]
+    assert state["node_labels"] == {"node.zone": "b"}  # so endpoints the agent attaches itself get them too
     assert state["endpoints"][1] == {
         "name": "b-db", "segment": "green", "mac": "02:00:00:0b:00:02", "ipv4": "203.0.113.84",
         "netns": "b-db", "ifname": "eth0", "labels": {"app": "db", "node.zone": "b"},

@@ -76,3 +76,28 @@ def test_diff_then_apply_through_protobuf_reproduces_the_new_state(
     assert got["policies"] == new["policies"]
     unchanged = old_ids & new_ids - changed
     assert not {p["name"] for p in delta.peer_upserts} & {f"peer-{i}" for i in unchanged}
+
+
+def test_node_labels_reach_attached_endpoints_and_travel_in_deltas() -> None:
+    state = copy.deepcopy(EXAMPLE)
+    state["node_labels"] = {"node.zone": "a"}
+    parsed = parse_node_state(roundtrip(state))
+    assert all(("node.zone", "a") in e.labels for e in parsed.endpoints)
+    delta = wire.diff_states(EXAMPLE, state)
+    assert delta.node_labels == {"node.zone": "a"} and not delta.peers_only
+    back = wire.delta_from_proto(state_pb2.StateDelta.FromString(wire.delta_to_proto(delta).SerializeToString()))
+    assert wire.apply_delta(EXAMPLE, back)["node_labels"] == {"node.zone": "a"}
+    removed = wire.diff_states(state, EXAMPLE)
+    assert removed.node_labels == {} and "node_labels" not in wire.apply_delta(state, removed)
+
+
+def test_an_own_label_contradicting_the_nodes_is_refused() -> None:
+    import pytest
+
+    from veilnet_agent.errors import ValidationError
+
+    state = copy.deepcopy(EXAMPLE)
+    state["node_labels"] = {"app": "db"}  # a-web says app=web
+    with pytest.raises(ValidationError) as e:
+        parse_node_state(state)
+    assert e.value.field == "endpoints[0].labels.app"

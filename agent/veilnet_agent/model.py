@@ -16,7 +16,17 @@ from typing import Literal
 from . import naming
 from . import validate as v
 from .errors import ValidationError
-from .policy import Labels, Policy, RateLimit, SegmentMode, parse_labels, parse_mode, parse_policies, parse_rate_limit
+from .policy import (
+    MAX_LABELS,
+    Labels,
+    Policy,
+    RateLimit,
+    SegmentMode,
+    parse_labels,
+    parse_mode,
+    parse_policies,
+    parse_rate_limit,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -86,6 +96,8 @@ class NodeState:
     endpoints: tuple[LocalEndpoint, ...]
     peers: tuple[Peer, ...]
     policies: tuple[Policy, ...] = ()
+    # Labels every local endpoint carries besides its own (the controller sends the node's as node.<key>).
+    node_labels: Labels = ()
     # Uniqueness claims of every name, key, address and MAC, so that a peer delta is
     # validated against the rest without re-validating everything (see update_peers).
     claims: Claims = field(default_factory=lambda: Claims(), compare=False, repr=False)
@@ -135,7 +147,7 @@ class Claims:
             del self.holder[key]
 
 
-_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers", "policies"}
+_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels"}
 _SEGMENT_KEYS = {
     "name", "vni", "encapsulation", "ipv4_subnet", "ipv4_gateway",
     "ipv6_subnet", "ipv6_gateway", "gateway_mac", "mode", "rate_limit",
@@ -367,9 +379,23 @@ def parse_node_state(raw: object) -> NodeState:
     peers = tuple(
         _parse_peer(item, f"peers[{i}]", index, transport) for i, item in enumerate(peers_raw)
     )
+    node_labels = parse_labels(data.get("node_labels"), "node_labels")
+    if node_labels:
+        endpoints = tuple(_with_node_labels(e, node_labels, f"endpoints[{i}]") for i, e in enumerate(endpoints))
     policies = parse_policies(data.get("policies"), {s.name for s in segments})
     return NodeState(node=node, transport_address=transport, segments=segments, endpoints=endpoints, peers=peers,
-                     policies=policies, claims=claims)
+                     policies=policies, node_labels=node_labels, claims=claims)
+
+
+def _with_node_labels(endpoint: LocalEndpoint, node_labels: Labels, path: str) -> LocalEndpoint:
+    """The endpoint with the node's labels added; an own label may not contradict one of them."""
+    own = dict(endpoint.labels)
+    for key, value in node_labels:
+        if own.get(key, value) != value:
+            raise ValidationError(f"{path}.labels.{key}", own[key], f"contradicts the node's label {key}={value}")
+    if len(set(own) | {k for k, _ in node_labels}) > MAX_LABELS:
+        raise ValidationError(f"{path}.labels", len(own), f"with the node's labels more than {MAX_LABELS} labels")
+    return replace(endpoint, labels=tuple(sorted({**own, **dict(node_labels)}.items())))
 
 
 def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], removes: Sequence[str]) -> NodeState:

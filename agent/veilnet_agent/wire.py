@@ -204,6 +204,7 @@ def state_to_proto(raw: Mapping[str, Any], memo: Memo | None = None) -> pb.NodeS
         endpoints=[endpoint_to_proto(e) for e in raw.get("endpoints") or ()],
         peers=[_memo(memo, p, peer_to_proto) for p in raw.get("peers") or ()],
         policies=_items(memo, raw.get("policies"), policy_to_proto),
+        node_labels=dict(raw.get("node_labels") or {}),
     )
 
 
@@ -216,6 +217,7 @@ def state_from_proto(msg: pb.NodeState) -> Raw:
         "endpoints": [endpoint_from_proto(e) for e in msg.endpoints],
         "peers": [peer_from_proto(p) for p in msg.peers],
         "policies": [policy_from_proto(p) for p in msg.policies],
+        **({"node_labels": dict(msg.node_labels)} if msg.node_labels else {}),
     }
 
 
@@ -232,21 +234,15 @@ class Delta:
     policies: list[dict[str, Any]] | None = None
     peer_upserts: list[dict[str, Any]] = field(default_factory=list)
     peer_removes: list[str] = field(default_factory=list)
+    node_labels: dict[str, str] | None = None
 
     @property
     def peers_only(self) -> bool:
         return (self.transport_address is None and self.segments is None and self.endpoints is None
-                and self.policies is None)
+                and self.policies is None and self.node_labels is None)
 
     def is_empty(self) -> bool:
-        return (
-            self.transport_address is None
-            and self.segments is None
-            and self.endpoints is None
-            and self.policies is None
-            and not self.peer_upserts
-            and not self.peer_removes
-        )
+        return self.peers_only and not self.peer_upserts and not self.peer_removes
 
 
 def _changed(old: object, new: object) -> bool:
@@ -260,6 +256,8 @@ def diff_states(old: Mapping[str, Any], new: Mapping[str, Any]) -> Delta:
         new_value = new.get(key, [])
         sections[key] = new_value if _changed(old.get(key, []), new_value) else None
     transport = new.get("transport_address")
+    new_labels = new.get("node_labels") or {}
+    labels_changed = _changed(old.get("node_labels") or {}, new_labels)
     old_peers = {p["name"]: p for p in old.get("peers", [])}
     new_names: set[str] = set()
     upserts: list[dict[str, Any]] = []
@@ -277,6 +275,7 @@ def diff_states(old: Mapping[str, Any], new: Mapping[str, Any]) -> Delta:
         policies=sections["policies"],
         peer_upserts=upserts,
         peer_removes=removes,
+        node_labels=dict(new_labels) if labels_changed else None,
     )
 
 
@@ -289,6 +288,11 @@ def apply_delta(state: Mapping[str, Any], delta: Delta) -> dict[str, Any]:
         value = getattr(delta, key)
         if value is not None:
             result[key] = value
+    if delta.node_labels is not None:
+        if delta.node_labels:
+            result["node_labels"] = dict(delta.node_labels)
+        else:
+            result.pop("node_labels", None)
     if delta.peer_upserts or delta.peer_removes or "peers" not in result:
         peers = {p["name"]: p for p in state.get("peers", [])}
         for name in delta.peer_removes:
@@ -314,6 +318,9 @@ def delta_to_proto(delta: Delta, memo: Memo | None = None) -> pb.StateDelta:
     if delta.policies is not None:
         msg.policies.SetInParent()
         msg.policies.items.extend(_items(memo, delta.policies, policy_to_proto))
+    if delta.node_labels is not None:
+        msg.node_labels.SetInParent()
+        msg.node_labels.items.update(delta.node_labels)
     return msg
 
 
@@ -325,6 +332,7 @@ def delta_from_proto(msg: pb.StateDelta) -> Delta:
         policies=[policy_from_proto(p) for p in msg.policies.items] if msg.HasField("policies") else None,
         peer_upserts=[peer_from_proto(p) for p in msg.peer_upserts],
         peer_removes=list(msg.peer_removes),
+        node_labels=dict(msg.node_labels.items) if msg.HasField("node_labels") else None,
     )
 
 

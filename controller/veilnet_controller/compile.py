@@ -156,6 +156,9 @@ def compile_nodes(
             "peers": peers,
             "policies": sections[1],
         }
+        if node_labels[n.name]:
+            # also for endpoints the agent attaches itself (the spec's own carry them already)
+            states[n.name]["node_labels"] = node_labels[n.name]
     if previous is not None:
         previous["views"] = views
         previous["sets"] = per_set

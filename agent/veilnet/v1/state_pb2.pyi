@@ -156,20 +156,29 @@ class Policy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[_Union[Selector, _Mapping]] = ..., destination: _Optional[_Union[Selector, _Mapping]] = ..., protocol: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRange, _Mapping]]] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("node", "transport_address", "segments", "endpoints", "peers", "policies")
+    __slots__ = ("node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels")
+    class NodeLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NODE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
     node: str
     transport_address: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     endpoints: _containers.RepeatedCompositeFieldContainer[LocalEndpoint]
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
-    def __init__(self, node: _Optional[str] = ..., transport_address: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[LocalEndpoint, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ...) -> None: ...
+    node_labels: _containers.ScalarMap[str, str]
+    def __init__(self, node: _Optional[str] = ..., transport_address: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[LocalEndpoint, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SegmentList(_message.Message):
     __slots__ = ("items",)
@@ -189,18 +198,33 @@ class PolicyList(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[Policy]
     def __init__(self, items: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ...) -> None: ...
 
+class LabelMap(_message.Message):
+    __slots__ = ("items",)
+    class ItemsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.ScalarMap[str, str]
+    def __init__(self, items: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class StateDelta(_message.Message):
-    __slots__ = ("transport_address", "segments", "endpoints", "policies", "peer_upserts", "peer_removes")
+    __slots__ = ("transport_address", "segments", "endpoints", "policies", "peer_upserts", "peer_removes", "node_labels")
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     PEER_UPSERTS_FIELD_NUMBER: _ClassVar[int]
     PEER_REMOVES_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
     transport_address: str
     segments: SegmentList
     endpoints: LocalEndpointList
     policies: PolicyList
     peer_upserts: _containers.RepeatedCompositeFieldContainer[Peer]
     peer_removes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, transport_address: _Optional[str] = ..., segments: _Optional[_Union[SegmentList, _Mapping]] = ..., endpoints: _Optional[_Union[LocalEndpointList, _Mapping]] = ..., policies: _Optional[_Union[PolicyList, _Mapping]] = ..., peer_upserts: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., peer_removes: _Optional[_Iterable[str]] = ...) -> None: ...
+    node_labels: LabelMap
+    def __init__(self, transport_address: _Optional[str] = ..., segments: _Optional[_Union[SegmentList, _Mapping]] = ..., endpoints: _Optional[_Union[LocalEndpointList, _Mapping]] = ..., policies: _Optional[_Union[PolicyList, _Mapping]] = ..., peer_upserts: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., peer_removes: _Optional[_Iterable[str]] = ..., node_labels: _Optional[_Union[LabelMap, _Mapping]] = ...) -> None: ...

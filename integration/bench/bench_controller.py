@@ -516,6 +516,9 @@ def timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
     return best, value
 
 
+OFF_LOOP = "in a thread, once the fan-out has started"
+
+
 def breakdown(old_text: str, new_text: str, keys: dict[str, str], work: Path) -> list[tuple[str, float, str]]:
     """Each step the controller takes for one ApplySpec + fan-out, timed alone on this machine (best of 3)."""
     from veilnet_controller.compile import compile_nodes
@@ -531,11 +534,11 @@ def breakdown(old_text: str, new_text: str, keys: dict[str, str], work: Path) ->
     spec_old = parse_spec(raw_old)
     rows.append(("parse_spec (validate)", t, ""))
     t, canon_old = timed(lambda: canonical_text(load_spec_text(old_text)), 1)
-    rows.append(("current revision: load + canonical_text", t, "YAML dump, per apply"))
+    rows.append(("current revision: load + canonical_text", t, f"{OFF_LOOP}; cached per revision"))
     t, canon_new = timed(lambda: canonical_text(raw_new), 1)
-    rows.append(("canonical_text (new)", t, "YAML dump, per apply"))
+    rows.append(("canonical_text (new)", t, OFF_LOOP))
     t, _diff = timed(lambda: unified_diff(canon_old, canon_new, "old", "new"))
-    rows.append(("unified_diff", t, f"{len(canon_new.splitlines())} lines"))
+    rows.append(("unified_diff", t, f"{OFF_LOOP}; {len(canon_new.splitlines())} lines"))
     t, _ = timed(lambda: summarize_changes(spec_old, spec_new))
     rows.append(("summarize_changes", t, ""))
     store = SQLiteStore(work / "breakdown.db")
@@ -547,16 +550,23 @@ def breakdown(old_text: str, new_text: str, keys: dict[str, str], work: Path) ->
         rows.append(("store: add_revision + append_audit", time.perf_counter() - t0, "SQLite"))
     finally:
         store.close()
-    t, states_old = timed(lambda: compile_nodes(spec_old, keys, {}))
-    t, states_new = timed(lambda: compile_nodes(spec_new, keys, {}))
-    rows.append(("compile_nodes", t, f"{len(states_new)} nodes"))
+    base: dict[str, Any] = {}
+    states_old = compile_nodes(spec_old, keys, {}, previous=base)
+
+    def recompile() -> dict[str, dict[str, Any]]:
+        previous = dict(base)  # as the hub does: the last compile's shared parts, reused where unchanged
+        return compile_nodes(spec_new, keys, {}, previous=previous)
+
+    t, states_new = timed(recompile)
+    rows.append(("compile_nodes", t, f"{len(states_new)} nodes, reusing the previous compile's shared parts"))
 
     def next_messages() -> list[cpb.ControllerMessage]:
         out = []
+        memo: dict[int, Any] = {}  # one per compile, shared by every session (as in the hub)
         for name, state in states_new.items():
             session = Session(name, "serial")
             session.sent_state, session.sent_revision, session.sequence = states_old[name], 1, 1
-            session.set_target(state, 2)
+            session.set_target(state, 2, memo)
             message = session.next_message()
             assert message is not None
             out.append(message)
@@ -761,7 +771,8 @@ def report(args: argparse.Namespace, run: Run) -> None:
         print("|---|---|---|")
         for label, seconds, note in run.rows:
             print(f"| {label} | {seconds * 1000:.1f} | {note} |")
-        print(f"| sum | {sum(r[1] for r in run.rows) * 1000:.1f} | |")
+        on_loop = [r for r in run.rows if OFF_LOOP not in r[2] and not r[0].startswith("client")]
+        print(f"| sum on the controller's event loop | {sum(r[1] for r in on_loop) * 1000:.1f} | |")
     print("\nlatency = ack written by the agent - just before ApplySpec, over all agents x changes; floor = a bare "
           "grpc.aio server sending the same pre-built delta to each stream. Target: p99 under 2000 ms.")
 

@@ -2,10 +2,21 @@
 
 Files in ``state_dir/identity`` (directory 0700)::
 
-    node.key         the host's TLS private key: generated here, never sent anywhere (0600)
-    node.crt         its certificate, spiffe://<trust-domain>/node/<name>, from the controller's CA
-    ca.crt           the CA bundle (verified against the pinned hash at join)
-    controller.json  {"control_endpoint": ..., "bootstrap_endpoint": ..., "spiffe_id": ...}
+    gen-<n>/             one complete identity, written once and never modified (0700):
+        node.key         the host's TLS private key: generated here, never sent anywhere (0600)
+        node.crt         its certificate, spiffe://<trust-domain>/node/<name>, from the controller's CA
+        ca.crt           the CA bundle (verified against the pinned hash at join)
+        controller.json  {"control_endpoint": ..., "bootstrap_endpoint": ..., "spiffe_id": ...}
+    current -> gen-<n>   the live generation
+    node.key -> current/node.key, node.crt, ca.crt, controller.json likewise (for tools and tests)
+    .lock                serializes writers (join, renew)
+
+Key and certificate must always match, or TLS fails and only a new join token helps. So they
+are never replaced one file at a time: ``IdentityFiles.install`` writes and fsyncs a whole new
+generation, then swaps ``current`` with one atomic rename. A crash before the swap leaves the
+old generation live (the new directory is ignored, then pruned); after it, the new one. The
+previous generation is kept, older ones deleted. Readers resolve ``current`` once and take every
+file from that one directory, so a concurrent swap can never pair an old key with a new certificate.
 
 No trust on first use: before sending anything, ``join`` opens a TLS
 connection to the bootstrap listener, takes the chain the server presents,
@@ -16,14 +27,24 @@ root for the real, verified gRPC connection that carries the token.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
+import secrets
+import shutil
 import socket
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import controller_pb2_grpc
@@ -33,54 +54,249 @@ from .errors import ValidationError, VeilnetError
 
 JOIN_TIMEOUT = 15.0
 _CA_HASH_PREFIX = "sha256:"
+_KEY = "node.key"
+_CERT = "node.crt"
+_CA = "ca.crt"
+_CONTROLLER = "controller.json"
+_FILES = (_KEY, _CERT, _CA, _CONTROLLER)
+_CURRENT = "current"
+_LOCK = ".lock"
+_GENERATION_RE = re.compile(r"gen-([1-9][0-9]*)")
+_READ_ATTEMPTS = 8
 
 
 class EnrollmentError(VeilnetError):
     pass
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _public_key_der(key: CertificateIssuerPrivateKeyTypes | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _check_generation(key: CertificateIssuerPrivateKeyTypes, certificate_pem: bytes, ca_pem: bytes) -> None:
+    """Refuse to install anything TLS would reject: the key must own the certificate, a CA in the bundle sign it."""
+    cert = pki.load_certificate(certificate_pem)
+    if _public_key_der(key) != _public_key_der(cert):
+        raise EnrollmentError("refusing to install a certificate that does not belong to the new private key")
+    errors: list[str] = []
+    for ca in pki.load_certificates(ca_pem):
+        try:
+            pki.verify_issued_by(cert, ca)
+            return
+        except pki.PkiError as exc:
+            errors.append(str(exc))
+    raise EnrollmentError(f"refusing to install a certificate no CA in the bundle issued: {'; '.join(errors)}")
+
+
 @dataclass(frozen=True)
 class IdentityFiles:
+    """The identity directory; every read takes all its files from one generation (see the module docstring)."""
+
     directory: Path
 
     @property
     def key(self) -> Path:
-        return self.directory / "node.key"
+        return self.directory / _KEY
 
     @property
     def cert(self) -> Path:
-        return self.directory / "node.crt"
+        return self.directory / _CERT
 
     @property
     def ca(self) -> Path:
-        return self.directory / "ca.crt"
+        return self.directory / _CA
 
     @property
     def controller(self) -> Path:
-        return self.directory / "controller.json"
+        return self.directory / _CONTROLLER
+
+    # ------------------------------------------------------------------ reading
+
+    def _live(self) -> Path:
+        """The live generation directory, or the identity directory itself for the flat pre-generation layout."""
+        current = self.directory / _CURRENT
+        if os.path.lexists(current):
+            return Path(os.path.realpath(current))
+        return self.directory
+
+    def _read_live(self, *names: str) -> tuple[bytes, ...]:
+        """``names`` read from one generation, never a mix, even while ``install`` swaps and prunes.
+
+        Files in a generation never change once ``current`` can point to it, so reading them all from one
+        resolved directory is consistent. The only race is the directory being pruned (two installs later)
+        while we read: then ``current`` has moved on, and we read again from the new one.
+        """
+        for attempt in range(_READ_ATTEMPTS):
+            live = self._live()
+            try:
+                return tuple((live / name).read_bytes() for name in names)
+            except FileNotFoundError:
+                if attempt == _READ_ATTEMPTS - 1 or self._live() == live:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def read_pair(self) -> tuple[bytes, bytes]:
+        """(private key PEM, certificate PEM), always of the same generation: a matching pair."""
+        key, cert = self._read_live(_KEY, _CERT)
+        return key, cert
 
     def exists(self) -> bool:
-        return all(p.exists() for p in (self.key, self.cert, self.ca, self.controller))
+        """True when the live generation holds a complete identity (a crashed, unswapped one does not count)."""
+        live = self._live()
+        return all((live / name).is_file() for name in _FILES)
 
     def control_endpoint(self) -> str:
         try:
-            return str(json.loads(self.controller.read_text())["control_endpoint"])
+            (data,) = self._read_live(_CONTROLLER)
+            return str(json.loads(data)["control_endpoint"])
         except (OSError, ValueError, KeyError) as exc:
             raise EnrollmentError(f"{self.controller}: not joined or unreadable ({exc}); run veilnet-agent join") \
                 from None
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes(),
-            private_key=self.key.read_bytes(),
-            certificate_chain=self.cert.read_bytes(),
-        )
+        key, cert, ca = self._read_live(_KEY, _CERT, _CA)
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
     def certificate(self) -> pki.Identity:
-        return pki.identity_from_certificate(self.cert.read_bytes())
+        (cert,) = self._read_live(_CERT)
+        return pki.identity_from_certificate(cert)
 
     def renewal_time(self) -> datetime:
-        return pki.renewal_time(pki.load_certificate(self.cert.read_bytes()))
+        (cert,) = self._read_live(_CERT)
+        return pki.renewal_time(pki.load_certificate(cert))
+
+    # ------------------------------------------------------------------ writing
+
+    def install(
+        self,
+        key: CertificateIssuerPrivateKeyTypes,
+        certificate_pem: bytes,
+        *,
+        ca_pem: bytes | None = None,
+        controller: bytes | None = None,
+    ) -> None:
+        """Make (key, certificate) the live identity in one atomic step; crash-safe at every point.
+
+        ``ca_pem`` and ``controller`` (controller.json content) default to the live generation's, which is
+        what a renewal wants; ``join`` passes new ones. The pair is checked first (the key owns the
+        certificate, a CA in the bundle issued it): a pair TLS would reject is never installed.
+        """
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked():
+            if ca_pem is None or controller is None:
+                try:
+                    live_ca, live_controller = self._read_live(_CA, _CONTROLLER)
+                except OSError as exc:
+                    raise EnrollmentError(f"{self.directory}: no identity to renew ({exc}); run veilnet-agent join") \
+                        from None
+                ca_pem = live_ca if ca_pem is None else ca_pem
+                controller = live_controller if controller is None else controller
+            _check_generation(key, certificate_pem, ca_pem)
+            previous = self._live_generation()
+            generation = self._write_generation(key, certificate_pem, ca_pem, controller)
+            self._activate(generation)
+            self._link_top_level()
+            self._prune(keep={generation.name} | ({previous} if previous else set()))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (a join while the daemon renews); readers never take it."""
+        fd = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _live_generation(self) -> str | None:
+        try:
+            return os.path.basename(os.readlink(self.directory / _CURRENT))
+        except OSError:
+            return None
+
+    def _generations(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for entry in self.directory.iterdir():
+            m = _GENERATION_RE.fullmatch(entry.name)
+            if m is not None:
+                found[entry.name] = int(m.group(1))
+        return found
+
+    def _write_generation(
+        self, key: CertificateIssuerPrivateKeyTypes, certificate_pem: bytes, ca_pem: bytes, controller: bytes
+    ) -> Path:
+        """Write a complete new ``gen-<n>`` and make it durable; not live until ``_activate``.
+
+        A crash here or before the swap leaves an unreferenced directory that every reader ignores and the
+        next install removes.
+        """
+        number = max(self._generations().values(), default=0) + 1
+        while True:
+            generation = self.directory / f"gen-{number}"
+            try:
+                generation.mkdir(mode=0o700)
+                break
+            except FileExistsError:
+                number += 1
+        os.chmod(generation, 0o700)
+        pki.write_private_key(generation / _KEY, key)  # 0600 from the first byte, fsynced
+        pki.write_public_file(generation / _CERT, certificate_pem)
+        pki.write_public_file(generation / _CA, ca_pem)
+        pki.write_public_file(generation / _CONTROLLER, controller)
+        _fsync_dir(self.directory)  # the new directory's entry is durable before anything points to it
+        return generation
+
+    def _replace_symlink(self, path: Path, target: str) -> None:
+        """Point ``path`` at ``target`` with one rename: readers see the old link or the new, never none."""
+        for _ in range(100):
+            tmp = self.directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
+            try:
+                os.symlink(target, tmp)
+            except FileExistsError:  # pragma: no cover - a collision of random names
+                continue
+            break
+        else:  # pragma: no cover
+            raise EnrollmentError(f"cannot create a temporary link next to {path}")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _activate(self, generation: Path) -> None:
+        """The commit point: ``current`` now names ``generation``, durably."""
+        self._replace_symlink(self.directory / _CURRENT, generation.name)
+        _fsync_dir(self.directory)
+
+    def _link_top_level(self) -> None:
+        """``node.key`` -> ``current/node.key`` and so on: the documented paths keep working for tools."""
+        changed = False
+        for name in _FILES:
+            path, target = self.directory / name, f"{_CURRENT}/{name}"
+            if path.is_symlink() and os.readlink(path) == target:
+                continue
+            self._replace_symlink(path, target)  # also replaces the flat files of the pre-generation layout
+            changed = True
+        if changed:
+            _fsync_dir(self.directory)
+
+    def _prune(self, keep: set[str]) -> None:
+        """Delete all but the live and the previous generation, and leftovers of crashed writes."""
+        for name in self._generations():
+            if name not in keep:
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+        for entry in self.directory.glob(".*.tmp"):
+            with suppress(OSError):
+                entry.unlink()
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -122,9 +338,6 @@ def fetch_pinned_ca(endpoint: str, ca_hash: str, timeout: float = JOIN_TIMEOUT) 
         raise EnrollmentError(f"cannot reach the controller's bootstrap listener at {endpoint}: {exc}") from None
     if not chain_der:
         raise EnrollmentError(f"{endpoint} presented no certificate")
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     chain = [x509.load_der_x509_certificate(d) for d in chain_der]
     leaf = chain[0]
     for candidate in chain:
@@ -169,21 +382,20 @@ def join(files: IdentityFiles, node: str, endpoint: str, token: str, ca_hash: st
         raise EnrollmentError(f"the controller issued a certificate for {identity.spiffe_id}, not node {node}")
     if pki.ca_hash(response.ca_bundle_pem) != ca_hash:
         raise EnrollmentError("the CA bundle in the join response does not match the pinned hash")
-    pki.write_private_key(files.key, key)
-    pki.write_public_file(files.cert, response.certificate_pem)
-    pki.write_public_file(files.ca, response.ca_bundle_pem)
     control = resolve_control_endpoint(response.control_endpoint, endpoint)
-    pki.write_public_file(files.controller, json.dumps({
+    controller = json.dumps({
         "control_endpoint": control,
         "bootstrap_endpoint": endpoint,
         "spiffe_id": identity.spiffe_id,
         "joined_at": datetime.now(UTC).isoformat(),
-    }, indent=2).encode() + b"\n")
+    }, indent=2).encode() + b"\n"
+    # All four files in one new generation: a (re-)join is live completely or not at all.
+    files.install(key, response.certificate_pem, ca_pem=response.ca_bundle_pem, controller=controller)
     return identity
 
 
 def renew(files: IdentityFiles, channel: grpc.Channel) -> pki.Identity:
-    """A new key and certificate over the current mutual-TLS identity; the files are replaced atomically."""
+    """A new key and certificate over the current mutual-TLS identity, installed as one atomic swap."""
     current = files.certificate()
     key = pki.generate_private_key()
     stub = controller_pb2_grpc.ControllerStub(channel)
@@ -196,8 +408,7 @@ def renew(files: IdentityFiles, channel: grpc.Channel) -> pki.Identity:
     identity = pki.identity_from_certificate(cert)
     if identity.name != current.name:
         raise EnrollmentError(f"renewal returned a certificate for {identity.spiffe_id}")
-    # Key first, then certificate: a crash in between leaves a mismatched pair, which the next
-    # start detects (TLS fails) and the operator fixes by joining again; never a key sent anywhere.
-    pki.write_private_key(files.key, key)
-    pki.write_public_file(files.cert, response.certificate_pem)
+    # Key and certificate go live together (new generation, then one rename of ``current``): a crash at
+    # any point leaves either the old pair or the new one, never a mix. CA bundle and controller.json carry over.
+    files.install(key, response.certificate_pem)
     return identity

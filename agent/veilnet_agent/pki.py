@@ -13,9 +13,7 @@ or a concurrent reader never sees a half-written or world-readable key.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import NameOID
 
 from .errors import VeilnetError
+from .files import atomic_write
 
 ROLES_OPERATOR = ("admin", "network-admin", "viewer")
 
@@ -71,52 +70,14 @@ def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     )
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file in the same directory, fsync, then rename over ``path``.
-
-    The temp file is created with ``mode`` (and fchmod'ed past the umask) so the
-    content is never visible with looser permissions than the final file.
-    """
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-        except FileExistsError:
-            continue
-        break
-    else:  # pragma: no cover - 100 collisions of random names
-        raise PkiError(f"cannot create a temporary file next to {path}")
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
 def write_private_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> None:
     """Atomically store ``key`` as PKCS#8 PEM with mode 0600 (parent created 0700)."""
-    _atomic_write(path, private_key_pem(key), 0o600)
+    atomic_write(path, private_key_pem(key), 0o600)
 
 
 def write_public_file(path: Path, data: bytes) -> None:
     """Atomically store public material (certificates, CA bundles) with mode 0644."""
-    _atomic_write(path, data, 0o644)
+    atomic_write(path, data, 0o644)
 
 
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

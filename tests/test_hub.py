@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import yaml
 from factories import wg_key
+from structlog.testing import capture_logs
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet_agent import wire
 from veilnet_controller.hub import RECOMPILE_DELAY, Hub, KeyConflict
-from veilnet_controller.spec import parse_spec
+from veilnet_controller.spec import AttachedClaims, parse_spec
 from veilnet_controller.store import SQLiteStore
 
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "examples" / "network.yaml").read_text())
@@ -149,6 +150,11 @@ def test_a_node_removed_from_the_spec_is_emptied_not_left_stale(hub: Hub) -> Non
         (msg,) = drain(c)
         delta = wire.delta_from_proto(msg.update.delta)
         assert delta.segments == [] and delta.endpoints == [] and delta.policies == []
+        assert hub.sessions["host-c"].target == {"node": "host-c", "transport_address": "", "segments": [],
+                                                 "endpoints": [], "peers": [], "policies": []}
+        next(p for p in raw["policies"] if p["name"] == "web-to-api")["ports"] = [9090]
+        apply(hub, raw)
+        assert drain(c) == []  # emptied once; nothing more until it is in the spec again
     run(scenario())
 
 
@@ -158,7 +164,244 @@ def test_reconnect_gets_a_snapshot_equal_to_the_current_state(hub: Hub) -> None:
         first = hub.connect("host-a", "s", hello("host-a"))
         before = wire.state_from_proto(drain(first)[0].update.snapshot)
         second = hub.connect("host-a", "s2", hello("host-a"))
-        assert first.closed_reason is not None  # replaced
+        assert first.closed_reason == "replaced by a newer stream from the same node"
         after = wire.state_from_proto(drain(second)[0].update.snapshot)
         assert after == before
+    run(scenario())
+
+
+def test_a_node_removed_while_disconnected_is_emptied_when_it_reconnects(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        c = hub.connect("host-c", "s", hello("host-c"))
+        drain(c)
+        hub.disconnect(c)
+        without_c = copy.deepcopy(EXAMPLE)
+        without_c["nodes"] = [n for n in without_c["nodes"] if n["name"] != "host-c"]
+        without_c["endpoints"] = [e for e in without_c["endpoints"] if e["node"] != "host-c"]
+        apply(hub, without_c)
+        again = hub.connect("host-c", "s", hello("host-c"))
+        (msg,) = drain(again)
+        assert wire.state_from_proto(msg.update.snapshot) == {
+            "node": "host-c", "transport_address": "", "segments": [], "endpoints": [], "peers": [], "policies": []}
+        next(p for p in without_c["policies"] if p["name"] == "web-to-api")["ports"] = [9090]
+        apply(hub, without_c)
+        assert drain(again) == []
+        apply(hub, EXAMPLE)  # back in the spec: its state again, as a delta from the empty one
+        (msg,) = drain(again)
+        delta = wire.delta_from_proto(msg.update.delta)
+        assert delta.transport_address == "198.51.100.13/24"
+        assert [s["name"] for s in delta.segments or []] == ["blue"]
+    run(scenario())
+
+
+def test_no_spec_yet_sends_nothing_not_even_an_empty_state(hub: Hub) -> None:
+    async def scenario() -> None:
+        assert drain(hub.connect("host-a", "s", hello("host-a"))) == []
+    run(scenario())
+
+
+def test_a_rejoined_node_loses_its_old_stream_and_certificates_but_stays_in_the_network(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        sessions = {n: hub.connect(n, "serial-" + n, hello(n)) for n in ("host-a", "host-b")}
+        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        drain(sessions["host-b"])
+        hub.node_rejoined("host-a", ["serial-host-a", "older"])
+        assert sessions["host-a"].closed_reason == "replaced by a newer join"
+        assert {"serial-host-a", "older"} <= hub.revoked_serials
+        assert "host-a" not in hub.revoked_nodes and "host-a" in hub.states
+        assert drain(sessions["host-b"]) == []  # host-b keeps host-a as its peer
+        hub.node_rejoined("host-c", ["serial-host-c"])  # not connected: only the serials
+        assert "serial-host-c" in hub.revoked_serials
+    run(scenario())
+
+
+# --------------------------------------------------------------------------- attached endpoints
+
+
+def att(name: str, mac: str, ipv4: str, **fields: Any) -> dict[str, Any]:
+    """An attachment in blue (203.0.113.0/26; the example uses .1 as gateway and .10, .20, .30)."""
+    return {"name": name, "segment": "blue", "mac": mac, "ipv4": ipv4, "netns": name, **fields}
+
+
+def attached_hello(node: str, raws: list[dict[str, Any]]) -> cpb.Hello:
+    return hello(node, attached_endpoints=wire.endpoints_to_proto(raws))
+
+
+def names(hub: Hub, node: str) -> list[str]:
+    return [e.name for e in hub.attached.get(node, ())]
+
+
+def rejections(logs: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    return [(e["node"], e["endpoint"], e["field"], e["reason"]) for e in logs
+            if e["event"] == "attached_endpoint_rejected"]
+
+
+def peer_macs(hub: Hub, node: str, peer: str) -> set[str]:
+    view = next(p for p in hub.states[node]["peers"] if p["name"] == peer)
+    return {e["mac"] for e in view["endpoints"]}
+
+
+def test_one_bad_attachment_is_dropped_alone_and_logged(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        hub.connect("host-a", "s", hello("host-a"))
+        raws = [
+            att("c-ok", "02:00:00:cc:00:01", "203.0.113.40"),
+            att("c-zone", "02:00:00:cc:00:02", "203.0.113.41", labels={"node.zone": "x"}),
+            att("c-mac", "02:00:00:0a:00:01", "203.0.113.42"),  # a-web's MAC
+            att("c-ok2", "02:00:00:cc:00:04", "203.0.113.43"),
+            att("c-ok", "02:00:00:cc:00:05", "203.0.113.44", netns="other"),  # its own name again
+            att("c-green", "02:00:00:cc:00:06", "203.0.113.70", segment="green"),
+        ]
+        with capture_logs() as logs:
+            hub.connect("host-c", "s", attached_hello("host-c", raws))
+        assert names(hub, "host-c") == ["c-ok", "c-ok2"]
+        assert rejections(logs) == [
+            ("host-c", "c-zone", "endpoints[1].labels.node.zone",
+             "the label prefix 'node.' is reserved for the labels of the endpoint's node"),
+            ("host-c", "c-mac", "endpoints[2].mac", "is already used by the spec's endpoints[0].mac"),
+            ("host-c", "c-ok", "endpoints[4].name",
+             "duplicate endpoint name, also at endpoint c-ok attached on host-c"),
+            ("host-c", "c-green", "endpoints[5].segment", "node host-c does not carry this segment"),
+        ]
+        assert hub.store.attached_endpoints() == {"host-c": raws}  # the report is kept as it came
+        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        assert {"02:00:00:cc:00:01", "02:00:00:cc:00:04"} <= peer_macs(hub, "host-a", "host-c")
+    run(scenario())
+
+
+def test_an_accepted_attachment_keeps_its_claim_against_a_newcomer_across_spec_changes(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        b = hub.connect("host-b", "s", attached_hello("host-b", [att("shared", "02:00:00:bb:00:01", "203.0.113.40"),
+                                                                 att("b-own", "02:00:00:bb:00:02", "203.0.113.41")]))
+        with capture_logs() as logs:
+            # host-a sorts first by name, yet host-b's endpoint was accepted first
+            hub.connect("host-a", "s", attached_hello("host-a", [att("shared", "02:00:00:aa:00:01", "203.0.113.50"),
+                                                                 att("a-own", "02:00:00:aa:00:02", "203.0.113.40")]))
+        assert rejections(logs) == [
+            ("host-a", "shared", "endpoints[0].name",
+             "duplicate endpoint name, also at endpoint shared attached on host-b"),
+            ("host-a", "a-own", "endpoints[1].ipv4", "is already used by endpoint shared attached on host-b"),
+        ]
+        changed = copy.deepcopy(EXAMPLE)
+        next(p for p in changed["policies"] if p["name"] == "web-to-api")["ports"] = [9090]
+        with capture_logs() as logs:
+            apply(hub, changed)
+        assert names(hub, "host-b") == ["shared", "b-own"] and names(hub, "host-a") == []
+        assert rejections(logs) == []  # the same refusals are not logged again
+
+        # host-b detaches "shared": host-a's waiting endpoints get their turn at once
+        hub.endpoints_reported(b, [att("b-own", "02:00:00:bb:00:02", "203.0.113.41")])
+        assert names(hub, "host-a") == ["shared", "a-own"] and names(hub, "host-b") == ["b-own"]
+        # ...and now host-a holds them: host-b attaching "shared" again is refused
+        hub.endpoints_reported(b, [att("b-own", "02:00:00:bb:00:02", "203.0.113.41"),
+                                   att("shared", "02:00:00:bb:00:01", "203.0.113.42")])
+        assert names(hub, "host-b") == ["b-own"]
+        apply(hub, EXAMPLE)
+        assert names(hub, "host-a") == ["shared", "a-own"] and names(hub, "host-b") == ["b-own"]
+    run(scenario())
+
+
+def test_after_a_restart_attachment_conflicts_go_to_the_earlier_node_name(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        first = Hub(SQLiteStore(tmp_path / "c.db"))
+        first.load()
+        apply(first, EXAMPLE)
+        first.connect("host-b", "s", attached_hello("host-b", [att("x", "02:00:00:bb:00:01", "203.0.113.40")]))
+        first.connect("host-a", "s", attached_hello("host-a", [att("x", "02:00:00:aa:00:01", "203.0.113.50"),
+                                                               att("y", "02:00:00:aa:00:02", "203.0.113.51")]))
+        assert names(first, "host-b") == ["x"] and names(first, "host-a") == ["y"]
+        again = Hub(SQLiteStore(tmp_path / "c.db"))
+        with capture_logs() as logs:
+            again.load()
+        assert names(again, "host-a") == ["x", "y"] and names(again, "host-b") == []
+        assert rejections(logs) == [("host-b", "x", "endpoints[0].name",
+                                     "duplicate endpoint name, also at endpoint x attached on host-a")]
+    run(scenario())
+
+
+def test_a_spec_change_drops_only_the_attachments_it_conflicts_with(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        hub.connect("host-c", "s", attached_hello("host-c", [att("c-1", "02:00:00:cc:00:01", "203.0.113.40"),
+                                                             att("c-2", "02:00:00:cc:00:02", "203.0.113.41")]))
+        raw = copy.deepcopy(EXAMPLE)
+        raw["endpoints"].append({"name": "a-new", "node": "host-a", "segment": "blue", "mac": "02:00:00:0a:00:09",
+                                 "ipv4": "203.0.113.41", "netns": "a-new"})
+        with capture_logs() as logs:
+            apply(hub, raw)
+        assert names(hub, "host-c") == ["c-1"]
+        assert rejections(logs) == [("host-c", "c-2", "endpoints[1].ipv4",
+                                     "is already used by the spec's endpoints[5].ipv4")]
+        apply(hub, EXAMPLE)  # the spec's endpoint is gone again: c-2 is back
+        assert names(hub, "host-c") == ["c-1", "c-2"]
+    run(scenario())
+
+
+def test_an_empty_hello_clears_what_the_node_attached_before(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        hub.connect("host-a", "s", hello("host-a"))
+        hub.connect("host-c", "s", attached_hello("host-c", [att("c-1", "02:00:00:cc:00:01", "203.0.113.40")]))
+        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        assert "02:00:00:cc:00:01" in peer_macs(hub, "host-a", "host-c")
+        compiles = hub.compiles
+        hub.connect("host-c", "s2", hello("host-c"))  # restarted agent, nothing attached any more
+        assert hub.store.attached_endpoints() == {} and "host-c" not in hub.attached
+        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        assert hub.compiles == compiles + 1
+        assert "02:00:00:cc:00:01" not in peer_macs(hub, "host-a", "host-c")
+    run(scenario())
+
+
+def test_attachments_reported_before_any_spec_are_kept_for_it(hub: Hub) -> None:
+    async def scenario() -> None:
+        raws = [att("c-1", "02:00:00:cc:00:01", "203.0.113.40")]
+        hub.connect("host-c", "s", attached_hello("host-c", raws))
+        assert hub.store.attached_endpoints() == {"host-c": raws} and hub.attached == {}
+        apply(hub, EXAMPLE)
+        assert names(hub, "host-c") == ["c-1"]
+    run(scenario())
+
+
+def test_attachments_of_a_node_outside_the_spec_wait_for_it(hub: Hub) -> None:
+    async def scenario() -> None:
+        without_c = copy.deepcopy(EXAMPLE)
+        without_c["nodes"] = [n for n in without_c["nodes"] if n["name"] != "host-c"]
+        without_c["endpoints"] = [e for e in without_c["endpoints"] if e["node"] != "host-c"]
+        apply(hub, without_c)
+        with capture_logs() as logs:
+            hub.connect("host-c", "s", attached_hello("host-c", [att("c-1", "02:00:00:cc:00:01", "203.0.113.40")]))
+        assert hub.attached == {} and rejections(logs) == []
+        apply(hub, EXAMPLE)
+        assert names(hub, "host-c") == ["c-1"]
+    run(scenario())
+
+
+def test_incremental_claims_match_a_full_revalidation(hub: Hub) -> None:
+    """After any sequence of reports, the incrementally kept table is what one fresh pass builds."""
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        sessions = {n: hub.connect(n, "s", hello(n)) for n in ("host-a", "host-b", "host-c")}
+        pool = [att(f"e{i}", f"02:00:00:dd:00:{i:02x}", f"203.0.113.{40 + i % 6}", netns=f"ns{i % 3}")
+                for i in range(12)]
+        steps = [("host-a", pool[0:4]), ("host-b", pool[2:7]), ("host-c", pool[5:12]), ("host-a", pool[8:10]),
+                 ("host-b", []), ("host-c", pool[0:3]), ("host-a", pool[3:9]), ("host-b", pool[::2])]
+        for node, raws in steps:
+            hub.endpoints_reported(sessions[node], raws)
+            table = hub._claims
+            assert table is not None
+            held = (dict(table.names), dict(table.claims), dict(table.slots), table.count)
+            attached = dict(hub.attached)
+            accepted = {n: [e.name for e in eps] for n, eps in attached.items()}
+            everything = [e.name for eps in attached.values() for e in eps]
+            assert len(everything) == len(set(everything)), accepted
+            hub.revalidate_attached()  # earliest accepted first: the same outcome
+            assert hub.attached == attached, (node, accepted)
+            fresh = hub._claims
+            assert isinstance(fresh, AttachedClaims) and fresh is not table
+            assert (fresh.names, fresh.claims, fresh.slots, fresh.count) == held
     run(scenario())

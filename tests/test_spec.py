@@ -14,10 +14,12 @@ import pytest
 from veilnet_agent.errors import ValidationError
 from veilnet_controller import spec as spec_module
 from veilnet_controller.spec import (
+    AttachedClaims,
     EndpointSpec,
     NetworkSpec,
     canonical_text,
     load_spec_text,
+    parse_attached_endpoint,
     parse_spec,
     parse_spec_text,
     summarize_changes,
@@ -434,6 +436,78 @@ def test_attached_endpoint_rules(node: str, raw: list[object], field: str, reaso
 def test_attached_endpoint_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spec_module, "MAX_ENDPOINTS", 6)
     attach_rejects("host-c", [attached("x"), attached("y")], "endpoints", "at most 6 endpoints in all")
+
+
+def test_attached_claims_are_taken_and_given_back_one_endpoint_at_a_time() -> None:
+    spec = parse_spec(BASE)
+    index = spec.index
+    assert index is not None
+    spec_claims = dict(index.claims)
+    table = AttachedClaims(spec)
+    x = parse_attached_endpoint("host-c", attached("x", ipv6="fd00:b1::50"), "endpoints[0]")
+    table.check(x, "endpoints[0]")
+    table.claim(x, "endpoint x attached on host-c")
+    assert table.count == 1 and index.claims == spec_claims  # the spec's own tables are not touched
+    clashes = [
+        (attached("x", mac="02:00:00:ff:00:09", ipv4="203.0.113.51", netns="other"), "endpoints[3].name",
+         "duplicate endpoint name, also at endpoint x attached on host-c"),
+        (attached("y", ipv4="203.0.113.51", netns="other"), "endpoints[3].mac",
+         "is already used by endpoint x attached on host-c"),
+        (attached("y", mac="02:00:00:ff:00:09", ipv4="203.0.113.51", ipv6="fd00:b1::50"), "endpoints[3].ipv6",
+         "is already used by endpoint x attached on host-c"),
+        (attached("y", mac="02:00:00:ff:00:09", ipv4="203.0.113.10"), "endpoints[3].ipv4",
+         "is already used by the spec's endpoints[0].ipv4"),
+        (attached("y", mac="02:00:00:ff:00:09", ipv4="203.0.113.51", netns="x"), "endpoints[3].netns",
+         "also at endpoint x attached on host-c"),
+    ]
+    for raw, field, reason in clashes:
+        other = parse_attached_endpoint("host-c", raw, "endpoints[3]")
+        with pytest.raises(ValidationError) as info:
+            table.check(other, "endpoints[3]")
+        assert info.value.field == field and info.value.reason.endswith(reason), str(info.value)
+    # the same namespace on another node is another slot
+    table.check(parse_attached_endpoint("host-a", attached("y", mac="02:00:00:ff:00:09", ipv4="203.0.113.51",
+                                                           netns="x"), "endpoints[0]"), "endpoints[0]")
+    table.release(x)
+    assert table.count == 0 and table.claims == spec_claims and table.names == index.endpoint_names
+    for raw, _, _ in clashes[:3] + clashes[4:]:
+        table.check(parse_attached_endpoint("host-c", raw, "endpoints[3]"), "endpoints[3]")
+    assert table.knows("host-c") and not table.knows("host-z")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "reason"),
+    [
+        (attached("x", labels={"node.zone": "a"}), "endpoints[0].labels.node.zone", "is reserved"),
+        (attached("x", ipv4="fd00:b1::5"), "endpoints[0].ipv4", "must be an IPv4 address"),
+        (attached("x", ipv4=None), "endpoints[0].ipv4", "needs an IPv4 or IPv6 address"),
+        ({**attached("x"), "node": "host-c"}, "endpoints[0].node", "unknown key"),
+    ],
+)
+def test_attached_endpoint_checks_that_need_no_spec(raw: dict[str, Any], field: str, reason: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_attached_endpoint("host-c", raw, "endpoints[0]")
+    assert info.value.field == field and reason in info.value.reason, str(info.value)
+
+
+def test_attached_endpoint_checks_that_need_the_spec() -> None:
+    table = AttachedClaims(parse_spec(BASE))
+    cases = [
+        (attached("x", segment="red"), "endpoints[0].segment", "names no segment of the spec"),
+        (attached("x", ipv4="203.0.113.0"), "endpoints[0].ipv4", "is the network or broadcast address of"),
+        (attached("x", ipv4="203.0.113.64"), "endpoints[0].ipv4", "is outside the subnet 203.0.113.0/26"),
+        (attached("x", ipv4="203.0.113.65", segment="green"), "endpoints[0].segment", "does not carry"),
+        (attached("x", ipv6="fd00:b1::1", ipv4=None), "endpoints[0].ipv6", "the gateway of segment blue"),
+    ]
+    for raw, field, reason in cases:
+        e = parse_attached_endpoint("host-c", raw, "endpoints[0]")  # the format is fine
+        with pytest.raises(ValidationError) as info:
+            table.check(e, "endpoints[0]")
+        assert info.value.field == field and reason in info.value.reason, str(info.value)
+    green = AttachedClaims(parse_spec(BASE))
+    e = parse_attached_endpoint("host-a", attached("x", segment="green", ipv6="fd00:b1::9"), "endpoints[0]")
+    with pytest.raises(ValidationError, match="segment green has no IPv6 subnet"):
+        green.check(e, "endpoints[0]")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,15 @@ short window, produces every node's new state. Each session then holds a
 *target*: its sender computes the delta from what it last sent to the latest
 target only when the stream is ready for it, so a slow agent receives one
 coalesced delta instead of a backlog (Felix-style: record, then apply).
+
+Attached endpoints: the list a node reports (hello, then on every change) is
+authoritative and persisted as it is. Each endpoint in it is accepted or
+refused on its own (``attached_endpoint_rejected`` names node, endpoint,
+field and reason); an accepted endpoint keeps its name, MAC, addresses and
+slot against any later claimant. The claims of accepted endpoints live in one
+table (``spec.AttachedClaims``), updated incrementally when one node's report
+changes and rebuilt in one pass, earliest accepted first, when the spec
+changes.
 """
 
 from __future__ import annotations
@@ -15,8 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +35,7 @@ from veilnet_agent import wire
 from veilnet_agent.errors import ValidationError
 
 from .compile import compile_nodes
-from .spec import EndpointSpec, NetworkSpec, parse_spec_text, validate_attached_endpoints
+from .spec import AttachedClaims, EndpointSpec, NetworkSpec, parse_attached_endpoint, parse_spec_text
 from .store import Store
 
 RECOMPILE_DELAY = 0.05  # seconds: coalesce bursts (1,000 agents saying hello) into one compile
@@ -41,16 +49,47 @@ def now_utc() -> datetime:
 class NodeRuntime:
     """What the controller knows about a node's agent right now (memory only)."""
 
-    connected: bool = False
-    applied_sequence: int = 0
     applied_spec_revision: int = 0
     last_error: str = ""
     rejected_spec_revision: int = 0
     last_seen: datetime | None = None
     capabilities: tuple[str, ...] = ()
-    kernel_operations: int = 0
     peers_with_recent_handshake: int = 0
     drift_repairs: int = 0
+
+
+@dataclass
+class AttachedReport:
+    """The endpoints a node last reported as attached, and what became of each (by position in ``raws``)."""
+
+    raws: list[dict[str, Any]]
+    parsed: list[EndpointSpec | ValidationError]  # the spec-independent checks, done once per report
+    accepted: dict[int, EndpointSpec] = field(default_factory=dict)
+    rejected: dict[int, tuple[str, str]] = field(default_factory=dict)  # (field, reason) of the last refusal
+
+    @classmethod
+    def parse(cls, node: str, raws: list[dict[str, Any]]) -> AttachedReport:
+        parsed: list[EndpointSpec | ValidationError] = []
+        for i, raw in enumerate(raws):
+            try:
+                parsed.append(parse_attached_endpoint(node, raw, f"endpoints[{i}]"))
+            except ValidationError as exc:
+                parsed.append(exc)
+        return cls(raws, parsed)
+
+    def name_at(self, position: int) -> str:
+        name = self.raws[position].get("name") if isinstance(self.raws[position], dict) else None
+        return name if isinstance(name, str) else ""
+
+
+def empty_state(node: str) -> dict[str, Any]:
+    """The target of a node with a session but no compiled state: in no network, keeps only its address."""
+    return {"node": node, "transport_address": "", "segments": [], "endpoints": [], "peers": [], "policies": []}
+
+
+def _is_empty_state(state: dict[str, Any] | None) -> bool:
+    return (state is not None and state["transport_address"] == "" and not state["segments"]
+            and not state["endpoints"] and not state["peers"] and not state["policies"])
 
 
 class KeyConflict(Exception):
@@ -115,7 +154,12 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         self.runtime: dict[str, NodeRuntime] = {}
         self.public_keys: dict[str, str] = {}
-        self.attached: dict[str, tuple[EndpointSpec, ...]] = {}
+        self.reports: dict[str, AttachedReport] = {}  # as persisted: nodes that reported none are absent
+        self.attached: dict[str, tuple[EndpointSpec, ...]] = {}  # the accepted ones, in report order
+        self._claims: AttachedClaims | None = None  # of the accepted attachments, for self.spec
+        self._acceptance: dict[tuple[str, str], int] = {}  # (node, endpoint name) -> when it was accepted
+        self._acceptances = 0
+        self._with_rejections: set[str] = set()  # nodes with refused endpoints (retried when claims are freed)
         self.revoked_nodes: set[str] = set()
         self.revoked_serials: set[str] = set()
         self._recompile_task: asyncio.Task[None] | None = None
@@ -139,9 +183,10 @@ class Hub:
                 self.revoked_nodes.add(node.name)
             self.runtime.setdefault(node.name, NodeRuntime()).capabilities = node.capabilities
         self.revoked_serials = set(self.store.revoked_serials())
-        if self.spec is not None:
-            for node_name, raws in self.store.attached_endpoints().items():
-                self._set_attached(node_name, raws, log_errors=True)
+        # Acceptance order is not persisted: after a restart, earlier node names win a conflict.
+        self.reports = {node: AttachedReport.parse(node, raws)
+                        for node, raws in self.store.attached_endpoints().items()}
+        self.revalidate_attached()
         self.recompile_now()
 
     # ------------------------------------------------------------------ compiling
@@ -170,11 +215,10 @@ class Hub:
         if state is not None:
             return state
         session = self.sessions.get(node)
-        if session is not None and session.sent_state is not None:
-            # The node left the spec: it keeps its address and loses everything else.
-            return {"node": node, "transport_address": session.sent_state["transport_address"],
-                    "segments": [], "endpoints": [], "peers": [], "policies": []}
-        return None
+        if session is None or self.spec is None:
+            return None  # no spec yet: the controller has nothing to say
+        # Not in the spec (or revoked): in no network. The same object once sent, so nothing more goes out.
+        return session.target if _is_empty_state(session.target) else empty_state(node)
 
     def request_recompile(self) -> None:
         if self._recompile_task is None or self._recompile_task.done():
@@ -190,11 +234,165 @@ class Hub:
         self.spec = spec
         self.spec_revision = revision
         # Attached endpoints that no longer fit the spec (segment removed, address now taken) are dropped.
-        stored = self.store.attached_endpoints()
-        self.attached = {}
-        for node, raws in stored.items():
-            self._set_attached(node, raws, log_errors=True)
+        self.revalidate_attached()
         self.recompile_now()
+
+    # ------------------------------------------------------------------ attached endpoints
+
+    def revalidate_attached(self) -> None:
+        """Accept or refuse every reported endpoint against the current spec, in one pass over one fresh table.
+
+        Endpoints accepted before go first, in the order they were accepted, so they keep their claims;
+        then the others by node name and position.
+        """
+        previous = {node: report.rejected for node, report in self.reports.items()}
+        self.attached = {}
+        self._with_rejections = set()
+        spec = self.spec
+        if spec is None:
+            self._claims = None
+            self._acceptance = {}
+            for report in self.reports.values():
+                report.accepted, report.rejected = {}, {}
+            return
+        table = self._claims = AttachedClaims(spec)
+        earlier: list[tuple[int, str, int]] = []  # (acceptance, node, position)
+        later: list[tuple[str, int]] = []
+        for node, report in self.reports.items():
+            was = report.accepted
+            report.accepted, report.rejected = {}, {}
+            if not table.knows(node):
+                continue
+            for position in range(len(report.parsed)):
+                e = was.get(position)
+                order = None if e is None else self._acceptance.get((node, e.name))
+                if order is None:
+                    later.append((node, position))
+                else:
+                    earlier.append((order, node, position))
+        earlier.sort()
+        later.sort()
+        acceptance: dict[tuple[str, str], int] = {}
+        for order, node, position in earlier:
+            e = self._try(table, node, position)
+            if e is not None:
+                acceptance[(node, e.name)] = order
+        for node, position in later:
+            e = self._try(table, node, position)
+            if e is not None:
+                self._acceptances += 1
+                acceptance[(node, e.name)] = self._acceptances
+        self._acceptance = acceptance
+        for node, report in self.reports.items():
+            if report.accepted:
+                self.attached[node] = self._in_report_order(report)
+            if report.rejected:
+                self._with_rejections.add(node)
+                self._log_rejections(node, report, previous.get(node, {}))
+
+    def _try(self, table: AttachedClaims, node: str, position: int) -> EndpointSpec | None:
+        """Accept (claim) or refuse the endpoint at ``position`` of ``node``'s report; recorded in the report."""
+        report = self.reports[node]
+        e = report.parsed[position]
+        if not isinstance(e, ValidationError):
+            try:
+                table.check(e, f"endpoints[{position}]")
+            except ValidationError as exc:
+                e = exc
+            else:
+                table.claim(e, f"endpoint {e.name} attached on {node}")
+                report.accepted[position] = e
+                report.rejected.pop(position, None)
+                return e
+        report.rejected[position] = (e.field, e.reason)
+        return None
+
+    @staticmethod
+    def _in_report_order(report: AttachedReport) -> tuple[EndpointSpec, ...]:
+        return tuple(report.accepted[p] for p in sorted(report.accepted))
+
+    def _log_rejections(self, node: str, report: AttachedReport, before: dict[int, tuple[str, str]]) -> None:
+        """Log the refusals that are new (or have a new reason) since ``before``."""
+        for position, (field_path, reason) in sorted(report.rejected.items()):
+            if before.get(position) != (field_path, reason):
+                self.log.warning("attached_endpoint_rejected", node=node, endpoint=report.name_at(position),
+                                 field=field_path, reason=reason)
+
+    def _report_attached(self, node: str, raws: list[dict[str, Any]]) -> bool:
+        """Record ``node``'s reported attachments (persisted even when empty or without a spec).
+
+        Only that node's endpoints are re-validated: its old claims are released, its new endpoints checked
+        against the table; then refused endpoints of other nodes are retried if claims were freed.
+        True if an accepted set changed (a recompile is due).
+        """
+        current = self.reports.get(node)
+        if (current.raws if current is not None else []) == raws:
+            return False
+        self.store.set_attached_endpoints(node, raws)
+        report = AttachedReport.parse(node, raws) if raws else None
+        if report is None:
+            self.reports.pop(node, None)
+        else:
+            self.reports[node] = report
+        if self.spec is None:
+            return False  # set_spec validates it
+        table = self._claims
+        if table is None or table.spec is not self.spec:  # the spec was set without set_spec: rebuild all
+            self.revalidate_attached()
+            return True
+        old = current.accepted if current is not None else {}
+        for e in old.values():
+            table.release(e)
+        self._with_rejections.discard(node)
+        if report is not None and table.knows(node):
+            for position in range(len(report.parsed)):
+                self._try(table, node, position)
+        accepted = report.accepted if report is not None else {}
+        names = {e.name for e in accepted.values()}
+        for e in old.values():
+            if e.name not in names:
+                self._acceptance.pop((node, e.name), None)
+        for name in names:
+            if (node, name) not in self._acceptance:
+                self._acceptances += 1
+                self._acceptance[(node, name)] = self._acceptances
+        before = self.attached.get(node, ())
+        if accepted:
+            assert report is not None
+            self.attached[node] = self._in_report_order(report)
+        else:
+            self.attached.pop(node, None)
+        if report is not None and report.rejected:
+            self._with_rejections.add(node)
+            self._log_rejections(node, report, {})
+        changed = self.attached.get(node, ()) != before
+        if old:
+            changed |= self._retry_rejected(table, node)
+        return changed
+
+    def _retry_rejected(self, table: AttachedClaims, reporter: str) -> bool:
+        """Try other nodes' refused endpoints again (``reporter`` freed claims); True if any is accepted now."""
+        changed = False
+        for node in sorted(self._with_rejections - {reporter}):
+            report = self.reports[node]
+            previous = dict(report.rejected)
+            accepted = False
+            for position in sorted(previous):
+                if not isinstance(report.parsed[position], ValidationError):
+                    e = self._try(table, node, position)
+                    if e is not None:
+                        accepted = True
+                        self._acceptances += 1
+                        self._acceptance[(node, e.name)] = self._acceptances
+            if accepted:
+                changed = True
+                self.attached[node] = self._in_report_order(report)
+                self.log.info("attached_endpoints_accepted", node=node,
+                              endpoints=[report.name_at(p) for p in previous if p in report.accepted])
+            if not report.rejected:
+                self._with_rejections.discard(node)
+            self._log_rejections(node, report, previous)
+        return changed
 
     # ------------------------------------------------------------------ sessions
 
@@ -216,7 +414,6 @@ class Hub:
         session = Session(node, serial)
         self.sessions[node] = session
         rt = self.runtime.setdefault(node, NodeRuntime())
-        rt.connected = True
         rt.last_seen = now_utc()
         rt.applied_spec_revision = hello.applied_spec_revision
         rt.capabilities = tuple(hello.capabilities)
@@ -226,9 +423,8 @@ class Hub:
             self.public_keys[node] = key
             self.store.set_wireguard_key(node, key, list(hello.capabilities))
             changed = True
-        if self.spec is not None and hello.attached_endpoints:
-            raws = [wire.endpoint_from_proto(e) for e in hello.attached_endpoints]
-            changed |= self._store_attached(node, raws)
+        # The hello's list is authoritative: an empty one clears what the node attached before.
+        changed |= self._report_attached(node, [wire.endpoint_from_proto(e) for e in hello.attached_endpoints])
         session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
         if changed:
             self.request_recompile()
@@ -238,16 +434,12 @@ class Hub:
     def disconnect(self, session: Session) -> None:
         if self.sessions.get(session.node) is session:
             del self.sessions[session.node]
-            rt = self.runtime.setdefault(session.node, NodeRuntime())
-            rt.connected = False
-            rt.last_seen = now_utc()
+            self.runtime.setdefault(session.node, NodeRuntime()).last_seen = now_utc()
             self.log.info("agent_disconnected", node=session.node, reason=session.closed_reason or "stream ended")
 
     def acknowledge(self, session: Session, ack: cpb.Ack) -> None:
         rt = self.runtime.setdefault(session.node, NodeRuntime())
         rt.last_seen = now_utc()
-        rt.applied_sequence = ack.sequence
-        rt.kernel_operations = ack.kernel_operations
         if ack.ok:
             rt.applied_spec_revision = ack.spec_revision
             rt.last_error = ""
@@ -275,29 +467,8 @@ class Hub:
             self.request_recompile()
 
     def endpoints_reported(self, session: Session, raws: list[dict[str, Any]]) -> None:
-        if self._store_attached(session.node, raws):
+        if self._report_attached(session.node, raws):
             self.request_recompile()
-
-    def _store_attached(self, node: str, raws: list[dict[str, Any]]) -> bool:
-        before = self.attached.get(node, ())
-        self._set_attached(node, raws, log_errors=True)
-        if self.attached.get(node, ()) != before:
-            self.store.set_attached_endpoints(node, raws)
-            return True
-        return False
-
-    def _set_attached(self, node: str, raws: list[dict[str, Any]], *, log_errors: bool) -> None:
-        if self.spec is None or node not in {n.name for n in self.spec.nodes}:
-            self.attached.pop(node, None)
-            return
-        others: Mapping[str, tuple[EndpointSpec, ...]] = {n: e for n, e in self.attached.items() if n != node}
-        try:
-            self.attached[node] = validate_attached_endpoints(self.spec, node, raws, others)
-        except ValidationError as exc:
-            self.attached.pop(node, None)
-            if log_errors:
-                self.log.warning("attached_endpoints_rejected", node=node, field=exc.field, reason=exc.reason,
-                                 value=str(exc.value))
 
     def command(self, node: str, kind: int) -> bool:
         session = self.sessions.get(node)
@@ -318,6 +489,17 @@ class Hub:
             session.close("certificate revoked")
         self.recompile_now()
         return session is not None
+
+    def node_rejoined(self, node: str, old_serials: list[str]) -> None:
+        """``node`` joined again (a replaced or cloned host): its earlier certificates stop working.
+
+        The node stays in every compile (its new host connects under the same name); only the stream of the
+        earlier host, if one is open, is closed.
+        """
+        self.revoked_serials.update(old_serials)
+        session = self.sessions.get(node)
+        if session is not None:
+            session.close("replaced by a newer join")
 
     def readmit(self, node: str, serial: str) -> None:
         if node in self.revoked_nodes:

@@ -498,40 +498,210 @@ def _plain(value: object) -> object:
 # --------------------------------------------------------------------------- attached endpoints
 
 
+def parse_attached_endpoint(node: str, raw: object, path: str) -> EndpointSpec:
+    """One endpoint ``node`` attached through its local API, checked for everything the spec does not decide.
+
+    Same fields as a spec endpoint without ``node``: types and formats, an IPv4
+    or IPv6 address of the right version, labels (the ``node.`` prefix is
+    reserved). ``AttachedClaims.check`` does the rest against a spec.
+    """
+    data = v.mapping(raw, path)
+    v.no_unknown_keys(data, _ATTACHED_KEYS, path)
+    name = v.name(v.required(data, "name", path), f"{path}.name")
+    segment = v.name(v.required(data, "segment", path), f"{path}.segment")
+    mac = v.unicast_mac(v.required(data, "mac", path), f"{path}.mac")
+    ips: list[IPAddress | None] = []
+    for key, version in (("ipv4", 4), ("ipv6", 6)):
+        value = data.get(key)
+        ip = None if value is None else v.ip_address(value, f"{path}.{key}")
+        if ip is not None and ip.version != version:
+            raise ValidationError(f"{path}.{key}", value, f"must be an IPv{version} address")
+        ips.append(ip)
+    ipv4, ipv6 = ips
+    if ipv4 is None and ipv6 is None:
+        raise ValidationError(f"{path}.ipv4", None, "an endpoint needs an IPv4 or IPv6 address")
+    assert ipv4 is None or isinstance(ipv4, ipaddress.IPv4Address)
+    assert ipv6 is None or isinstance(ipv6, ipaddress.IPv6Address)
+    netns = v.netns_name(v.required(data, "netns", path), f"{path}.netns")
+    ifname = v.ifname(data.get("ifname", "eth0"), f"{path}.ifname")
+    labels_path = f"{path}.labels"
+    labels = parse_labels(data.get("labels"), labels_path)
+    for key, _ in labels:
+        if key.startswith(NODE_LABEL_PREFIX):
+            raise ValidationError(
+                f"{labels_path}.{key}", key,
+                f"the label prefix {NODE_LABEL_PREFIX!r} is reserved for the labels of the endpoint's node",
+            )
+    return EndpointSpec(
+        name=name, node=node, segment=segment, mac=mac, ipv4=ipv4, ipv6=ipv6, netns=netns, ifname=ifname,
+        labels=labels,
+    )
+
+
+class AttachedClaims:
+    """What the spec and the accepted attached endpoints hold, kept up to date one endpoint at a time.
+
+    Built once per spec: its tables start as copies of the spec's own claims
+    (endpoint names, MACs and addresses per segment including the gateways,
+    (node, netns, ifname) slots), from the spec's index. ``check`` then
+    ``claim`` accept an attached endpoint (``parse_attached_endpoint``'s
+    output), ``release`` gives its claims back; each is a few hash lookups.
+    An endpoint accepted earlier keeps its claims: a later one that conflicts
+    is refused.
+    """
+
+    def __init__(self, spec: NetworkSpec) -> None:
+        self.spec = spec
+        self.index = index = spec._ensure_index()
+        # value: who holds it (a path like endpoints[3].mac for the spec's own, else a description)
+        self.names: dict[str, str] = dict(index.endpoint_names)
+        self.claims: dict[tuple[object, ...], str] = dict(index.claims)  # ("mac"|"ip", segment, value)
+        self.slots: dict[tuple[str, str, str], str] = dict(index.slots)
+        self.count = 0  # attached endpoints claimed
+        self._subnets: dict[str, _Subnets] = {}
+
+    def knows(self, node: str) -> bool:
+        """Whether ``node`` is a node of the spec (only those can attach endpoints)."""
+        return node in self.index.nodes
+
+    @staticmethod
+    def _holder(base: Mapping[Any, str], key: Any, found: str) -> str:
+        return f"the spec's {found}" if key in base and found.startswith("endpoints[") else found
+
+    def _segment(self, name: str) -> _Subnets | None:
+        found = self._subnets.get(name)
+        if found is None:
+            segment = self.index.segments.get(name)
+            if segment is None:
+                return None
+            found = self._subnets[name] = (_bounds(segment.ipv4_subnet), _bounds(segment.ipv6_subnet))
+        return found
+
+    def check(self, e: EndpointSpec, path: str) -> None:
+        """Raise ValidationError (fields under ``path``) if ``e`` does not fit the spec and the claims held."""
+        index = self.index
+        carried = index.node_segments.get(e.node)
+        if carried is None:
+            raise ValidationError("node", e.node, "names no node of the spec")
+        if index.endpoint_count + self.count >= MAX_ENDPOINTS:
+            raise ValidationError(path, e.name, f"at most {MAX_ENDPOINTS} endpoints in all")
+        other = self.names.get(e.name)
+        if other is not None:
+            other = self._holder(index.endpoint_names, e.name, other)
+            raise ValidationError(f"{path}.name", e.name, f"duplicate endpoint name, also at {other}")
+        segment = self._segment(e.segment)
+        if segment is None:
+            raise ValidationError(f"{path}.segment", e.segment, "names no segment of the spec")
+        if e.segment not in carried:
+            raise ValidationError(f"{path}.segment", e.segment, f"node {e.node} does not carry this segment")
+        key: tuple[object, ...] = ("mac", e.segment, e.mac)
+        other = self.claims.get(key)
+        if other is not None:
+            raise ValidationError(f"{path}.mac", e.mac, f"is already used by {self._holder(index.claims, key, other)}")
+        for field_name, ip, bounds in (("ipv4", e.ipv4, segment[0]), ("ipv6", e.ipv6, segment[1])):
+            if ip is None:
+                continue
+            if bounds is None:
+                raise ValidationError(f"{path}.{field_name}", str(ip),
+                                      f"segment {e.segment} has no IPv{ip.version} subnet")
+            subnet, first, last = bounds  # the usable addresses (integers) of the subnet
+            number = int(ip)
+            if not first <= number <= last:
+                reason = (f"is outside the subnet {subnet}" if ip not in subnet
+                          else f"is the network or broadcast address of {subnet}")
+                raise ValidationError(f"{path}.{field_name}", str(ip), reason)
+            key = ("ip", e.segment, ip)
+            other = self.claims.get(key)
+            if other is not None:
+                raise ValidationError(f"{path}.{field_name}", str(ip),
+                                      f"is already used by {self._holder(index.claims, key, other)}")
+        slot = (e.node, e.netns, e.ifname)
+        other = self.slots.get(slot)
+        if other is not None:
+            other = self._holder(index.slots, slot, other)
+            raise ValidationError(f"{path}.netns", e.netns,
+                                  f"namespace {e.netns} and interface {e.ifname} on node {e.node} also at {other}")
+        node_labels = index.node_label_count[e.node]
+        if len(e.labels) + node_labels > MAX_LABELS:
+            raise ValidationError(
+                f"{path}.labels", len(e.labels),
+                f"with the {node_labels} labels of node {e.node} (as node.<key>) more than {MAX_LABELS} labels",
+            )
+
+    def claim(self, e: EndpointSpec, holder: str | None = None, path: str = "") -> None:
+        """Record ``e``'s claims (after ``check``), described as ``holder`` or else by their fields under ``path``."""
+        self.names[e.name] = holder or f"{path}.name"
+        self.claims[("mac", e.segment, e.mac)] = holder or f"{path}.mac"
+        if e.ipv4 is not None:
+            self.claims[("ip", e.segment, e.ipv4)] = holder or f"{path}.ipv4"
+        if e.ipv6 is not None:
+            self.claims[("ip", e.segment, e.ipv6)] = holder or f"{path}.ipv6"
+        self.slots[(e.node, e.netns, e.ifname)] = holder or f"{path}.netns"
+        self.count += 1
+
+    def release(self, e: EndpointSpec) -> None:
+        """Give back the claims of ``e``, which ``claim`` recorded."""
+        del self.names[e.name]
+        del self.claims[("mac", e.segment, e.mac)]
+        if e.ipv4 is not None:
+            del self.claims[("ip", e.segment, e.ipv4)]
+        if e.ipv6 is not None:
+            del self.claims[("ip", e.segment, e.ipv6)]
+        del self.slots[(e.node, e.netns, e.ifname)]
+        self.count -= 1
+
+
+_Bounds = tuple[IPNetwork, int, int]  # a subnet, its first and last address an endpoint may use
+_Subnets = tuple[_Bounds | None, _Bounds | None]  # a segment's IPv4 and IPv6 subnet
+
+
+def _bounds(subnet: IPNetwork | None) -> _Bounds | None:
+    if subnet is None:
+        return None
+    first, last = int(subnet.network_address), int(subnet.broadcast_address)
+    if subnet.num_addresses > 2:
+        first, last = first + 1, last - 1
+    return subnet, first, last
+
+
 def validate_attached_endpoints(
     spec: NetworkSpec,
     node: str,
     raw: Sequence[object],
     attached_elsewhere: Mapping[str, Sequence[EndpointSpec]],
 ) -> tuple[EndpointSpec, ...]:
-    """Validate the endpoints ``node`` attached through its local API (replacing its earlier ones).
+    """Validate the endpoints ``node`` attached through its local API as a whole (the first error is raised).
 
     Same fields as a spec endpoint without ``node``. Checked against the spec and
     against ``attached_elsewhere`` (other nodes' attached endpoints; an entry for
     ``node`` itself is ignored): names unique everywhere, MACs and addresses
     unique per segment, the segment carried by ``node``. Errors name
-    ``endpoints[i].<field>`` of ``raw``.
+    ``endpoints[i].<field>`` of ``raw``. (The controller's hub accepts or
+    refuses each endpoint on its own, with ``AttachedClaims``.)
     """
-    index = spec._ensure_index()
-    if node not in index.nodes:
+    table = AttachedClaims(spec)
+    if not table.knows(node):
         raise ValidationError("node", node, "names no node of the spec")
     items = v.sequence(raw, "endpoints")
     others = [(n, e) for n, eps in attached_elsewhere.items() if n != node for e in eps]
-    total = index.endpoint_count + len(others) + len(items)
+    total = table.index.endpoint_count + len(others) + len(items)
     if total > MAX_ENDPOINTS:
         raise ValidationError("endpoints", len(items), f"at most {MAX_ENDPOINTS} endpoints in all (would be {total})")
-    claims: dict[tuple[object, ...], str] = {}
-    names: dict[str, str] = {}
-    slots: dict[tuple[str, str, str], str] = {}
     for owner, e in others:
         holder = f"endpoint {e.name} attached on {owner}"
-        names.setdefault(e.name, holder)
-        claims.setdefault(("mac", e.segment, e.mac), holder)
+        table.names.setdefault(e.name, holder)
+        table.claims.setdefault(("mac", e.segment, e.mac), holder)
         for ip in (e.ipv4, e.ipv6):
             if ip is not None:
-                claims.setdefault(("ip", e.segment, ip), holder)
-    checker = _EndpointChecker(index, claims, names, slots, attached=True, base=index)
-    return tuple(checker.parse(item, f"endpoints[{i}]", node) for i, item in enumerate(items))
+                table.claims.setdefault(("ip", e.segment, ip), holder)
+    accepted = []
+    for i, item in enumerate(items):
+        path = f"endpoints[{i}]"
+        e = parse_attached_endpoint(node, item, path)
+        table.check(e, path)
+        table.claim(e, path=path)
+        accepted.append(e)
+    return tuple(accepted)
 
 
 # --------------------------------------------------------------------------- diffs

@@ -65,12 +65,9 @@ def _drivers(config: AgentConfig) -> tuple[LinksDriver, WireGuardDriver]:
     return LinksDriver(), WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend)
 
 
-def _capabilities(links: LinksDriver, wireguard: WireGuardDriver) -> list[str]:
-    caps = ["nftables", "vxlan"]
-    if links.geneve_supported():
-        caps.append("geneve")
-    caps.append("wireguard-" + ("userspace" if wireguard.backend == "userspace" else "auto"))
-    return caps
+def _capabilities(links: LinksDriver) -> list[str]:
+    """What this host can do (the WireGuard backend in use is added once the interface is read back)."""
+    return ["nftables", "vxlan", *(["geneve"] if links.geneve_supported() else [])]
 
 
 def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
@@ -106,7 +103,7 @@ def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
         if state_file is None:
             from .controlled import ControlledDaemon
 
-            return ControlledDaemon(config, reconciler, _capabilities(links, wireguard)).run()
+            return ControlledDaemon(config, reconciler, _capabilities(links)).run()
         return Daemon(config, state_file, reconciler).run()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     group = ctl_raw.get("socket_group")
     control = ControlConfig(
         local_socket=Path(socket_text),
-        socket_group=None if group is None else v.name(group, "controller.socket_group"),
+        socket_group=None if group is None else _group_name(group),
         reconnect_max_seconds=v.number(ctl_raw.get("reconnect_max_seconds", 30.0),
                                        "controller.reconnect_max_seconds", 0.5, 3600.0),
     )
@@ -135,6 +136,16 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         underlay=underlay,
         wireguard=wireguard,
     )
+
+
+_GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+
+
+def _group_name(raw: object) -> str:
+    text = v.string(raw, "controller.socket_group")
+    if not _GROUP_RE.match(text):
+        raise ValidationError("controller.socket_group", text, "must be a group name (letters, digits, _ . -)")
+    return text
 
 
 def load_config(path: Path) -> AgentConfig:

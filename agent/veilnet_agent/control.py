@@ -44,7 +44,7 @@ class _NotAccepted(Exception):
 class StreamEvent:
     """What the client thread tells the daemon: a message, or that the stream went up or down."""
 
-    kind: str  # "message" | "connected" | "disconnected"
+    kind: str  # "message" | "connected" | "disconnected"; the daemon also posts "wake", "renewed", "renew_failed"
     message: cpb.ControllerMessage | None = None
     reason: str = ""
 
@@ -141,7 +141,11 @@ class ControlClient:
         except Exception as exc:  # unreadable identity files: report, keep enforcing, retry later
             self.log.error("control_identity_unusable", error=str(exc))
             return False
-        outgoing.put(cpb.AgentMessage(hello=self.hello()))
+        # The hello is built and the queue opened in one step: a report the daemon sends before this finds
+        # no queue but is in the hello; one sent after it is queued behind the hello. None is lost.
+        with self._lock:
+            outgoing.put(cpb.AgentMessage(hello=self.hello()))
+            self._outgoing = outgoing
 
         def requests() -> Iterator[cpb.AgentMessage]:
             while True:
@@ -154,7 +158,6 @@ class ControlClient:
             call = controller_pb2_grpc.ControllerStub(channel).Sync(requests())
             with self._lock:
                 self._call = call
-                self._outgoing = outgoing
             if self._stop.is_set():
                 call.cancel()
             # The controller sends its initial metadata once it accepted our hello; a call that failed
@@ -175,6 +178,8 @@ class ControlClient:
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             reason = f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
+            if code == grpc.StatusCode.ABORTED:  # another host holds this identity's stream: do not fight it
+                self._misbehaved = True
         finally:
             with self._lock:
                 self._call = None

@@ -19,8 +19,9 @@ import json
 import os
 import queue
 import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -37,8 +38,10 @@ from .control import ControlClient, StreamEvent
 from .daemon import gc_paused, settle_heap
 from .enrollment import IdentityFiles
 from .errors import ValidationError, VeilnetError
+from .files import atomic_write
 from .local_api import LocalApiError, LocalApiServer, LocalRequest
 from .logs import get_logger
+from .model import parse_node_state
 from .reconciler import Outcome, Reconciler
 from .statefile import StateFileTracker
 
@@ -50,14 +53,7 @@ Event = StreamEvent | LocalRequest
 
 
 def _atomic_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, separators=(",", ":")).encode(), 0o600)
 
 
 def _read_json(path: Path) -> Any:
@@ -88,6 +84,7 @@ class ControlledDaemon:
         self.applied_sequence = 0
         self.last_error = ""
         self.next_renewal: datetime | None = None
+        self._renewing: threading.Thread | None = None
         self.client = ControlClient(self.files, self._hello, self.inbox.put, config.node_name,
                                     config.control.reconnect_max_seconds)
         self.local_api = LocalApiServer(config.control.local_socket, config.control.socket_group, self.inbox.put)
@@ -103,7 +100,7 @@ class ControlledDaemon:
             self.received = applied["state"]
             self.applied_revision = int(applied.get("spec_revision", 0))
             try:
-                self._apply("restore")
+                self._apply("restore", drop_unfit=True)
                 self.log.info("restored_last_applied_state", spec_revision=self.applied_revision,
                               note="enforced until the controller says otherwise")
             except ValidationError as exc:
@@ -118,20 +115,58 @@ class ControlledDaemon:
 
     # ------------------------------------------------------------------ desired state
 
-    def _desired_raw(self) -> dict[str, Any] | None:
-        if self.received is None:
-            return None
-        if not self.attached:
+    def _desired_raw(self, attached: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The controller's state plus the attached endpoints (``self.attached`` unless given)."""
+        attached = self.attached if attached is None else attached
+        if self.received is None or not self.received.get("transport_address"):
+            return None  # nothing from the controller yet, or this node is in no network
+        if not attached:
             return self.received
         merged = dict(self.received)
-        merged["endpoints"] = list(self.received.get("endpoints") or ()) + list(self.attached.values())
+        merged["endpoints"] = list(self.received.get("endpoints") or ()) + list(attached.values())
         return merged
 
-    def _apply(self, why: str) -> Outcome | None:
-        """Validate and apply the current desired state; ValidationError leaves everything as it was."""
-        raw = self._desired_raw()
+    def _drop_unfit_attachments(self) -> None:
+        """The controller's state alone decides: attachments that no longer fit it are detached and reported.
+
+        (A segment was taken off this node, or the spec now gives an attachment's address to someone
+        else.) Without this, one stale attachment would make the node refuse every later update,
+        including the removal of a revoked peer. Raises the controller state's own error if it is bad.
+        """
+        parse_node_state(self.received)
+        kept: dict[str, dict[str, Any]] = {}
+        for name, endpoint in self.attached.items():
+            try:
+                parse_node_state(self._desired_raw({**kept, name: endpoint}))
+            except ValidationError as exc:
+                self.log.error("attached_endpoint_dropped", endpoint=name, field=exc.field, reason=exc.reason,
+                               value=str(exc.value), note="no longer fits the controller's state; attach it again")
+                continue
+            kept[name] = endpoint
+        self.attached = kept
+        self._persist_attached()
+        self._report_attached()
+
+    def _apply(self, why: str, *, attached: dict[str, dict[str, Any]] | None = None,
+               drop_unfit: bool = False) -> Outcome | None:
+        """Validate and apply the desired state; ValidationError leaves everything as it was.
+
+        ``attached``: a candidate set of attachments (the local API), committed only if it applies.
+        ``drop_unfit``: a state from the controller wins over attachments that no longer fit it.
+        """
+        raw = self._desired_raw(attached)
         if raw is None:
             return None
+        try:
+            return self._apply_raw(raw, why)
+        except ValidationError:
+            if not drop_unfit or not self.attached:
+                raise
+        self._drop_unfit_attachments()
+        raw = self._desired_raw()
+        return None if raw is None else self._apply_raw(raw, why)
+
+    def _apply_raw(self, raw: dict[str, Any], why: str) -> Outcome:
         with gc_paused():
             pending = self.tracker.prepare(raw)
             if pending is None:
@@ -159,7 +194,7 @@ class ControlledDaemon:
     def _hello(self) -> cpb.Hello:
         return cpb.Hello(
             agent_version=__version__,
-            capabilities=self.capabilities,
+            capabilities=[*self.capabilities, f"wireguard-{self.reconciler.wireguard_backend or 'unknown'}"],
             wireguard_public_key=self.reconciler.public_key,
             applied_sequence=self.applied_sequence,
             applied_spec_revision=self.applied_revision,
@@ -167,13 +202,14 @@ class ControlledDaemon:
         )
 
     def _on_stream(self, event: StreamEvent) -> None:
+        if event.kind in ("renewed", "renew_failed"):
+            self._on_renewal(event)
+            return
         if event.kind == "connected":
             self.received_sequence = 0
-            return
-        if event.kind == "disconnected":
-            return
         message = event.message
-        assert message is not None
+        if event.kind != "message" or message is None:
+            return  # connected, disconnected, or a wake-up (signal, renewal finished)
         which = message.WhichOneof("kind")
         if which == "update":
             self._on_update(message.update)
@@ -191,13 +227,16 @@ class ControlledDaemon:
                            have=self.received_sequence, note="reconnecting for a fresh snapshot")
             self.client.reconnect("update out of order", misbehaved=True)
             return
+        if not new.get("transport_address"):
+            # "You are in no network" (not, or no longer, in the spec): keep the address, drop the rest.
+            new["transport_address"] = (self.received or {}).get("transport_address", "")
         self.received = new
         self.received_sequence = update.sequence
         self.received_revision = update.spec_revision
         ack = cpb.Ack(sequence=update.sequence, spec_revision=update.spec_revision)
         started = time.perf_counter()
         try:
-            outcome = self._apply(f"controller revision {update.spec_revision}")
+            outcome = self._apply(f"controller revision {update.spec_revision}", drop_unfit=True)
         except ValidationError as exc:
             # Keep the kernel as it was; keep ``received`` too: later deltas apply to the controller's view.
             self.last_error = str(exc)
@@ -254,6 +293,8 @@ class ControlledDaemon:
     # ------------------------------------------------------------------ local API
 
     def _on_local(self, request: LocalRequest) -> None:
+        if not request.reply.set_running_or_notify_cancel():
+            return  # the caller gave up (timed out) before we got to it: do nothing
         try:
             if request.kind == "status":
                 request.reply.set_result(self._status())
@@ -278,6 +319,10 @@ class ControlledDaemon:
         if self.received is None:
             raise LocalApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                 "no state from the controller yet: this node's segments are unknown")
+        reserved = [k for k in endpoint.get("labels") or {} if k.startswith("node.")]
+        if reserved:
+            raise LocalApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"endpoint.labels.{reserved[0]}: the prefix node. is reserved for the node's labels")
         if name in self.attached or any(e.get("name") == name for e in self.received.get("endpoints") or ()):
             raise LocalApiError(grpc.StatusCode.ALREADY_EXISTS, f"endpoint {name!r} already exists")
         self._change_attached({**self.attached, name: dict(endpoint)}, f"attach {name}")
@@ -288,16 +333,14 @@ class ControlledDaemon:
         self._change_attached({k: e for k, e in self.attached.items() if k != name}, f"detach {name}")
 
     def _change_attached(self, attached: dict[str, dict[str, Any]], why: str) -> None:
-        previous = self.attached
+        self._apply(why, attached=attached)  # raises, and changes nothing, if the new set does not apply
         self.attached = attached
-        try:
-            self._apply(why)
-        except ValidationError:
-            self.attached = previous
-            raise
         self._persist_attached()
+        self._report_attached()
+
+    def _report_attached(self) -> None:
         self.client.send(cpb.AgentMessage(endpoints=cpb.EndpointReport(
-            endpoints=wire.endpoints_to_proto(list(attached.values())))))
+            endpoints=wire.endpoints_to_proto(list(self.attached.values())))))
 
     def _status(self) -> lpb.StatusResponse:
         state = self.tracker.state
@@ -321,28 +364,50 @@ class ControlledDaemon:
     # ------------------------------------------------------------------ certificates
 
     def _maybe_renew(self) -> None:
+        """Start a renewal when it is due, on its own thread: the RPC may take seconds, the loop must not wait."""
+        if self._renewing is not None:
+            return
         if self.next_renewal is None:
             self.next_renewal = self.files.renewal_time()
         if datetime.now(UTC) < self.next_renewal:
             return
+        self._renewing = threading.Thread(target=self._renew, name="renew", daemon=True)
+        self._renewing.start()
+
+    def _renew(self) -> None:
         try:
             serial = self.client.renew_certificate()
-        except VeilnetError as exc:
-            # Retry well before the certificate runs out: an expired one can only be replaced by joining again.
-            left = (self.files.certificate().not_after - datetime.now(UTC)).total_seconds()
-            retry = max(1.0, min(RENEW_RETRY_SECONDS, left / 4))
-            if left <= 0:
-                self.log.error("certificate_expired", note="join again with a new token: veilnet-agent join")
-                retry = RENEW_RETRY_SECONDS
-            else:
-                self.log.error("certificate_renewal_failed", error=str(exc), retry_seconds=round(retry, 1),
-                               expires_in_seconds=round(left, 1))
-            self.next_renewal = datetime.fromtimestamp(time.time() + retry, UTC)
+        except Exception as exc:  # reported to the loop, which schedules the retry
+            self.inbox.put(StreamEvent("renew_failed", reason=str(exc)))
+        else:
+            self.inbox.put(StreamEvent("renewed", reason=serial))
+
+    def _on_renewal(self, event: StreamEvent) -> None:
+        self._renewing = None
+        if event.kind == "renewed":
+            self.next_renewal = self.files.renewal_time()
+            self.log.info("certificate_renewed", serial=event.reason, next_renewal=self.next_renewal.isoformat())
             return
-        self.next_renewal = self.files.renewal_time()
-        self.log.info("certificate_renewed", serial=serial, next_renewal=self.next_renewal.isoformat())
+        # Retry well before the certificate runs out: an expired one can only be replaced by joining again.
+        left = (self.files.certificate().not_after - datetime.now(UTC)).total_seconds()
+        retry = max(1.0, min(RENEW_RETRY_SECONDS, left / 4))
+        if left <= 0:
+            self.log.error("certificate_expired", note="join again with a new token: veilnet-agent join")
+            retry = RENEW_RETRY_SECONDS
+        else:
+            self.log.error("certificate_renewal_failed", error=event.reason, retry_seconds=round(retry, 1),
+                           expires_in_seconds=round(left, 1))
+        self.next_renewal = datetime.fromtimestamp(time.time() + retry, UTC)
 
     # ------------------------------------------------------------------ the loop
+
+    def _guarded(self, handler: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """One event's failure (a disk error persisting state, wg genkey failing) must not stop the agent:
+        the data plane keeps running and the next event or resync tries again."""
+        try:
+            handler(*args, **kwargs)
+        except Exception:
+            self.log.exception("event_failed", handler=getattr(handler, "__name__", str(handler)))
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -372,18 +437,15 @@ class ControlledDaemon:
                 except queue.Empty:
                     event = None
                 while event is not None and not self._stop:
-                    if isinstance(event, LocalRequest):
-                        self._on_local(event)
-                    else:
-                        self._on_stream(event)
+                    self._guarded(self._on_local if isinstance(event, LocalRequest) else self._on_stream, event)
                     try:
                         event = self.inbox.get_nowait()
                     except queue.Empty:
                         event = None
-                self._maybe_renew()
+                self._guarded(self._maybe_renew)
                 if self._resync_now or time.monotonic() >= next_resync:
                     self._resync_now = False
-                    self.reconciler.reconcile(full=True)
+                    self._guarded(self.reconciler.reconcile, full=True)
                     self._send_status()
                     next_resync = time.monotonic() + self.config.resync_interval
         finally:

@@ -51,11 +51,15 @@ class _Servicer(agent_pb2_grpc.AgentLocalServicer):  # type: ignore[misc]
         request = LocalRequest(kind, payload, Future())
         self.submit(request)
         try:
-            return request.reply.result(timeout=REQUEST_TIMEOUT)
+            try:
+                return request.reply.result(timeout=REQUEST_TIMEOUT)
+            except TimeoutError:
+                if request.reply.cancel():  # still queued: it will not run later behind the caller's back
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "the agent did not answer in time; nothing changed")
+                return request.reply.result()  # it started meanwhile: wait for its real outcome
         except LocalApiError as exc:
             context.abort(exc.code, str(exc))
-        except TimeoutError:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the agent did not answer in time")
 
     def Status(self, request: apb.StatusRequest, context: grpc.ServicerContext) -> apb.StatusResponse:
         return self._ask("status", None, context)  # type: ignore[no-any-return]

@@ -90,6 +90,7 @@ class Reconciler:
         self._geneve: bool | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wg-apply")
         self.handshakes: dict[str, int] = {}  # as of the last read-back
+        self.wireguard_backend: str | None = None  # "kernel" or "userspace", once the interface was read back
         self.drift_repairs = 0  # full resyncs that found and repaired drift
 
     # -- desired state -------------------------------------------------
@@ -157,6 +158,7 @@ class Reconciler:
         links = self.links.observe()
         wg = self.wireguard.observe()
         self.handshakes = dict(getattr(wg, "handshakes", {}))  # public key -> epoch seconds (0: never)
+        self.wireguard_backend = getattr(wg, "backend", None) or self.wireguard_backend
         return KernelState(links=links.links, fdb=links.fdb, neigh=links.neigh, wg=wg.interface, wg_peers=wg.peers)
 
     def reconcile(self, *, full: bool) -> Outcome:

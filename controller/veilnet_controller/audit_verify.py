@@ -1,6 +1,6 @@
 """Verify a controller's audit log from its database file, without the controller and without writing.
 
-Meant for an auditor or an offline check (``veilctl audit verify --db ...``): the database is opened
+Meant for an auditor or an offline check (``veilnet-controller audit-verify --data-dir D``): the database is opened
 read-only, so verifying cannot itself alter the evidence, and it works while the controller is running
 (SQLite WAL readers do not block the writer). The chain check is ``store.verify_audit_chain``, the same code
 the controller runs, so both always agree.

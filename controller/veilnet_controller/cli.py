@@ -120,6 +120,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_server_cert(args: argparse.Namespace) -> int:
+    """Reissue the controller's TLS certificate from the existing CA (it lives a year; agents keep trusting the CA)."""
+    data: Path = args.data_dir
+    ca = CertificateAuthority.load(data / "ca")
+    names = args.server_name or ["localhost", "127.0.0.1"]
+    key_pem, cert_pem = ca.issue_server(names, parse_duration(args.lifetime, "--lifetime"))
+    pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
+    pki.write_public_file(data / "server.crt", cert_pem)
+    print(f"server certificate for {', '.join(names)} written; restart veilnet-controller to use it")
+    return EXIT_OK
+
+
 def cmd_operator_cert(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.load(args.data_dir / "ca")
     if args.role not in pki.ROLES_OPERATOR:
@@ -166,7 +178,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "listen, the host the agent joined through with --listen's port)")
     p.add_argument("--certificate-lifetime", default="24h", help="node certificate lifetime")
     p.add_argument("--join-failures-per-minute", type=int, default=20,
-                   help="failed joins allowed per source address and minute before Join is refused for a while")
+                   help="failed joins allowed per source address and minute before Join is refused for a while "
+                        "(0: no limit)")
     p.set_defaults(func=cmd_serve)
     p = add("operator-cert", "issue an operator credential with a role")
     p.add_argument("--name", required=True)
@@ -174,6 +187,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lifetime", default="30d")
     p.set_defaults(func=cmd_operator_cert)
+    p = add("server-cert", "reissue the controller's TLS certificate from the existing CA")
+    p.add_argument("--server-name", action="append", help="DNS name or IP agents and veilctl dial (repeatable)")
+    p.add_argument("--lifetime", default="365d")
+    p.set_defaults(func=cmd_server_cert)
     p = add("audit-verify", "check the audit log's hash chain (read-only)")
     p.set_defaults(func=cmd_audit_verify)
     p = add("ca-hash", "print the CA hash agents pin with --ca-hash")

@@ -102,7 +102,7 @@ class Services:
                                 f"certificate {identity.serial} of {identity.spiffe_id} is revoked")
         if not authz.allowed(method, identity.role):
             self.log.warning("permission_denied", method=method, caller=identity.spiffe_id, role=identity.role)
-            if not method.endswith(("/GetSpec", "/History", "/DiffSpec", "/ListNodes", "/ReadAudit")):
+            if authz.MATRIX.get(method) != authz.READ:  # denied reads are not worth an audit entry
                 self.store.append_audit(identity.name, identity.role, "denied", method, None, {})
             await fail(context, grpc.StatusCode.PERMISSION_DENIED,
                                 f"role {identity.role!r} may not call {method.rsplit('/', 1)[-1]}")
@@ -153,10 +153,15 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                                  {"reason": reason, "peer": context.peer()})
             await fail(context, grpc.StatusCode.PERMISSION_DENIED, reason)
         identity = pki.identity_from_certificate(cert, s.ca.trust_domain)
+        # A node joins once: certificates from an earlier join (a host that was replaced, or cloned) stop working.
+        previous = s.store.revoke_node(node, "joined again") if s.store.node(node) is not None else []
         s.store.record_certificate(node, identity.serial, identity.not_after)
+        if previous:
+            s.hub.node_rejoined(node, previous)
         s.hub.readmit(node, identity.serial)
         s.store.append_audit(node, "node", "node.join", node, None,
-                             {"serial": identity.serial, "not_after": rfc3339(identity.not_after)})
+                             {"serial": identity.serial, "not_after": rfc3339(identity.not_after),
+                              "revoked_previous": previous})
         s.log.info("node_joined", node=node, serial=identity.serial)
         return cpb.JoinResponse(certificate_pem=certificate_pem(cert), ca_bundle_pem=s.ca.certificate_pem,
                                 spiffe_id=identity.spiffe_id, control_endpoint=s.settings.control_endpoint)
@@ -224,6 +229,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             s.hub.disconnect(session)
         if session.closed_reason == "certificate revoked":
             await fail(context, grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")
+        if session.closed_reason is not None and session.closed_reason.startswith("replaced"):
+            await fail(context, grpc.StatusCode.ABORTED, session.closed_reason)
         if reader.done() and not reader.cancelled():
             problem = reader.exception()
             if isinstance(problem, _BadMessage):
@@ -324,6 +331,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             await fail(context, grpc.StatusCode.ABORTED,
                        f"expected revision {expected} but the current revision is {current_number}")
         if current_number and raw == current_raw:  # equal data, whatever the comments, order or format
+            if s.hub.spec_revision != current_number:  # an earlier apply stored it but failed before the hub
+                s.hub.set_spec(spec, current_number)
             return apb.ApplySpecResponse(revision=current_number, changed=False, diff="")
         old_spec = s.hub.spec
         try:

@@ -45,6 +45,8 @@ class FailureThrottle:
 
     def retry_after(self, address: str) -> float:
         """0 if ``address`` may try now, else the seconds until its oldest counted failure expires."""
+        if self.limit <= 0:
+            return 0.0  # throttling disabled
         stamps = self._recent(address)
         if len(stamps) < self.limit:
             return 0.0

@@ -222,18 +222,9 @@ class WireGuardDriver:
         return self._public_key
 
     def rotate_private_key(self) -> str:
-        """Replace the key file with a new key (atomically); the next apply hands it to the interface."""
+        """A new key replaces the key file in one rename (never a moment without a key); applied on the next sync."""
         self._ensure_state_dir()
-        old = self.key_file.with_name(self.key_file.name + ".old")
-        if self.key_file.exists():
-            os.replace(self.key_file, old)
-        try:
-            self._generate_key_file()
-        except BaseException:
-            if old.exists():
-                os.replace(old, self.key_file)
-            raise
-        old.unlink(missing_ok=True)
+        self._generate_key_file(replace=True)
         self._public_key = None
         return self.ensure_private_key()
 
@@ -242,7 +233,7 @@ class WireGuardDriver:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.state_dir, 0o700)
 
-    def _generate_key_file(self) -> None:
+    def _generate_key_file(self, *, replace: bool = False) -> None:
         """``wg genkey`` writes straight into a 0600 temp file, renamed into place."""
         fd, tmp_name = tempfile.mkstemp(prefix=".wireguard.key.", dir=self.state_dir)
         tmp = Path(tmp_name)
@@ -257,7 +248,10 @@ class WireGuardDriver:
             os.fsync(fd)
             os.close(fd)
             fd = -1
-            os.link(tmp, self.key_file)  # never replaces a key created concurrently
+            if replace:
+                os.replace(tmp, self.key_file)
+            else:
+                os.link(tmp, self.key_file)  # never replaces a key created concurrently
             _fsync_dir(self.state_dir)
             log.info("generated WireGuard private key in %s", self.key_file)
         except FileExistsError:

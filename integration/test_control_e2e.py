@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from lab import Lab, LabError, Topology, find_agent_bin, standard_topology, wait_until
+from lab import EndpointSpec, Lab, LabError, Topology, find_agent_bin, standard_topology, wait_until
 from test_firewall_e2e import connect, start_server, stop_process
 
 pytestmark = pytest.mark.root
@@ -197,6 +197,31 @@ def test_endpoint_attached_through_the_local_api_reaches_peers(ctl_lab: Lab) -> 
     assert new.ping("203.0.113.10", count=1, wait=1).returncode != 0
 
 
+def test_a_spec_that_takes_an_attached_address_wins_and_the_update_still_applies(ctl_lab: Lab) -> None:
+    """The controller's state wins over a local attachment that no longer fits it (not a refused update)."""
+    lab, ctl = ctl_lab, ctl_lab.controller
+    host_b = lab.host("host-b")
+    lab.add_endpoint("b-late")
+    res = host_b.agent("attach", "--name", "b-late", "--segment", "blue", "--mac", "02:00:00:0b:00:0b",
+                       "--ipv4", "203.0.113.27", "--netns", lab.netns_of("b-late"))
+    assert res.returncode == 0, res.stderr
+    assert lab.endpoint("a-web").wait_ping("203.0.113.27", PROPAGATE)
+    offset = host_b.log_offset()
+    lab.add_endpoint("a-late")
+    taken = topology().with_endpoint(EndpointSpec("a-late", "host-a", "blue", "02:00:00:0a:00:0b", "203.0.113.27",
+                                                  labels={"app": "web"}))
+    revision = lab.apply_spec(taken, message="a-late takes 203.0.113.27")  # waits: every node applied it
+    nodes = ctl.nodes()
+    assert nodes["host-b"]["applied_spec_revision"] == revision and nodes["host-b"]["last_error"] == ""
+    dropped = events_since(lab, "host-b", offset, "attached_endpoint_dropped")
+    assert [e["endpoint"] for e in dropped] == ["b-late"], dropped
+    assert "b-late" not in json.loads((host_b.state_dir / "controller" / "attached.json").read_text() or "[]")
+    # 203.0.113.27 is now a-late on host-a, for everyone
+    assert lab.endpoint("b-web").wait_ping("203.0.113.27", PROPAGATE)
+    assert "02:00:00:0a:00:0b" in lab.host("host-b").run(["bridge", "fdb", "show", "dev", "vnvx100"]).stdout
+    lab.apply_spec(topology(), message="a-late gone again")
+
+
 @contextlib.contextmanager
 def pinging(lab: Lab, src: str, dst: str, seconds: float) -> Iterator[subprocess.Popen[str]]:
     count = int(seconds / 0.02)
@@ -278,6 +303,9 @@ def test_drift_is_repaired_and_reported_to_the_controller(ctl_lab: Lab) -> None:
     lab, ctl = ctl_lab, ctl_lab.controller
     before = ctl.nodes()["host-a"]["drift_repairs"]
     lab.host("host-a").run(["bridge", "fdb", "del", "02:00:00:0b:00:01", "dev", "vnvx100", "master"])
+    lab.host("host-a").sighup()  # systemctl reload: resync now
+    time.sleep(0.5)
+    assert lab.host("host-a").agent_running(), "SIGHUP stopped the agent"
     wait_until(lambda: ctl.nodes()["host-a"]["drift_repairs"] > before, PROPAGATE, 0.5,
                "host-a repaired the deleted FDB entry and told the controller")
     assert "02:00:00:0b:00:01" in lab.host("host-a").run(["bridge", "fdb", "show", "dev", "vnvx100"]).stdout

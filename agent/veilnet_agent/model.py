@@ -427,11 +427,6 @@ def parse_segment(raw: object, path: str) -> Segment:
     return _parse_segment(raw, path)
 
 
-def check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:
-    """No two segment subnets, nor a segment subnet and the transport network, overlap."""
-    _check_subnets_disjoint(segments, transport)
-
-
 def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface) -> None:
     claimed: list[tuple[IPNetwork, str]] = [(transport.network, "transport_address")]
     for i, segment in enumerate(segments):

@@ -350,7 +350,7 @@ def _check_nodes(nodes: tuple[NodeSpec, ...]) -> None:
 def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface | None) -> None:
     """No two segment subnets, nor a segment subnet and the transport network, overlap.
 
-    Same rule and messages as ``veilnet_agent.model.check_subnets_disjoint``, in
+    Same rule and messages as the agent's ``veilnet_agent.model._check_subnets_disjoint``, in
     O(n log n) (sorted sweep) rather than comparing every pair.
     """
     entries: list[tuple[int, int, int, int, IPNetwork, str]] = []  # version, first, last, order, network, path

@@ -16,11 +16,9 @@ this suite should spend; the limit itself is a channel option.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ctl import stop_process_group
 from lab import CONTROLLER_IP, NETNS_DIR, Lab, LabError, Topology, find_agent_bin, standard_topology, tail, wait_until
 from test_control_e2e import events_since, loss, offsets, pinging, wait_resynced_without_kernel_work
 
@@ -103,14 +102,7 @@ class FakeController:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_process_group(proc, timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
 

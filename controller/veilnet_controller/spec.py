@@ -49,6 +49,18 @@ _ENDPOINT_KEYS = {"name", "node", "segment", "mac", "ipv4", "ipv6", "netns", "if
 _ATTACHED_KEYS = _ENDPOINT_KEYS - {"node"}
 
 
+def endpoint_labels(raw: object, path: str) -> tuple[tuple[str, str], ...]:
+    """An endpoint's own labels; the ``node.`` prefix is reserved for its node's labels."""
+    labels = parse_labels(raw, path)
+    for key, _ in labels:
+        if key.startswith(NODE_LABEL_PREFIX):
+            raise ValidationError(
+                f"{path}.{key}", key,
+                f"the label prefix {NODE_LABEL_PREFIX!r} is reserved for the labels of the endpoint's node",
+            )
+    return labels
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
@@ -449,13 +461,7 @@ class _EndpointChecker:
             )
         self.slots[slot] = netns_path
         labels_path = f"{path}.labels"
-        labels = parse_labels(data.get("labels"), labels_path)
-        for key, _ in labels:
-            if key.startswith(NODE_LABEL_PREFIX):
-                raise ValidationError(
-                    f"{labels_path}.{key}", key,
-                    f"the label prefix {NODE_LABEL_PREFIX!r} is reserved for the labels of the endpoint's node",
-                )
+        labels = endpoint_labels(data.get("labels"), labels_path)
         node_labels = self.index.node_label_count[node_name]
         if len(labels) + node_labels > MAX_LABELS:
             raise ValidationError(
@@ -525,13 +531,7 @@ def parse_attached_endpoint(node: str, raw: object, path: str) -> EndpointSpec:
     netns = v.netns_name(v.required(data, "netns", path), f"{path}.netns")
     ifname = v.ifname(data.get("ifname", "eth0"), f"{path}.ifname")
     labels_path = f"{path}.labels"
-    labels = parse_labels(data.get("labels"), labels_path)
-    for key, _ in labels:
-        if key.startswith(NODE_LABEL_PREFIX):
-            raise ValidationError(
-                f"{labels_path}.{key}", key,
-                f"the label prefix {NODE_LABEL_PREFIX!r} is reserved for the labels of the endpoint's node",
-            )
+    labels = endpoint_labels(data.get("labels"), labels_path)
     return EndpointSpec(
         name=name, node=node, segment=segment, mac=mac, ipv4=ipv4, ipv6=ipv6, netns=netns, ifname=ifname,
         labels=labels,

@@ -48,7 +48,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import resource
 import secrets
@@ -75,7 +74,7 @@ from veilnet_agent import wire
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "integration"))
-from ctl import ControllerProcess, free_port  # noqa: E402
+from ctl import ControllerProcess, free_port, stop_process_group  # noqa: E402
 
 GLOBAL_POLICIES = 10
 INITIAL_BACKOFF = 0.5  # as the agent's control loop (veilnet_agent.control)
@@ -495,15 +494,7 @@ def start_floor(port: int, data: Path, delta_file: Path) -> subprocess.Popen[byt
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    stop_process_group(proc)
 
 
 # --- where the time goes (in-process, nothing else running) ---------------------------------------------

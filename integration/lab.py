@@ -794,6 +794,8 @@ class Lab:
     """Namespaces for an underlay, hosts and endpoints; always torn down on exit."""
 
     def __init__(self, prefix: str = "vnl", *, agent_bin: Path | str | None = None) -> None:
+        # $VEILNET_LAB_TAG lets two checkouts run their suites side by side without sharing namespaces.
+        prefix = os.environ.get("VEILNET_LAB_TAG", "") + prefix
         if not prefix or "/" in prefix or len(prefix) > 12:
             raise ValueError(f"bad lab prefix {prefix!r}")
         self.prefix = prefix

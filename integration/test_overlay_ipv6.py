@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import WG_PORT, Lab, capture, ipv6_topology, read_pcap
+from lab import WG_PORT, Lab, capture, ipv6_topology, read_pcap, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -103,7 +103,9 @@ def test_yaml_state_file_and_sighup_reload(lab6: Lab) -> None:
         mark = b.log_offset()
         b.sighup()
         b.wait_for_log("state_accepted", timeout=10, since=mark)
-        assert "persistent keepalive: every 15 seconds" in b.wg_show()
+        # state_accepted is logged before the apply: wait for the peer to show the new value.
+        wait_until(lambda: "persistent keepalive: every 15 seconds" in b.wg_show(), 10,
+                   what="keepalive 15 applied after SIGHUP")
         assert lab6.endpoint("b-web").wait_ping("203.0.113.10", 10)
     finally:
         b.stop_agent()

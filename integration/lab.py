@@ -378,6 +378,7 @@ class Topology:
                     "underlay_port": p.listen_port,
                     "public_key": public_keys[p.name],
                     "transport_address": p.transport_ip,
+                    "segments": [s.name for s in self.segments],  # every host carries every segment
                     "endpoints": [
                         {"segment": e.segment, "mac": e.mac, "ips": e.ips, **e.label_state()}
                         for e in self.endpoints_of(p.name)

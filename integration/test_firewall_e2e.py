@@ -397,14 +397,17 @@ def table_snapshot(host: Host, family: str = "inet", table: str = "veilnet") -> 
     return out
 
 
-def guard_rule_handles(host: Host) -> list[int]:
-    """Handles of the cleartext-guard rule(s) in our input chain; [] if the table is missing."""
+def guard_rule_handles(host: Host, target: str = "guard_drop") -> list[int]:
+    """Handles of the rule(s) in our input chain jumping to ``target``; [] if the table is missing.
+
+    ``guard_drop``: the cleartext guard; ``from_peer``: the check of what a peer may send (anti-spoofing).
+    """
     res = host.run(["nft", "-j", "-a", "list", "chain", "inet", "veilnet", "input"], check=False)
     if res.returncode != 0:
         return []
     out = res.stdout
     return [o["rule"]["handle"] for o in json.loads(out)["nftables"]
-            if "rule" in o and "guard_drop" in json.dumps(o["rule"]["expr"])]
+            if "rule" in o and f'"target": "{target}"' in json.dumps(o["rule"]["expr"])]
 
 
 def listening(lab: Lab, endpoint: str, port: int) -> bool:
@@ -667,18 +670,28 @@ def test_cleartext_guard_is_what_stops_it_and_drift_puts_it_back(
 ) -> None:
     """Positive control for the guard test, then repair of the guard rule itself.
 
-    With the agent stopped and the guard rule deleted by hand, the same packet IS bridged into
-    a-web (the bypass is real and the probe is valid). A restarted agent must notice the
-    missing rule when it adopts the table; a running one must put it back on resync (drift).
+    With the agent stopped and the guard rule deleted by hand, the packet is still dropped, by the
+    second layer: its outer source is no peer, so the check of what a peer may send refuses it
+    (``peer_spoof_drop``). With that rule deleted too, the same packet IS bridged into a-web (the
+    bypass is real and the probe is valid). A restarted agent must notice the missing rules when it
+    adopts the table; a running one must put the guard back on resync (drift).
     """
     lab = fw
     a = lab.host("host-a")
     blue = lab.topology.segment("blue")  # type: ignore[union-attr]
-    handles = guard_rule_handles(a)
-    assert len(handles) == 1, handles
+    handles, peer_check = guard_rule_handles(a), guard_rule_handles(a, "from_peer")
+    assert len(handles) == 1 and len(peer_check) == 1, (handles, peer_check)
     a.stop_agent(signal.SIGTERM)  # nobody repairs the table while the bypass is demonstrated
     try:
         a.run(["nft", "delete", "rule", "inet", "veilnet", "input", "handle", str(handles[0])])
+        before = counter(a, "peer_spoof_drop")
+        layered = 0x5604
+        with capture(lab.endpoint("a-web").cmd, "eth0", tmp_path / "layered.pcap", "icmp") as inside:
+            send_vxlan(lab, attacker, blue.vni, layered, count=1)
+            wait_until(lambda: counter(a, "peer_spoof_drop") > before, 5, 0.1, "peer_spoof_drop counted the probe")
+        assert not [line for line in read_pcap(inside) if f"id {layered}," in line], "reached a-web"
+
+        a.run(["nft", "delete", "rule", "inet", "veilnet", "input", "handle", str(peer_check[0])])
         ident = 0x5603
         with capture(lab.endpoint("a-web").cmd, "eth0", tmp_path / "a-web.pcap", "icmp") as inside:
             send_vxlan(lab, attacker, blue.vni, ident, count=1)
@@ -688,7 +701,8 @@ def test_cleartext_guard_is_what_stops_it_and_drift_puts_it_back(
             "positive control failed: without the guard the probe should reach a-web:\n" + "\n".join(seen))
     finally:
         a.start_agent()
-    wait_until(lambda: guard_rule_handles(a), 5 * RESYNC + 2, 0.2, "guard rule restored by the restarted agent")
+    wait_until(lambda: guard_rule_handles(a) and guard_rule_handles(a, "from_peer"), 5 * RESYNC + 2, 0.2,
+               "guard and peer-check rules restored by the restarted agent")
 
     mark = a.log_offset()
     handles = guard_rule_handles(a)

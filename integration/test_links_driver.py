@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from lab import wait_until
 
 from veilnet_agent import naming
 from veilnet_agent.drivers import rtnl
 from veilnet_agent.drivers.links import GENEVE_UNSUPPORTED, LinksDriver
-from veilnet_agent.objects import FdbEntry, GeneveSpec, Link, NeighEntry, VethSpec, VxlanSpec
+from veilnet_agent.firewall_guard import link_local
+from veilnet_agent.objects import FdbEntry, GeneveSpec, KernelState, Link, NeighEntry, VethSpec, VxlanSpec
 from veilnet_agent.ops import (
     AddFdb,
     CreateLink,
@@ -34,6 +36,7 @@ from veilnet_agent.ops import (
     SetNeigh,
     UpdateLink,
 )
+from veilnet_agent.planner import plan
 
 pytestmark = pytest.mark.root
 
@@ -90,6 +93,8 @@ def vxlan_link(local: str, vni: int = VNI) -> Link:
         alias=naming.alias("vxlan", str(vni), naming.fingerprint(vni, local)),
         mtu=MTU,
         master=naming.bridge_name(vni),
+        learning=False,
+        neigh_suppress=True,
         spec=VxlanSpec(vni=vni, local=local),
     )
 
@@ -104,6 +109,7 @@ def endpoint_link(key: str, netns: str, mac: str, addresses: tuple[str, ...]) ->
         alias=naming.alias("endpoint", key, naming.fingerprint(netns)),
         mtu=MTU,
         master=BRIDGE,
+        learning=False,
         spec=VethSpec(netns=netns, ifname="eth0", mac=mac, addresses=addresses, gateways=gateways),
     )
 
@@ -119,7 +125,8 @@ def expected_observed(link: Link) -> Link:
     """What observe() can read back of a desired link."""
     if link.kind == "bridge":
         return link
-    return Link(link.name, link.kind, link.alias, link.mtu, master=link.master)
+    return Link(link.name, link.kind, link.alias, link.mtu, master=link.master, learning=link.learning,
+                neigh_suppress=link.neigh_suppress)
 
 
 def mac_of(i: int) -> str:
@@ -170,6 +177,7 @@ def link_names(ns: str) -> set[str]:
 
 def test_segment_and_endpoint_round_trip(driver: LinksDriver, host: str, make_ns: Any) -> None:
     ep_ns = make_ns()
+    sh("ip", "netns", "exec", ep_ns, "sysctl", "-qw", "net.ipv6.conf.default.addr_gen_mode=3")  # random by default
     addresses = ("192.0.2.1/24", "2001:db8:100::1/64")
     endpoint = endpoint_link("ep-a", ep_ns, "02:00:00:00:0a:01", ("192.0.2.10/24", "2001:db8:100::a/64"))
     ops = [*segment_ops("198.51.100.1", addresses), CreateLink(endpoint, "endpoint")]
@@ -196,7 +204,8 @@ def test_segment_and_endpoint_round_trip(driver: LinksDriver, host: str, make_ns
     ports = {p["ifname"]: p for p in json.loads(sh("bridge", "-n", host, "-j", "-d", "link"))}
     assert ports[VXLAN]["learning"] is False
     assert ports[VXLAN]["neigh_suppress"] is True
-    assert ports[endpoint.name]["learning"] is True
+    assert ports[endpoint.name]["learning"] is False  # endpoint ports do not learn either: their FDB is static
+    assert ports[endpoint.name]["neigh_suppress"] is False
 
     (eth0,) = [link for link in ip_json(ep_ns, "addr", "show") if link["ifname"] == "eth0"]
     assert eth0["address"] == "02:00:00:00:0a:01"
@@ -206,6 +215,10 @@ def test_segment_and_endpoint_round_trip(driver: LinksDriver, host: str, make_ns
     assert addrs == {"192.0.2.10/24", "2001:db8:100::a/64"}
     v6 = [a for a in eth0["addr_info"] if a["local"] == "2001:db8:100::a"]
     assert v6[0].get("nodad") is True
+    # The link-local address is the EUI-64 one anti-spoofing admits, even where the namespace defaults otherwise.
+    wait_until(lambda: [a["local"] for a in ip_json(ep_ns, "addr", "show", "dev", "eth0")[0]["addr_info"]
+                        if a["scope"] == "link"] == [str(link_local("02:00:00:00:0a:01"))], 5,
+               what="EUI-64 link-local address")
     routes4 = ip_json(ep_ns, "route", "show", "default")
     routes6 = ip_json(ep_ns, "-6", "route", "show", "default")
     assert [(r["gateway"], r["dev"]) for r in routes4] == [("192.0.2.1", "eth0")]
@@ -244,6 +257,35 @@ def test_update_link_changes_mtu_master_mac_and_addresses(driver: LinksDriver, h
     assert links[BRIDGE].addresses == frozenset({"2001:db8:100::1/64"})
     assert links[VXLAN].master == other.name
     assert links[VXLAN].mtu == 1400
+
+
+def test_port_flags_read_back_and_a_relearning_port_is_repaired(driver: LinksDriver, host: str, make_ns: Any) -> None:
+    """Someone turns learning back on (or suppression off): the planner sees it and one request repairs it."""
+    ep_ns = make_ns()
+    endpoint = endpoint_link("ep-a", ep_ns, "02:00:00:00:0a:01", ("192.0.2.10/24",))
+    target = KernelState(links={op.link.name: op.link for op in [*segment_ops("198.51.100.1"),
+                                                                   CreateLink(endpoint, "e")]})
+    def observe() -> KernelState:
+        seen = driver.observe()
+        return KernelState(links=seen.links, fdb=seen.fdb, neigh=seen.neigh)
+
+    assert_all_applied(driver.apply(plan(target, observe())))
+    sh("bridge", "-n", host, "link", "set", "dev", endpoint.name, "learning", "on")
+    sh("bridge", "-n", host, "link", "set", "dev", VXLAN, "neigh_suppress", "off", "learning", "on")
+    observed = observe()
+    assert (observed.links[endpoint.name].learning, observed.links[VXLAN].learning) == (True, True)
+    assert observed.links[VXLAN].neigh_suppress is False
+
+    ops = plan(target, observed)
+    assert sorted((op.name, op.learning, op.neigh_suppress) for op in ops if isinstance(op, UpdateLink)) == [
+        (endpoint.name, False, None), (VXLAN, False, True)]
+    result = driver.apply(ops)
+    assert_all_applied(result)
+    assert result.requests == 2  # one brport request per port
+    ports = {p["ifname"]: p for p in json.loads(sh("bridge", "-n", host, "-j", "-d", "link"))}
+    assert (ports[endpoint.name]["learning"], ports[VXLAN]["learning"], ports[VXLAN]["neigh_suppress"]) == (
+        False, False, True)
+    assert plan(target, observe()) == []
 
 
 def test_unowned_links_are_never_returned_or_touched(driver: LinksDriver, host: str) -> None:

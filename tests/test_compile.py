@@ -149,7 +149,21 @@ def test_state_shape() -> None:
             {"segment": "green", "mac": "02:00:00:0a:00:02", "ips": ["203.0.113.74"],
              "labels": {"app": "db", "node.zone": "a"}},
         ],
+        "segments": ["blue", "green"],  # shared with host-b: the VNIs host-a may send it frames for
     }
+
+
+def test_peers_carry_the_shared_segments_even_without_endpoints_there() -> None:
+    """A peer that routes into a segment it carries sends frames there without having endpoints in it."""
+    raw = copy.deepcopy(EXAMPLE_RAW)
+    raw["endpoints"] = [e for e in raw["endpoints"] if not (e["node"] == "host-a" and e["segment"] == "green")]
+    spec = parse_spec(raw)
+    b = parse_node_state(compile_nodes(spec, keys_for(spec), {})["host-b"])
+    host_a = next(p for p in b.peers if p.name == "host-a")
+    assert {e.segment for e in host_a.endpoints} == {"blue"}
+    assert host_a.segments == ("blue", "green")
+    c = parse_node_state(compile_nodes(spec, keys_for(spec), {})["host-c"])
+    assert all(p.segments == ("blue",) for p in c.peers), "host-c carries only blue: it learns of no other"
 
 
 def test_keepalive_and_labels_are_omitted_when_empty_or_zero() -> None:

@@ -43,7 +43,8 @@ def compiled(raw: dict[str, Any]) -> Any:
 
 
 def all_elements(fw: Any) -> dict[str, set[Any]]:
-    return {name: set(elems) for name, elems in fw.elements.items() if elems}
+    """The allow maps' non-empty contents (the anti-spoofing sets are tested in test_firewall_guard)."""
+    return {name: set(elems) for name, elems in fw.elements.items() if elems and name.startswith("allow")}
 
 
 def test_tuples_touching_this_host_only() -> None:
@@ -135,18 +136,26 @@ def test_structure_is_self_consistent_and_carries_the_fingerprint() -> None:
     raw["segments"][0]["rate_limit"] = {"new_connections_per_second": 10, "burst": 20, "icmp_per_second": 3}
     fw = compiled(raw)
     text = json.dumps(fw.structure)
-    chains = {c["add"]["chain"]["name"] for c in fw.structure if "chain" in c["add"]}
-    assert {"forward", "segments", "input", "to_host", "rate_drop_blue", "guard_drop"} <= chains
-    counters = {c["add"]["counter"]["name"] for c in fw.structure if "counter" in c["add"]}
-    assert {"p_web_to_db", "default_drop", "invalid", "cleartext_guard", "to_host_drop", "rate_blue"} <= counters
+    def objects(kind: str) -> set[tuple[str, str]]:
+        return {(c["add"][kind]["family"], c["add"][kind]["name"]) for c in fw.structure if kind in c["add"]}
+
+    chains, counters = objects("chain"), objects("counter")
+    assert {("inet", c) for c in ("forward", "segments", "input", "to_host", "rate_drop_blue", "guard_drop",
+                                  "from_peer", "peer_spoof")} <= chains
+    assert {("bridge", c) for c in ("prerouting", "from_endpoint", "spoof")} <= chains
+    assert {("inet", c) for c in ("p_web_to_db", "default_drop", "invalid", "cleartext_guard", "to_host_drop",
+                                  "rate_blue", "peer_spoof_drop")} | {("bridge", "spoof_drop")} <= counters
     for cmd in fw.structure:
         rule = cmd["add"].get("rule")
         if rule:
-            assert rule["chain"] in chains
+            assert (rule["family"], rule["chain"]) in chains
             for expr in rule["expr"]:
-                if "jump" in expr:
-                    assert expr["jump"]["target"] in chains
-    assert all(counter in counters for els in fw.elements.values() for _, counter in els)
+                for verb in ("jump", "goto"):
+                    if verb in expr:
+                        assert (rule["family"], expr[verb]["target"]) in chains
+                if "counter" in expr and isinstance(expr["counter"], str):
+                    assert (rule["family"], expr["counter"]) in counters
+    assert all(("inet", counter) in counters for els in all_elements(fw).values() for _, counter in els)
     assert f'"{FINGERPRINT_PREFIX}{fw.fingerprint}"' in text
     assert all(IDENT.match(n) for n in _names(fw.structure))
     assert set(allow_map_names()) <= set(_names(fw.structure))
@@ -255,7 +264,7 @@ def test_compiled_tuples_equal_a_brute_force_evaluation(
     fw = compiled(raw)
     got = set(fw.elements["allow4_ports"]) | set(fw.elements["allow6_ports"])
     assert got == expected
-    assert all(not elems for name, elems in fw.elements.items() if name not in ("allow4_ports", "allow6_ports"))
+    assert set(all_elements(fw)) <= {"allow4_ports", "allow6_ports"}
 
 
 def test_shape_sees_a_missing_rule_or_object() -> None:

@@ -66,6 +66,8 @@ def simulate(observed: KernelState, ops: list[Op]) -> KernelState:
                 master=op.master if op.master is not None else link.master,
                 mac=op.mac if op.mac is not None else link.mac,
                 addresses=(link.addresses | op.add_addresses) - op.remove_addresses,
+                learning=op.learning if op.learning is not None else link.learning,
+                neigh_suppress=op.neigh_suppress if op.neigh_suppress is not None else link.neigh_suppress,
             )
         elif isinstance(op, AddFdb):
             assert op.entry.ifname in links
@@ -154,9 +156,11 @@ def test_endpoint_address_change_recreates_it() -> None:
     raw["endpoints"][0]["ipv4"] = "203.0.113.11"
     ops = plan(target(raw), before)
     name = naming.endpoint_host_name("a-web")
-    assert [(type(op).__name__, getattr(op, "name", None) or op.link.name) for op in ops] == [  # type: ignore[union-attr]
+    assert [(type(op).__name__, getattr(op, "name", None) or getattr(op, "link", op).name  # type: ignore[union-attr]
+             if not isinstance(op, AddFdb) else op.entry.ifname) for op in ops] == [
         ("DeleteLink", name),
         ("CreateLink", name),
+        ("AddFdb", name),  # the endpoint's static MAC entry goes with its port
     ]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import addr, naming
+from .firewall_guard import BRIDGE_FAMILY, GuardElements, bridge_table, overlay_chains
 from .model import IPAddress, NodeState, Segment
 from .policy import PROTOCOL_NUMBERS, Policy, Selector
 
@@ -60,7 +61,7 @@ class FirewallSettings:
     wireguard_ifname: str = naming.WG_IFNAME
 
 
-Shape = frozenset[tuple[str, str, int]]  # (object kind, name, rules if a chain else 0)
+Shape = frozenset[tuple[str, str, str, int]]  # (family, object kind, name, rules if a chain else 0)
 
 
 @dataclass(frozen=True)
@@ -75,26 +76,27 @@ class CompiledFirewall:
 
 
 def structure_shape(objects: Iterable[Mapping[str, Any]]) -> Shape:
-    """Chains with their rule counts, and the sets, maps and counters of a table.
+    """Chains with their rule counts, and the sets, maps and counters of our tables.
 
     Accepts the compiler's ``{"add": {...}}`` commands or ``nft -j list table`` objects alike, so the
-    kernel's table can be checked against the compiled one: a hand-deleted rule, chain or set shows up
+    kernel's tables can be checked against the compiled ones: a hand-deleted rule, chain or set shows up
     here even though the fingerprint rule is intact.
     """
-    rules: dict[str, int] = {}
-    shape: set[tuple[str, str, int]] = set()
+    rules: dict[tuple[str, str], int] = {}
+    shape: set[tuple[str, str, str, int]] = set()
     for obj in objects:
         body = obj.get("add", obj)
         for kind in ("chain", "set", "map", "counter"):
             if kind in body:
-                shape.add((kind, body[kind]["name"], 0))
+                family = body[kind]["family"]
+                shape.add((family, kind, body[kind]["name"], 0))
                 if kind == "chain":
-                    rules.setdefault(body[kind]["name"], 0)
+                    rules.setdefault((family, body[kind]["name"]), 0)
         if "rule" in body:
-            chain = body["rule"]["chain"]
-            rules[chain] = rules.get(chain, 0) + 1
-    shape = {item for item in shape if item[0] != "chain"}
-    shape.update(("chain", name, count) for name, count in rules.items())
+            key = (body["rule"]["family"], body["rule"]["chain"])
+            rules[key] = rules.get(key, 0) + 1
+    shape = {item for item in shape if item[1] != "chain"}
+    shape.update((family, "chain", name, count) for (family, name), count in rules.items())
     return frozenset(shape)
 
 
@@ -476,6 +478,14 @@ def _input_chains(state: NodeState, settings: FirewallSettings) -> list[dict[str
             _jump("guard_drop"),
             comment="encapsulated packets of our VNIs must come through WireGuard",
         ))
+        cmds += overlay_chains(state, _obj, _rule, settings.nflog_group, settings.log_per_second)
+        cmds.append(_rule(
+            "input",
+            _match(_payload("udp", "dport"), {"set": list(ENCAP_PORTS)}),
+            _match(VNI_FIELD, {"set": sorted(s.vni for s in state.segments)}),
+            _jump("from_peer"),
+            comment="and carry only what their peer may send",
+        ))
     cmds.append(_obj("chain", name="to_host"))
     cmds.append(_rule("to_host", _match({"ct": {"key": "state"}}, ["established", "related"], "in"), ACCEPT))
     cmds.append(_rule("to_host", _match(_meta("l4proto"), {"set": ["icmp", "ipv6-icmp"]}), ACCEPT))
@@ -495,13 +505,32 @@ def _forward_chain(fingerprint: str) -> list[dict[str, Any]]:
 
 
 def compile_table(state: NodeState, settings: FirewallSettings) -> tuple[tuple[dict[str, Any], ...], str]:
-    """The structure (without allow-map elements) and its fingerprint."""
-    body = compile_structure(state, settings)
-    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+    """The structure of both tables (without set and map elements) and its fingerprint.
+
+    ``inet veilnet`` holds policy, rate limits, the cleartext guard and the overlay checks;
+    ``bridge veilnet`` holds the local endpoints' anti-spoofing (see firewall_guard).
+    """
+    inet = compile_structure(state, settings)
+    bridge = bridge_table(state, settings.nflog_group, settings.log_per_second)
+    fingerprint = hashlib.sha256(json.dumps([inet, bridge], sort_keys=True).encode()).hexdigest()[:24]
     # The forward chain goes last: it only jumps into chains that exist by then, and it carries the fingerprint.
-    return tuple(body + _forward_chain(fingerprint)), fingerprint
+    return tuple(inet + _forward_chain(fingerprint) + bridge), fingerprint
 
 
 def compile_firewall(state: NodeState, settings: FirewallSettings | None = None) -> CompiledFirewall:
     structure, fingerprint = compile_table(state, settings or FirewallSettings())
-    return CompiledFirewall(structure=structure, elements=compile_elements(state), fingerprint=fingerprint)
+    elements = {**compile_elements(state), **GuardElements(state).frozen()}
+    return CompiledFirewall(structure=structure, elements=elements, fingerprint=fingerprint)
+
+
+TABLES = ((TABLE_FAMILY, TABLE_NAME), (BRIDGE_FAMILY, TABLE_NAME))
+
+
+def set_tables(structure: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Every set and map of the structure -> ``"<family> <table>"`` (names are unique across our tables)."""
+    where: dict[str, str] = {}
+    for command in structure:
+        for kind, body in command.get("add", {}).items():
+            if kind in ("set", "map"):
+                where[body["name"]] = f"{body['family']} {body['table']}"
+    return where

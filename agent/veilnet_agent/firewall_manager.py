@@ -1,9 +1,10 @@
-"""Keeps the ``inet veilnet`` table equal to the compiled policy (like a Felix dataplane manager).
+"""Keeps our nftables tables equal to the compiled policy and anti-spoofing (like a Felix dataplane manager).
 
-Desired state in, compiled once; the kernel's table is read back on resync
+Desired state in, compiled once; the kernel's tables are read back on resync
 and otherwise modelled by what was last applied. A structural difference
-(or a missing or foreign-fingerprinted table) replaces the table in one
-transaction; otherwise only allow-map elements are added and deleted.
+(or a missing or foreign-fingerprinted table) replaces both tables in one
+transaction; otherwise only the managed sets' elements (allow maps,
+anti-spoofing sets) are added and deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .firewall_compiler import (
     Shape,
     compile_table,
 )
+from .firewall_guard import GuardElements
 from .logs import get_logger
 from .model import NodeState
 
@@ -54,9 +56,12 @@ def element_diff(
 
 
 def _describe_shape_drift(want: Shape, have: Shape) -> str:
-    missing = sorted(f"{kind} {name}" + (f" ({n} rules)" if kind == "chain" else "") for kind, name, n in want - have)
-    extra = sorted(f"{kind} {name}" + (f" ({n} rules)" if kind == "chain" else "") for kind, name, n in have - want)
-    return f"table differs: expected {', '.join(missing[:5]) or '-'}; found {', '.join(extra[:5]) or '-'}"
+    def describe(items: Shape) -> list[str]:
+        return sorted(f"{family} {kind} {name}" + (f" ({n} rules)" if kind == "chain" else "")
+                      for family, kind, name, n in items)
+
+    missing, extra = describe(want - have), describe(have - want)
+    return f"tables differ: expected {', '.join(missing[:5]) or '-'}; found {', '.join(extra[:5]) or '-'}"
 
 
 class FirewallManager:
@@ -65,6 +70,7 @@ class FirewallManager:
         self.settings = FirewallSettings(nflog_group=config.nflog_group, log_per_second=config.log_per_second)
         self.log = get_logger(node=node, component="firewall")
         self.allow: AllowElements | None = None
+        self.guard: GuardElements | None = None
         self.structure: tuple[dict[str, Any], ...] = ()
         self.fingerprint = ""
         # Net element changes not yet applied, relative to what the kernel holds when in sync;
@@ -77,25 +83,28 @@ class FirewallManager:
     @property
     def compiled(self) -> CompiledFirewall | None:
         """The whole compiled table (materialises every element: O(tuples))."""
-        if self.allow is None:
+        if self.allow is None or self.guard is None:
             return None
-        return CompiledFirewall(self.structure, self.allow.frozen(), self.fingerprint)
+        return CompiledFirewall(self.structure, {**self.allow.frozen(), **self.guard.frozen()}, self.fingerprint)
 
     def accept(self, state: NodeState) -> None:
         structure, fingerprint = compile_table(state, self.settings)
         self._generation += 1
-        if self.allow is not None and fingerprint == self.fingerprint:
+        if self.allow is not None and self.guard is not None and fingerprint == self.fingerprint:
             adds, deletes = self.allow.update(state)  # O(changed endpoints)
+            guard_adds, guard_deletes = self.guard.update(state)  # O(changed endpoints and peers)
+            delta: ElementDelta = ({**adds, **guard_adds}, {**deletes, **guard_deletes})  # disjoint set names
             if self._pending is not None:
-                self._pending = _merge(self._pending, (adds, deletes))
+                self._pending = _merge(self._pending, delta)
             return
         self.allow = AllowElements(state)
+        self.guard = GuardElements(state)
         self.structure, self.fingerprint = structure, fingerprint
         self._pending = None
 
     def reconcile(self, *, full: bool) -> FirewallOutcome:
         outcome = FirewallOutcome()
-        if self.allow is None:
+        if self.allow is None or self.guard is None:
             return outcome
         drift = full and self._generation == self._converged_generation
         try:

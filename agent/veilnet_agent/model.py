@@ -86,6 +86,9 @@ class Peer:
     transport_address: IPAddress
     keepalive: int
     endpoints: tuple[RemoteEndpoint, ...]
+    # The segments this node shares with the peer: it may send frames only for these VNIs.
+    # Every endpoint's segment is among them; without the field, the endpoints' segments.
+    segments: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ _SEGMENT_KEYS = {
 _ENDPOINT_KEYS = {"name", "segment", "mac", "ipv4", "ipv6", "netns", "ifname", "labels"}
 _PEER_KEYS = {
     "name", "underlay_address", "underlay_port", "public_key",
-    "transport_address", "keepalive", "endpoints",
+    "transport_address", "keepalive", "endpoints", "segments",
 }
 _REMOTE_ENDPOINT_KEYS = {"segment", "mac", "ips", "labels"}
 
@@ -329,6 +332,7 @@ def _parse_peer(raw: object, path: str, index: _SegmentIndex, transport: IPInter
         endpoints = tuple(
             _parse_remote_endpoint(item, f"{path}.endpoints[{i}]", index) for i, item in enumerate(endpoints_raw)
         )
+        segments = _peer_segments(data.get("segments"), endpoints, path, index)
     finally:
         claims.peer = None
     return Peer(
@@ -339,7 +343,23 @@ def _parse_peer(raw: object, path: str, index: _SegmentIndex, transport: IPInter
         transport_address=transport_address,
         keepalive=v.integer(data.get("keepalive", 0), f"{path}.keepalive", 0, 65535),
         endpoints=endpoints,
+        segments=segments,
     )
+
+
+def _peer_segments(raw: object, endpoints: tuple[RemoteEndpoint, ...], peer_path: str,
+                   index: _SegmentIndex) -> tuple[str, ...]:
+    """The segments shared with a peer: given, or those of its endpoints; every endpoint's among them."""
+    if raw is None:
+        return tuple(dict.fromkeys(e.segment for e in endpoints))
+    path = f"{peer_path}.segments"
+    names = [index.segment(item, f"{path}[{i}]").name for i, item in enumerate(v.sequence(raw, path))]
+    _unique([(n, f"{path}[{i}]") for i, n in enumerate(names)], "segment")
+    for i, endpoint in enumerate(endpoints):
+        if endpoint.segment not in names:
+            raise ValidationError(f"{peer_path}.endpoints[{i}].segment", endpoint.segment,
+                                  "is not among the segments shared with this peer")
+    return tuple(names)
 
 
 def _unique(items: Sequence[tuple[object, str]], what: str) -> None:

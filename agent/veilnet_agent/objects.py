@@ -58,6 +58,9 @@ class Link:
     master: str | None = None
     mac: str | None = None  # enforced for bridges (gateway MAC); None = not managed
     addresses: frozenset[str] = frozenset()  # "ip/prefix" on this link (bridges: gateways)
+    # Bridge port flags; None = not managed. Every port the agent makes has learning off: its FDB is static.
+    learning: bool | None = None
+    neigh_suppress: bool | None = None  # tunnel ports: ARP/ND for remote endpoints answered locally
     spec: LinkSpec = field(default=None, compare=False)
 
 

@@ -54,6 +54,8 @@ class UpdateLink:
     add_addresses: frozenset[str]
     remove_addresses: frozenset[str]
     reason: str
+    learning: bool | None = None  # bridge port flags
+    neigh_suppress: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -99,5 +101,6 @@ def cost(op: Op) -> int:
             + int(op.mac is not None)
             + len(op.add_addresses)
             + len(op.remove_addresses)
+            + int(op.learning is not None or op.neigh_suppress is not None)  # one brport request for both
         )
     return 1

@@ -125,7 +125,13 @@ def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | Non
     mac = wanted.mac if wanted.mac is not None and current.mac != wanted.mac else None
     add = wanted.addresses - current.addresses
     remove = current.addresses - wanted.addresses
-    if mtu is None and master is None and mac is None and not add and not remove:
+    # A port that changes bridge gets its flags set again: they are per port, and a new master resets them.
+    learning = wanted.learning if wanted.learning is not None and (
+        current.learning != wanted.learning or master is not None) else None
+    suppress = wanted.neigh_suppress if wanted.neigh_suppress is not None and (
+        current.neigh_suppress != wanted.neigh_suppress or master is not None) else None
+    if mtu is None and master is None and mac is None and not add and not remove and learning is None \
+            and suppress is None:
         return None
     return UpdateLink(
         name=wanted.name,
@@ -135,6 +141,8 @@ def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | Non
         add_addresses=frozenset(add),
         remove_addresses=frozenset(remove),
         reason=_diff_fields(current, wanted),
+        learning=learning,
+        neigh_suppress=suppress,
     )
 
 

@@ -5,7 +5,9 @@ every host), a VXLAN device (or one Geneve device per peer, Geneve having no
 FDB), static FDB entries (head-end replication to every peer in the segment
 plus one entry per remote endpoint MAC) and permanent neighbour entries for
 remote endpoints, so ARP/ND is answered locally (neigh_suppress) and never
-floods the overlay. Local endpoints are veth pairs into their namespaces.
+floods the overlay. Local endpoints are veth pairs into their namespaces, with a
+static FDB entry for their MAC on their port; no port learns (an endpoint
+cannot move another's MAC onto its port).
 Tunnels run between WireGuard transport addresses, so everything the
 overlay sends is encrypted on the underlay.
 """
@@ -100,13 +102,14 @@ def render_all(state: NodeState, ctx: NodeContext) -> Rendered:
         if segment.encapsulation == "vxlan":
             vxlan = _vxlan(state, segment, mtus[segment.name])
             links[vxlan.name] = vxlan
+    fdb: set[FdbEntry] = set()
     for local in state.endpoints:
         segment = state.segment(local.segment)
         link = _endpoint_link(local, segment, mtus[segment.name])
         links[link.name] = link
+        fdb.add(FdbEntry(link.name, local.mac, None))
     segments = {s.name: s for s in state.segments}
     parts = {p.name: _peer_parts(segments, mtus, p) for p in state.peers}
-    fdb: set[FdbEntry] = set()
     neigh: set[NeighEntry] = set()
     for part in parts.values():
         links.update(part.links)
@@ -235,6 +238,8 @@ def _vxlan(state: NodeState, segment: Segment, seg_mtu: int) -> Link:
         alias=naming.alias("vxlan", segment.name, naming.fingerprint("vxlan", spec.vni, spec.local, spec.port)),
         mtu=seg_mtu,
         master=naming.bridge_name(segment.vni),
+        learning=False,
+        neigh_suppress=True,
         spec=spec,
     )
 
@@ -250,6 +255,8 @@ def _geneve(segment: Segment, seg_mtu: int, peer: Peer) -> Link:
         ),
         mtu=seg_mtu,
         master=naming.bridge_name(segment.vni),
+        learning=False,
+        neigh_suppress=True,
         spec=spec,
     )
 
@@ -282,5 +289,6 @@ def _endpoint_link(endpoint: LocalEndpoint, segment: Segment, seg_mtu: int) -> L
         ),
         mtu=seg_mtu,
         master=naming.bridge_name(segment.vni),
+        learning=False,
         spec=spec,
     )

@@ -98,6 +98,7 @@ def peer_to_proto(raw: Mapping[str, Any]) -> pb.Peer:
         transport_address=_text(raw, "transport_address"),
         keepalive=int(raw.get("keepalive") or 0),
         endpoints=[_remote_endpoint_to_proto(e) for e in raw.get("endpoints") or ()],
+        segments=[str(s) for s in raw.get("segments") or ()],
     )
 
 
@@ -110,6 +111,8 @@ def peer_from_proto(msg: pb.Peer) -> Raw:
         out["keepalive"] = msg.keepalive
     if msg.endpoints:
         out["endpoints"] = [_remote_endpoint_from_proto(e) for e in msg.endpoints]
+    if msg.segments:
+        out["segments"] = list(msg.segments)
     return out
 
 

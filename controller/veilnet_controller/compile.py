@@ -116,6 +116,7 @@ def compile_nodes(
         if n.keepalive:
             made["keepalive"] = n.keepalive
         made["endpoints"] = endpoints
+        made["segments"] = list(shared)  # the VNIs this peer may send us frames for (anti-spoofing)
         before = old_views.get((peer, shared))
         if before is not None and before == made:
             made = before  # unchanged since the last compile: the same object, so diffs compare by identity

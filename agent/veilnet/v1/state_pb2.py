@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16veilnet/v1/state.proto\x12\nveilnet.v1\"W\n\tRateLimit\x12\"\n\x1anew_connections_per_second\x18\x01 \x01(\r\x12\r\n\x05\x62urst\x18\x02 \x01(\r\x12\x17\n\x0ficmp_per_second\x18\x03 \x01(\r\"\xdf\x01\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03vni\x18\x02 \x01(\r\x12\x15\n\rencapsulation\x18\x03 \x01(\t\x12\x13\n\x0bipv4_subnet\x18\x04 \x01(\t\x12\x14\n\x0cipv4_gateway\x18\x05 \x01(\t\x12\x13\n\x0bipv6_subnet\x18\x06 \x01(\t\x12\x14\n\x0cipv6_gateway\x18\x07 \x01(\t\x12\x13\n\x0bgateway_mac\x18\x08 \x01(\t\x12\x0c\n\x04mode\x18\t \x01(\t\x12)\n\nrate_limit\x18\n \x01(\x0b\x32\x15.veilnet.v1.RateLimit\"\xdc\x01\n\rLocalEndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x0b\n\x03mac\x18\x03 \x01(\t\x12\x0c\n\x04ipv4\x18\x04 \x01(\t\x12\x0c\n\x04ipv6\x18\x05 \x01(\t\x12\r\n\x05netns\x18\x06 \x01(\t\x12\x0e\n\x06ifname\x18\x07 \x01(\t\x12\x35\n\x06labels\x18\x08 \x03(\x0b\x32%.veilnet.v1.LocalEndpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x0eRemoteEndpoint\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0b\n\x03ips\x18\x03 \x03(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.veilnet.v1.RemoteEndpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb6\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10underlay_address\x18\x02 \x01(\t\x12\x15\n\runderlay_port\x18\x03 \x01(\r\x12\x12\n\npublic_key\x18\x04 \x01(\t\x12\x19\n\x11transport_address\x18\x05 \x01(\t\x12\x11\n\tkeepalive\x18\x06 \x01(\r\x12-\n\tendpoints\x18\x07 \x03(\x0b\x32\x1a.veilnet.v1.RemoteEndpoint\";\n\nExpression\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x0e\n\x06values\x18\x03 \x03(\t\"\xcd\x01\n\x08Selector\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12;\n\x0cmatch_labels\x18\x02 \x03(\x0b\x32%.veilnet.v1.Selector.MatchLabelsEntry\x12\x31\n\x11match_expressions\x18\x03 \x03(\x0b\x32\x16.veilnet.v1.Expression\x12\x0c\n\x04\x63idr\x18\x04 \x01(\t\x1a\x32\n\x10MatchLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\x9f\x01\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06source\x18\x02 \x01(\x0b\x32\x14.veilnet.v1.Selector\x12)\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x14.veilnet.v1.Selector\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12$\n\x05ports\x18\x05 \x03(\x0b\x32\x15.veilnet.v1.PortRange\"\xbf\x02\n\tNodeState\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12%\n\x08segments\x18\x03 \x03(\x0b\x32\x13.veilnet.v1.Segment\x12,\n\tendpoints\x18\x04 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\x12\x1f\n\x05peers\x18\x05 \x03(\x0b\x32\x10.veilnet.v1.Peer\x12$\n\x08policies\x18\x06 \x03(\x0b\x32\x12.veilnet.v1.Policy\x12:\n\x0bnode_labels\x18\x07 \x03(\x0b\x32%.veilnet.v1.NodeState.NodeLabelsEntry\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0bSegmentList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.veilnet.v1.Segment\"=\n\x11LocalEndpointList\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"/\n\nPolicyList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.veilnet.v1.Policy\"h\n\x08LabelMap\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.veilnet.v1.LabelMap.ItemsEntry\x1a,\n\nItemsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x02\n\nStateDelta\x12\x19\n\x11transport_address\x18\x01 \x01(\t\x12)\n\x08segments\x18\x02 \x01(\x0b\x32\x17.veilnet.v1.SegmentList\x12\x30\n\tendpoints\x18\x03 \x01(\x0b\x32\x1d.veilnet.v1.LocalEndpointList\x12(\n\x08policies\x18\x04 \x01(\x0b\x32\x16.veilnet.v1.PolicyList\x12&\n\x0cpeer_upserts\x18\x05 \x03(\x0b\x32\x10.veilnet.v1.Peer\x12\x14\n\x0cpeer_removes\x18\x06 \x03(\t\x12)\n\x0bnode_labels\x18\x07 \x01(\x0b\x32\x14.veilnet.v1.LabelMapb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16veilnet/v1/state.proto\x12\nveilnet.v1\"W\n\tRateLimit\x12\"\n\x1anew_connections_per_second\x18\x01 \x01(\r\x12\r\n\x05\x62urst\x18\x02 \x01(\r\x12\x17\n\x0ficmp_per_second\x18\x03 \x01(\r\"\xdf\x01\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03vni\x18\x02 \x01(\r\x12\x15\n\rencapsulation\x18\x03 \x01(\t\x12\x13\n\x0bipv4_subnet\x18\x04 \x01(\t\x12\x14\n\x0cipv4_gateway\x18\x05 \x01(\t\x12\x13\n\x0bipv6_subnet\x18\x06 \x01(\t\x12\x14\n\x0cipv6_gateway\x18\x07 \x01(\t\x12\x13\n\x0bgateway_mac\x18\x08 \x01(\t\x12\x0c\n\x04mode\x18\t \x01(\t\x12)\n\nrate_limit\x18\n \x01(\x0b\x32\x15.veilnet.v1.RateLimit\"\xdc\x01\n\rLocalEndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x0b\n\x03mac\x18\x03 \x01(\t\x12\x0c\n\x04ipv4\x18\x04 \x01(\t\x12\x0c\n\x04ipv6\x18\x05 \x01(\t\x12\r\n\x05netns\x18\x06 \x01(\t\x12\x0e\n\x06ifname\x18\x07 \x01(\t\x12\x35\n\x06labels\x18\x08 \x03(\x0b\x32%.veilnet.v1.LocalEndpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x0eRemoteEndpoint\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0b\n\x03ips\x18\x03 \x03(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.veilnet.v1.RemoteEndpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc8\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10underlay_address\x18\x02 \x01(\t\x12\x15\n\runderlay_port\x18\x03 \x01(\r\x12\x12\n\npublic_key\x18\x04 \x01(\t\x12\x19\n\x11transport_address\x18\x05 \x01(\t\x12\x11\n\tkeepalive\x18\x06 \x01(\r\x12-\n\tendpoints\x18\x07 \x03(\x0b\x32\x1a.veilnet.v1.RemoteEndpoint\x12\x10\n\x08segments\x18\x08 \x03(\t\";\n\nExpression\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x0e\n\x06values\x18\x03 \x03(\t\"\xcd\x01\n\x08Selector\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12;\n\x0cmatch_labels\x18\x02 \x03(\x0b\x32%.veilnet.v1.Selector.MatchLabelsEntry\x12\x31\n\x11match_expressions\x18\x03 \x03(\x0b\x32\x16.veilnet.v1.Expression\x12\x0c\n\x04\x63idr\x18\x04 \x01(\t\x1a\x32\n\x10MatchLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\x9f\x01\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06source\x18\x02 \x01(\x0b\x32\x14.veilnet.v1.Selector\x12)\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x14.veilnet.v1.Selector\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12$\n\x05ports\x18\x05 \x03(\x0b\x32\x15.veilnet.v1.PortRange\"\xbf\x02\n\tNodeState\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12%\n\x08segments\x18\x03 \x03(\x0b\x32\x13.veilnet.v1.Segment\x12,\n\tendpoints\x18\x04 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\x12\x1f\n\x05peers\x18\x05 \x03(\x0b\x32\x10.veilnet.v1.Peer\x12$\n\x08policies\x18\x06 \x03(\x0b\x32\x12.veilnet.v1.Policy\x12:\n\x0bnode_labels\x18\x07 \x03(\x0b\x32%.veilnet.v1.NodeState.NodeLabelsEntry\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0bSegmentList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.veilnet.v1.Segment\"=\n\x11LocalEndpointList\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"/\n\nPolicyList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.veilnet.v1.Policy\"h\n\x08LabelMap\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.veilnet.v1.LabelMap.ItemsEntry\x1a,\n\nItemsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x02\n\nStateDelta\x12\x19\n\x11transport_address\x18\x01 \x01(\t\x12)\n\x08segments\x18\x02 \x01(\x0b\x32\x17.veilnet.v1.SegmentList\x12\x30\n\tendpoints\x18\x03 \x01(\x0b\x32\x1d.veilnet.v1.LocalEndpointList\x12(\n\x08policies\x18\x04 \x01(\x0b\x32\x16.veilnet.v1.PolicyList\x12&\n\x0cpeer_upserts\x18\x05 \x03(\x0b\x32\x10.veilnet.v1.Peer\x12\x14\n\x0cpeer_removes\x18\x06 \x03(\t\x12)\n\x0bnode_labels\x18\x07 \x01(\x0b\x32\x14.veilnet.v1.LabelMapb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,31 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOTEENDPOINT_LABELSENTRY']._serialized_start=529
   _globals['_REMOTEENDPOINT_LABELSENTRY']._serialized_end=574
   _globals['_PEER']._serialized_start=742
-  _globals['_PEER']._serialized_end=924
-  _globals['_EXPRESSION']._serialized_start=926
-  _globals['_EXPRESSION']._serialized_end=985
-  _globals['_SELECTOR']._serialized_start=988
-  _globals['_SELECTOR']._serialized_end=1193
-  _globals['_SELECTOR_MATCHLABELSENTRY']._serialized_start=1143
-  _globals['_SELECTOR_MATCHLABELSENTRY']._serialized_end=1193
-  _globals['_PORTRANGE']._serialized_start=1195
-  _globals['_PORTRANGE']._serialized_end=1235
-  _globals['_POLICY']._serialized_start=1238
-  _globals['_POLICY']._serialized_end=1397
-  _globals['_NODESTATE']._serialized_start=1400
-  _globals['_NODESTATE']._serialized_end=1719
-  _globals['_NODESTATE_NODELABELSENTRY']._serialized_start=1670
-  _globals['_NODESTATE_NODELABELSENTRY']._serialized_end=1719
-  _globals['_SEGMENTLIST']._serialized_start=1721
-  _globals['_SEGMENTLIST']._serialized_end=1770
-  _globals['_LOCALENDPOINTLIST']._serialized_start=1772
-  _globals['_LOCALENDPOINTLIST']._serialized_end=1833
-  _globals['_POLICYLIST']._serialized_start=1835
-  _globals['_POLICYLIST']._serialized_end=1882
-  _globals['_LABELMAP']._serialized_start=1884
-  _globals['_LABELMAP']._serialized_end=1988
-  _globals['_LABELMAP_ITEMSENTRY']._serialized_start=1944
-  _globals['_LABELMAP_ITEMSENTRY']._serialized_end=1988
-  _globals['_STATEDELTA']._serialized_start=1991
-  _globals['_STATEDELTA']._serialized_end=2270
+  _globals['_PEER']._serialized_end=942
+  _globals['_EXPRESSION']._serialized_start=944
+  _globals['_EXPRESSION']._serialized_end=1003
+  _globals['_SELECTOR']._serialized_start=1006
+  _globals['_SELECTOR']._serialized_end=1211
+  _globals['_SELECTOR_MATCHLABELSENTRY']._serialized_start=1161
+  _globals['_SELECTOR_MATCHLABELSENTRY']._serialized_end=1211
+  _globals['_PORTRANGE']._serialized_start=1213
+  _globals['_PORTRANGE']._serialized_end=1253
+  _globals['_POLICY']._serialized_start=1256
+  _globals['_POLICY']._serialized_end=1415
+  _globals['_NODESTATE']._serialized_start=1418
+  _globals['_NODESTATE']._serialized_end=1737
+  _globals['_NODESTATE_NODELABELSENTRY']._serialized_start=1688
+  _globals['_NODESTATE_NODELABELSENTRY']._serialized_end=1737
+  _globals['_SEGMENTLIST']._serialized_start=1739
+  _globals['_SEGMENTLIST']._serialized_end=1788
+  _globals['_LOCALENDPOINTLIST']._serialized_start=1790
+  _globals['_LOCALENDPOINTLIST']._serialized_end=1851
+  _globals['_POLICYLIST']._serialized_start=1853
+  _globals['_POLICYLIST']._serialized_end=1900
+  _globals['_LABELMAP']._serialized_start=1902
+  _globals['_LABELMAP']._serialized_end=2006
+  _globals['_LABELMAP_ITEMSENTRY']._serialized_start=1962
+  _globals['_LABELMAP_ITEMSENTRY']._serialized_end=2006
+  _globals['_STATEDELTA']._serialized_start=2009
+  _globals['_STATEDELTA']._serialized_end=2288
 # @@protoc_insertion_point(module_scope)

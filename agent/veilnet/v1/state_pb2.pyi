@@ -87,7 +87,7 @@ class RemoteEndpoint(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., mac: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("name", "underlay_address", "underlay_port", "public_key", "transport_address", "keepalive", "endpoints")
+    __slots__ = ("name", "underlay_address", "underlay_port", "public_key", "transport_address", "keepalive", "endpoints", "segments")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UNDERLAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNDERLAY_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class Peer(_message.Message):
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     underlay_address: str
     underlay_port: int
@@ -102,7 +103,8 @@ class Peer(_message.Message):
     transport_address: str
     keepalive: int
     endpoints: _containers.RepeatedCompositeFieldContainer[RemoteEndpoint]
-    def __init__(self, name: _Optional[str] = ..., underlay_address: _Optional[str] = ..., underlay_port: _Optional[int] = ..., public_key: _Optional[str] = ..., transport_address: _Optional[str] = ..., keepalive: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[RemoteEndpoint, _Mapping]]] = ...) -> None: ...
+    segments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., underlay_address: _Optional[str] = ..., underlay_port: _Optional[int] = ..., public_key: _Optional[str] = ..., transport_address: _Optional[str] = ..., keepalive: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[RemoteEndpoint, _Mapping]]] = ..., segments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Expression(_message.Message):
     __slots__ = ("key", "operator", "values")

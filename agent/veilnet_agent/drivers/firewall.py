@@ -1,19 +1,22 @@
-"""Firewall driver: the agent's own nftables table, ``inet veilnet``.
+"""Firewall driver: the agent's own nftables tables, ``inet veilnet`` and ``bridge veilnet``.
 
 The driver talks to libnftables through the official Python bindings
 (Debian's ``python3-nftables``), always in JSON built as data: nothing is
-parsed from nft's text output, and nothing outside ``table inet veilnet`` is
-read or written. The ruleset is never flushed.
+parsed from nft's text output, and nothing outside our two tables is read or
+written. The ruleset is never flushed.
 
-Transactions: every write is ONE ``json_cmd`` call, which libnftables sends
-as one netlink batch; the kernel applies all of it or none of it, so a
-rejected batch leaves the previous ruleset exactly as it was.
+Transactions: every write is ONE libnftables call, which it sends as one
+netlink batch; the kernel applies all of it or none of it, so a rejected
+batch leaves the previous ruleset exactly as it was.
 
-- :meth:`FirewallDriver.apply_full` replaces the table whole:
+- :meth:`FirewallDriver.apply_full` replaces both tables whole:
   ``add table; delete table; <structure>; add element ...`` (``flush table``
-  would keep set elements and named counters).
-- :meth:`FirewallDriver.apply_elements` changes allow-map elements only:
-  ``delete element ...; add element ...``.
+  would keep set elements and named counters). This one is sent as nft text
+  rendered by :mod:`veilnet_agent.nft_text` from the compiled JSON, because
+  nft 1.0.6 cannot declare the anti-spoofing sets (``typeof`` with raw payload
+  fields) in JSON; every string in it is checked against a strict pattern.
+- :meth:`FirewallDriver.apply_elements` changes the managed sets' elements only
+  (allow maps, anti-spoofing sets), in JSON: ``delete element ...; add element ...``.
 
 Element encoding (the compiler's): a key is a tuple of strings and ints;
 addresses are canonical text (``ipaddress``), CIDRs ``"a/len"`` (interval
@@ -63,26 +66,33 @@ from typing import Any
 
 import nftables
 
+from .. import nft_text
 from ..errors import DriverError
 from ..firewall_compiler import (
     FINGERPRINT_PREFIX,
     TABLE_FAMILY,
     TABLE_NAME,
+    TABLES,
     CompiledFirewall,
     Element,
     Shape,
+    set_tables,
     structure_shape,
 )
+from ..firewall_guard import GUARD_PREFIX, Name
 from .rtnl import netns_entered
 
 ALLOW_PREFIX = "allow"
+MANAGED_PREFIXES = (ALLOW_PREFIX, GUARD_PREFIX)  # sets and maps whose elements the agent manages
+_INT64_MAX = (1 << 63) - 1  # larger key parts travel as hex strings (libnftables' JSON integers are 64-bit)
 LEGACY_SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save")
 LEGACY_TIMEOUT_S = 30.0
 NETNS_DIR = "/run/netns"
 TRIM_AFTER_ELEMENTS = 10_000  # give freed malloc memory back after operations this large
 
 _OBJ = {"family": TABLE_FAMILY, "table": TABLE_NAME}
-_TABLE = {"family": TABLE_FAMILY, "name": TABLE_NAME}
+_FAMILIES = frozenset(family for family, _ in TABLES)
+_IFNAME = re.compile(r"\A[A-Za-z0-9_.-]{1,15}\Z")
 _WRITE_OPS = frozenset({"add", "create", "insert", "replace"})
 _PORT_RANGE = re.compile(r"\A(\d{1,5})-(\d{1,5})\Z")
 _VERDICT_KEYWORDS = frozenset({"accept", "drop", "return", "continue"})
@@ -142,9 +152,14 @@ class _Encoder:
 
     def part(self, part: KeyPart) -> Any:
         if type(part) is int:
-            return part
+            return part if 0 <= part <= _INT64_MAX else hex(part)
         done = self._parts.get(part)
         if done is None:
+            if isinstance(part, Name):
+                if not _IFNAME.match(part):
+                    raise DriverError(f"firewall element: bad interface name {part!r}")
+                self._parts[part] = str(part)
+                return str(part)
             if not isinstance(part, str):
                 raise DriverError(f"firewall element: bad key part {part!r}")
             match = _PORT_RANGE.match(part)
@@ -186,13 +201,14 @@ def element_commands(
     elements: Mapping[str, Iterable[Element]],
     keys_only: bool = False,
     value_kinds: Mapping[str, str] | None = None,
+    families: Mapping[str, str] | None = None,
 ) -> list[Any]:
     """``{op: {"element": ...}}`` commands, one per non-empty map, in name order.
 
     ``value_kinds`` gives a map's value type (``"verdict"``, ``"counter"``,
     ...); the value of a map not named there is a verdict, ``""`` a set element.
     An object map's value (``"counter"``: ``counter name <key> map @m``) is the
-    object's name.
+    object's name. ``families`` gives the table family of each set (default ``inet``).
     """
     enc = _Encoder()
     kinds = value_kinds or {}
@@ -206,7 +222,8 @@ def element_commands(
         else:
             elem = [enc.element(e) for e in items]
         if elem:
-            commands.append({op: {"element": {**_OBJ, "name": name, "elem": elem}}})
+            family = (families or {}).get(name, TABLE_FAMILY)
+            commands.append({op: {"element": {"family": family, "table": TABLE_NAME, "name": name, "elem": elem}}})
     return commands
 
 
@@ -252,6 +269,8 @@ def _decode_part(value: Any, kind: str) -> KeyPart:
     if type(value) is str:
         if kind in _FULL_LEN:
             return _canon_address(value)
+        if kind == "integer" and value.startswith("0x"):  # a raw payload key part wider than 64 bits
+            return int(value, 16)
         if kind == "inet_proto":
             return _proto_number(value)
         if kind == "inet_service":
@@ -348,15 +367,15 @@ def _clean_error(text: str) -> str:
 
 
 def _check_command(command: Mapping[str, Any]) -> None:
-    """Refuse a structure command that would act outside ``inet veilnet``."""
+    """Refuse a structure command that would act outside our tables."""
     if len(command) != 1:
         raise DriverError(f"firewall structure command must have one verb: {command!r}")
     ((verb, body),) = command.items()
     if verb not in _WRITE_OPS or not isinstance(body, dict) or len(body) != 1:
         raise DriverError(f"firewall structure command not allowed: {command!r}")
     ((kind, obj),) = body.items()
-    if not isinstance(obj, dict) or obj.get("family") != TABLE_FAMILY:
-        raise DriverError(f"firewall structure command outside family {TABLE_FAMILY}: {command!r}")
+    if not isinstance(obj, dict) or obj.get("family") not in _FAMILIES:
+        raise DriverError(f"firewall structure command outside families {sorted(_FAMILIES)}: {command!r}")
     table = obj.get("name") if kind == "table" else obj.get("table")
     if table != TABLE_NAME:
         raise DriverError(f"firewall structure command outside table {TABLE_NAME}: {command!r}")
@@ -396,7 +415,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWOBJ = 18
 NFT_MSG_GETOBJ = 19
-NFPROTO_INET = 1
+NFPROTO_UNSPEC = 0
 NFTA_OBJ_TABLE = 1
 NFTA_OBJ_NAME = 2
 NFTA_OBJ_TYPE = 3
@@ -441,7 +460,7 @@ class _CounterSocket:
         self._sock.settimeout(10.0)
         self._seq = 0
         self._request_tail = (
-            _NFGENMSG.pack(NFPROTO_INET, 0, 0)
+            _NFGENMSG.pack(NFPROTO_UNSPEC, 0, 0)  # every family: our counters live in both tables
             + _nla(NFTA_OBJ_TABLE, TABLE_NAME.encode() + b"\0")
             + _nla(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
         )
@@ -527,7 +546,8 @@ class FirewallDriver:
         except OSError as exc:
             raise DriverError(f"firewall: cannot open nftables in namespace {netns}: {exc}") from exc
         self._lock = threading.Lock()
-        self._value_kinds: dict[str, str] = {}  # allow map -> value type, from the last load or observe
+        self._value_kinds: dict[str, str] = {}  # managed map -> value type, from the last load or observe
+        self._families: dict[str, str] = {}  # managed set -> table family, from the last load or observe
         self.last_duration_s = 0.0  # of the last kernel call, for logs and benchmarks
 
     @staticmethod
@@ -569,33 +589,53 @@ class FirewallDriver:
         objects: list[dict[str, Any]] = json.loads(out)["nftables"] if out else []
         return objects, ""
 
+    def _run_text(self, text: str, what: str, commands: int) -> int:
+        start = time.perf_counter()
+        with self._lock:
+            rc, _out, err = self._nft.cmd(text)
+        self.last_duration_s = time.perf_counter() - start
+        if rc != 0:
+            raise DriverError(f"firewall {what} rejected ({commands} commands): {_clean_error(err)}")
+        return commands
+
     # -- reading
 
     def observe(self) -> ObservedFirewall:
-        """Presence, fingerprint and allow-map elements of our table."""
+        """Presence, fingerprint and managed-set elements of our tables.
+
+        ``inet veilnet`` missing means absent; ``bridge veilnet`` missing shows up in the shape.
+        """
         start = time.perf_counter()
-        objects, err = self._list(f"list table {TABLE_FAMILY} {TABLE_NAME}")
-        if objects is None:
-            if _is_missing(err):
-                return ABSENT
-            raise DriverError(f"firewall observe failed: {_clean_error(err)}")
+        objects: list[dict[str, Any]] = []
+        for family, table in TABLES:
+            found, err = self._list(f"list table {family} {table}")
+            if found is None:
+                if not _is_missing(err):
+                    raise DriverError(f"firewall observe failed: {_clean_error(err)}")
+                if family == TABLE_FAMILY:
+                    return ABSENT
+                continue
+            objects.extend(found)
         table_comment: str | None = None
         rule_fingerprint: str | None = None
         elements: dict[str, frozenset[Element]] = {}
         kinds: dict[str, str] = {}
+        families: dict[str, str] = {}
         total = 0
         for obj in objects:
             if "table" in obj:
-                table_comment = obj["table"].get("comment")
+                if obj["table"].get("family") == TABLE_FAMILY:
+                    table_comment = obj["table"].get("comment")
             elif "rule" in obj:
                 comment = obj["rule"].get("comment")
                 if rule_fingerprint is None and isinstance(comment, str) and comment.startswith(FINGERPRINT_PREFIX):
                     rule_fingerprint = comment[len(FINGERPRINT_PREFIX) :]
             else:
                 body = obj.get("map") or obj.get("set")
-                if body is not None and str(body.get("name", "")).startswith(ALLOW_PREFIX):
+                if body is not None and str(body.get("name", "")).startswith(MANAGED_PREFIXES):
                     elements[body["name"]] = decode_set(body)
                     kinds[body["name"]] = str(body.get("map", ""))
+                    families[body["name"]] = str(body.get("family", TABLE_FAMILY))
                     total += len(elements[body["name"]])
         shape = structure_shape(objects)
         del objects
@@ -604,12 +644,13 @@ class FirewallDriver:
         self.last_duration_s = time.perf_counter() - start
         fingerprint = table_comment if table_comment is not None else rule_fingerprint
         self._value_kinds = kinds
+        self._families = families
         return ObservedFirewall(present=True, fingerprint=fingerprint, elements=elements, shape=shape)
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """Named counter objects of our table: name -> (packets, bytes); {} without the table.
+        """Named counter objects of our tables: name -> (packets, bytes); {} without them.
 
-        One nfnetlink dump of the table's counter objects: libnftables'
+        One nfnetlink dump of the tables' counter objects: libnftables'
         ``list counters`` would fetch every set element first.
         """
         with self._lock:
@@ -643,7 +684,7 @@ class FirewallDriver:
     # -- writing
 
     def apply_full(self, compiled: CompiledFirewall) -> int:
-        """Replace our table whole in one transaction; returns the number of commands sent."""
+        """Replace both our tables whole in one transaction; returns the number of commands sent."""
         structure = list(compiled.structure)
         if not structure or "table" not in structure[0].get("add", {}):
             raise DriverError("firewall structure must start with {'add': {'table': ...}}")
@@ -651,36 +692,43 @@ class FirewallDriver:
         for command in structure:
             _check_command(command)
             for kind, body in command.get("add", command.get("create", {})).items():
-                if kind in ("map", "set") and str(body.get("name", "")).startswith(ALLOW_PREFIX):
+                if kind in ("map", "set") and str(body.get("name", "")).startswith(MANAGED_PREFIXES):
                     kinds[body["name"]] = str(body.get("map", ""))
-        commands: list[Any] = [
-            {"add": {"table": dict(_TABLE)}},
-            {"delete": {"table": dict(_TABLE)}},
-            *structure,
-            *element_commands("add", compiled.elements, value_kinds=kinds),
-        ]
+        where = set_tables(structure)
+        for name in compiled.elements:
+            if name not in where or not name.startswith(MANAGED_PREFIXES):
+                raise DriverError(f"firewall elements for a set the structure does not declare: {name!r}")
+        replace = [{verb: {"table": {"family": family, "name": table}}}
+                   for family, table in TABLES for verb in ("add", "delete")]
         try:
-            sent = self._run_json(commands, "full load")
+            text = nft_text.batch([*replace, *structure], compiled.elements, where)
+        except ValueError as exc:
+            raise DriverError(f"firewall full load refused before nft: {exc}") from exc
+        commands = len(replace) + len(structure) + sum(1 for e in compiled.elements.values() if e)
+        try:
+            sent = self._run_text(text, "full load", commands)
             self._value_kinds = kinds
+            self._families = {name: w.split(" ", 1)[0] for name, w in where.items()}
             return sent
         finally:
             if sum(len(v) for v in compiled.elements.values()) >= TRIM_AFTER_ELEMENTS:
-                del commands
+                del text
                 _malloc_trim()
 
     def apply_elements(
         self, add: Mapping[str, frozenset[Element]], delete: Mapping[str, frozenset[Element]]
     ) -> int:
-        """Delete then add allow-map elements in one transaction; returns the elements changed."""
+        """Delete then add managed-set elements in one transaction; returns the elements changed."""
         for name in (*add, *delete):
-            if not name.startswith(ALLOW_PREFIX):
-                raise DriverError(f"firewall element update outside the allow maps: {name!r}")
-        commands = element_commands("delete", delete, keys_only=True) + element_commands(
-            "add", add, value_kinds=self._value_kinds
+            if not name.startswith(MANAGED_PREFIXES):
+                raise DriverError(f"firewall element update outside the managed sets: {name!r}")
+        commands = element_commands("delete", delete, keys_only=True, families=self._families) + element_commands(
+            "add", add, value_kinds=self._value_kinds, families=self._families
         )
         self._run_json(commands, "element update")
         return sum(len(v) for v in add.values()) + sum(len(v) for v in delete.values())
 
     def remove(self) -> None:
-        """Delete our table (teardown); nothing to do if it is absent."""
-        self._run_json([{"add": {"table": dict(_TABLE)}}, {"delete": {"table": dict(_TABLE)}}], "removal")
+        """Delete our tables (teardown); nothing to do if they are absent."""
+        self._run_json([{verb: {"table": {"family": family, "name": table}}}
+                        for family, table in TABLES for verb in ("add", "delete")], "removal")

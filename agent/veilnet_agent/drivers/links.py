@@ -115,6 +115,9 @@ def _link_from_record(rec: rtnl.LinkRecord, names: dict[int, str], addresses: se
         master=names.get(rec.master) if rec.master else None,
         mac=rec.mac if is_bridge else None,
         addresses=frozenset(addresses) if is_bridge else frozenset(),
+        learning=rec.learning,
+        # Only tunnel ports are meant to suppress; elsewhere the flag is not managed.
+        neigh_suppress=rec.neigh_suppress if rec.kind in ("vxlan", "geneve") else None,
     )
 
 
@@ -333,10 +336,10 @@ class LinksDriver:
             if link.kind == "bridge":
                 self._add_addresses(self._ipr, index, link.addresses)
                 self._route_between_segments(link.name)
-            elif link.kind in ("vxlan", "geneve"):
-                self._tunnel_port_flags(index, link)
             elif isinstance(link.spec, VethSpec):
                 self._configure_endpoint(link.spec, _temp_peer_name(staging.name), link.mtu)
+            if link.master:
+                self._port_flags(index, link.learning, link.neigh_suppress)
 
     @contextmanager
     def _rollback_on_failure(self, name: str) -> Iterator[int]:
@@ -414,10 +417,12 @@ class LinksDriver:
             **self._master_kwargs(link),
         )
 
-    def _tunnel_port_flags(self, index: int, link: Link) -> None:
-        """Tunnel ports: no learning (FDB is programmed), ARP/ND answered locally."""
-        if link.master:
-            self._call("brport", "set", index=index, learning=0, neigh_suppress=1)
+    def _port_flags(self, index: int, learning: bool | None, neigh_suppress: bool | None) -> None:
+        """Bridge port flags in one request: no learning (the FDB is programmed); tunnels answer ARP/ND locally."""
+        flags = {name: int(flag) for name, flag in (("learning", learning), ("neigh_suppress", neigh_suppress))
+                 if flag is not None}
+        if flags:
+            self._call("brport", "set", index=index, **flags)
 
     def _add_addresses(self, ipr: Any, index: int, addresses: Iterable[str]) -> None:
         for text in sorted(addresses):
@@ -463,6 +468,7 @@ class LinksDriver:
             self._sent += 4
             try:
                 ipr.link("set", index=index, ifname=spec.ifname, address=spec.mac, mtu=mtu)
+                self._eui64_link_local(spec)
                 ipr.link("set", index=index, state="up")
                 ipr.link("set", index=1, state="up")  # lo
             except NetlinkError as exc:
@@ -472,6 +478,14 @@ class LinksDriver:
                 self._default_route(ipr, index, gateway)
         finally:
             ipr.close()
+
+    @staticmethod
+    def _eui64_link_local(spec: VethSpec) -> None:
+        """Before the link goes up: its IPv6 link-local address is derived from its MAC (EUI-64), whatever the
+        namespace's default (stable-privacy addresses), because anti-spoofing admits exactly that address."""
+        with rtnl.netns_entered(spec.netns), suppress(FileNotFoundError), \
+                open(f"/proc/sys/net/ipv6/conf/{spec.ifname}/addr_gen_mode", "w") as knob:
+            knob.write("0")
 
     def _default_route(self, ipr: Any, index: int, gateway: str) -> None:
         dst = "::/0" if _is_v6(gateway) else "0.0.0.0/0"
@@ -504,6 +518,7 @@ class LinksDriver:
             self._call("link", "set", index=index, master=self._index(op.master))
         if op.mac is not None:
             self._call("link", "set", index=index, address=op.mac)
+        self._port_flags(index, op.learning, op.neigh_suppress)
         for text in sorted(op.remove_addresses):
             ip, prefix = _split_prefix(text)
             try:

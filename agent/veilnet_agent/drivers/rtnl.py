@@ -57,6 +57,9 @@ IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
 IFLA_EXT_MASK = 29
 IFLA_INFO_KIND = 1
+IFLA_INFO_SLAVE_DATA = 5
+IFLA_BRPORT_LEARNING = 8
+IFLA_BRPORT_NEIGH_SUPPRESS = 32
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 
 RTM_GETADDR = 22
@@ -144,6 +147,8 @@ class LinkRecord(NamedTuple):
     mtu: int
     master: int | None  # ifindex of the master device
     mac: str | None
+    learning: bool | None = None  # bridge ports only (IFLA_BRPORT_LEARNING)
+    neigh_suppress: bool | None = None  # bridge ports only
 
 
 class AddrRecord(NamedTuple):
@@ -324,6 +329,7 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
     kind = alias = mac = None
     mtu = 0
     master = None
+    learning = neigh_suppress = None
     for attr, start, stop in _attrs(buf, offset + _IFINFOMSG.size, end):
         if attr == IFLA_IFNAME:
             name = _text(buf, start, stop)
@@ -339,7 +345,13 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
             for info, istart, istop in _attrs(buf, start, stop):
                 if info == IFLA_INFO_KIND:
                     kind = _text(buf, istart, istop)
-    return LinkRecord(index, name, kind, alias, mtu, master, mac)
+                elif info == IFLA_INFO_SLAVE_DATA:  # a bridge port's flags
+                    for port, pstart, _pstop in _attrs(buf, istart, istop):
+                        if port == IFLA_BRPORT_LEARNING:
+                            learning = bool(buf[pstart])
+                        elif port == IFLA_BRPORT_NEIGH_SUPPRESS:
+                            neigh_suppress = bool(buf[pstart])
+    return LinkRecord(index, name, kind, alias, mtu, master, mac, learning, neigh_suppress)
 
 
 def _parse_addr(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> AddrRecord | None:

@@ -296,6 +296,12 @@ class Topology:
     endpoints: tuple[EndpointSpec, ...]
     # Segmentation policies, written verbatim into every host's state file (only if non-empty).
     policies: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
+    # host -> the segments it carries; a host not named carries every segment.
+    carries: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    def carried(self, host: str) -> list[SegmentSpec]:
+        names = self.carries.get(host)
+        return [s for s in self.segments if names is None or s.name in names]
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)
@@ -353,12 +359,24 @@ class Topology:
         public_keys: dict[str, str],
         netns_of: Callable[[str], str],
     ) -> dict[str, Any]:
-        """The state file of ``host`` (a full mesh of peers, every segment everywhere)."""
+        """The state file of ``host``: its segments, the peers sharing one (with their endpoints there), the
+        policies about its segments only, as the controller would compile it."""
         me = self.host(host)
+        mine = [s.name for s in self.carried(host)]
+
+        def shared(peer: str) -> list[str]:
+            theirs = {s.name for s in self.carried(peer)}
+            return [s for s in mine if s in theirs]
+
+        def about_mine(policy: Mapping[str, Any]) -> bool:
+            refs = {side.get("segment") for side in (policy.get("source", {}), policy.get("destination", {}))}
+            return refs - {None} <= set(mine)
+
+        policies = [copy.deepcopy(dict(p)) for p in self.policies if about_mine(p)]
         return {
             "node": me.name,
             "transport_address": me.transport_address,
-            "segments": [s.state() for s in self.segments],
+            "segments": [s.state() for s in self.carried(host)],
             "endpoints": [
                 {
                     "name": e.name,
@@ -378,16 +396,16 @@ class Topology:
                     "underlay_port": p.listen_port,
                     "public_key": public_keys[p.name],
                     "transport_address": p.transport_ip,
-                    "segments": [s.name for s in self.segments],  # every host carries every segment
+                    "segments": shared(p.name),
                     "endpoints": [
                         {"segment": e.segment, "mac": e.mac, "ips": e.ips, **e.label_state()}
-                        for e in self.endpoints_of(p.name)
+                        for e in self.endpoints_of(p.name) if e.segment in shared(p.name)
                     ],
                 }
                 for p in self.hosts
-                if p.name != host
+                if p.name != host and shared(p.name)
             ],
-            **({"policies": [copy.deepcopy(dict(p)) for p in self.policies]} if self.policies else {}),
+            **({"policies": policies} if policies else {}),
         }
 
 
@@ -402,7 +420,7 @@ def network_spec(topo: Topology, netns_of: Callable[[str], str]) -> dict[str, An
                 "underlay_address": h.underlay_address,
                 "underlay_port": h.listen_port,
                 "transport_address": h.transport_address,
-                "segments": [s.name for s in topo.segments],
+                "segments": [s.name for s in topo.carried(h.name)],
             }
             for h in topo.hosts
         ],

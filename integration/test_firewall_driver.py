@@ -7,6 +7,7 @@ objects and to cross-check what the driver reads and writes.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import socket
@@ -224,7 +225,12 @@ def test_real_compiler_output_loads_and_round_trips(driver: FirewallDriver) -> N
             {"name": "a-db", "segment": "green", "mac": "02:00:00:0a:00:02", "ipv4": "203.0.113.70",
              "netns": "ep-a-db", "labels": {"app": "db"}},
         ],
-        "peers": [],
+        "peers": [
+            {"name": "host-b", "underlay_address": "192.0.2.12",
+             "public_key": "Oa0T3n8dSf8cVN9nFn0JOtU4q4Q0ZcLWYt5b3wRCn3Y=", "transport_address": "fd00:7::2",
+             "segments": ["blue", "green"],
+             "endpoints": [{"segment": "blue", "mac": "02:00:00:0b:00:01", "ips": ["203.0.113.20", "fd00:b1::14"]}]},
+        ],
         "policies": [
             {"name": "web-to-db", "source": {"match_labels": {"app": "web"}},
              "destination": {"match_labels": {"app": "db"}}, "protocol": "tcp", "ports": [5432, "6000-6010"]},
@@ -237,10 +243,19 @@ def test_real_compiler_output_loads_and_round_trips(driver: FirewallDriver) -> N
     })
     compiled = compile_firewall(state)
     assert any(compiled.elements.values())
+    assert compiled.elements["sg_peer_ip6"] and compiled.elements["sg_ep_mac"], "anti-spoofing sets too"
     driver.apply_full(compiled)
     observed = driver.observe()
     assert observed.fingerprint == compiled.fingerprint
     assert observed.elements == compiled.elements
+    assert observed.shape == compiled.shape  # both tables, every chain with its rule count
+
+    # An anti-spoofing element update (128-bit keys travel as hex) lands in the right table.
+    ll = ("fd00:7::2", int(ipaddress.ip_address("fe80::ff:fe0b:99")))
+    driver.apply_elements({"sg_peer_ip6": frozenset({(ll, "")})}, {"sg_ep_ports": compiled.elements["sg_ep_ports"]})
+    after = driver.observe().elements
+    assert after["sg_peer_ip6"] == compiled.elements["sg_peer_ip6"] | {(ll, "")}
+    assert after["sg_ep_ports"] == frozenset()
 
 
 def test_counter_object_maps_round_trip(driver: FirewallDriver) -> None:

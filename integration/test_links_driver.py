@@ -95,6 +95,7 @@ def vxlan_link(local: str, vni: int = VNI) -> Link:
         master=naming.bridge_name(vni),
         learning=False,
         neigh_suppress=True,
+        ipv6=False,
         spec=VxlanSpec(vni=vni, local=local),
     )
 
@@ -110,6 +111,7 @@ def endpoint_link(key: str, netns: str, mac: str, addresses: tuple[str, ...]) ->
         mtu=MTU,
         master=BRIDGE,
         learning=False,
+        ipv6=False,
         spec=VethSpec(netns=netns, ifname="eth0", mac=mac, addresses=addresses, gateways=gateways),
     )
 
@@ -126,7 +128,7 @@ def expected_observed(link: Link) -> Link:
     if link.kind == "bridge":
         return link
     return Link(link.name, link.kind, link.alias, link.mtu, master=link.master, learning=link.learning,
-                neigh_suppress=link.neigh_suppress)
+                neigh_suppress=link.neigh_suppress, ipv6=True if link.ipv6 is None else link.ipv6)
 
 
 def mac_of(i: int) -> str:
@@ -272,16 +274,18 @@ def test_port_flags_read_back_and_a_relearning_port_is_repaired(driver: LinksDri
     assert_all_applied(driver.apply(plan(target, observe())))
     sh("bridge", "-n", host, "link", "set", "dev", endpoint.name, "learning", "on")
     sh("bridge", "-n", host, "link", "set", "dev", VXLAN, "neigh_suppress", "off", "learning", "on")
+    sh("ip", "netns", "exec", host, "sysctl", "-qw", f"net.ipv6.conf.{VXLAN}.disable_ipv6=0")
     observed = observe()
     assert (observed.links[endpoint.name].learning, observed.links[VXLAN].learning) == (True, True)
     assert observed.links[VXLAN].neigh_suppress is False
+    assert (observed.links[VXLAN].ipv6, observed.links[endpoint.name].ipv6) == (True, False)
 
     ops = plan(target, observed)
-    assert sorted((op.name, op.learning, op.neigh_suppress) for op in ops if isinstance(op, UpdateLink)) == [
-        (endpoint.name, False, None), (VXLAN, False, True)]
+    assert sorted((op.name, op.learning, op.neigh_suppress, op.ipv6) for op in ops
+                  if isinstance(op, UpdateLink)) == [(endpoint.name, False, None, None), (VXLAN, False, True, False)]
     result = driver.apply(ops)
     assert_all_applied(result)
-    assert result.requests == 2  # one brport request per port
+    assert result.requests == 3  # one brport request per port, one sysctl
     ports = {p["ifname"]: p for p in json.loads(sh("bridge", "-n", host, "-j", "-d", "link"))}
     assert (ports[endpoint.name]["learning"], ports[VXLAN]["learning"], ports[VXLAN]["neigh_suppress"]) == (
         False, False, True)

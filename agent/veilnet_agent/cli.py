@@ -79,6 +79,7 @@ def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
     from .firewall_manager import FirewallManager
     from .reconciler import Reconciler
     from .security_events import SecurityEventSink, run_reader_thread
+    from .spoof_events import SpoofExplainer
 
     log = logs.get_logger(node=config.node_name)
     links, wireguard = _drivers(config)
@@ -88,6 +89,7 @@ def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
         log.warning("iptables_legacy_rules_present", rules=shadowing,
                     note="iptables-legacy rules run in their own hooks and can drop overlay traffic the policy allows")
     stop = threading.Event()
+    firewall = FirewallManager(firewall_driver, config.firewall, config.node_name)
     with ExitStack() as stack:
         stack.enter_context(links)
         try:
@@ -95,10 +97,11 @@ def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
         except OSError as exc:  # enforcement does not depend on it: run without security events
             log.error("security_events_unavailable", nflog_group=config.firewall.nflog_group, error=str(exc))
         else:
-            reader = run_reader_thread(nflog, SecurityEventSink(logs.get_logger(node=config.node_name)), stop)
+            explainer = SpoofExplainer(lambda: firewall.desired)
+            sink = SecurityEventSink(logs.get_logger(node=config.node_name), explain=explainer.explain)
+            reader = run_reader_thread(nflog, sink, stop)
             stack.callback(reader.join, 2)
             stack.callback(stop.set)
-        firewall = FirewallManager(firewall_driver, config.firewall, config.node_name)
         reconciler = Reconciler(config, links, wireguard, firewall)
         if state_file is None:
             from .controlled import ControlledDaemon

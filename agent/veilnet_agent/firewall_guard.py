@@ -17,8 +17,13 @@ Two sources of frames enter a segment, and each is held to what it may claim:
   kernel decapsulates it (``inet veilnet``, hook input), the inner frame must be
   one that peer may send: a VNI it shares with us, a source MAC of one of its
   endpoints in that segment (or the segment's gateway MAC, for frames it routed),
-  a source address of one of its endpoints, and the same neighbour-discovery
-  rules as above. A compromised host can speak only for its own workloads.
+  a source address of one of its endpoints (or of the distributed gateway, which
+  every host is: its ARP and multicast reports), and the same neighbour-discovery
+  rules as above. A compromised host can speak only for its own workloads. A frame claiming a
+  MAC or address that belongs to someone else this host knows is counted as
+  spoofing; one claiming a MAC or address nobody here knows (typically an
+  endpoint that just came up, before this host learned of it) is dropped and
+  counted apart, as unknown.
 
 Frames from tunnel ports are checked before decapsulation (above). A port the
 agent did not make is not filtered here: only root on the host can add one
@@ -28,7 +33,9 @@ The inner frame is read at fixed offsets from the outer UDP header (VXLAN and
 Geneve headers are both 8 bytes; Geneve options are refused): inner Ethernet at
 16, its payload at 30. IPv6 extension headers other than a fragment header are
 refused from the overlay, so the ICMPv6 header sits at a fixed offset too
-(fragmented neighbour discovery is dropped by every receiver, RFC 6980).
+(fragmented neighbour discovery is dropped by every receiver, RFC 6980); the
+one exception is a multicast listener report, which carries exactly one
+hop-by-hop header (router alert, 8 bytes) and is matched in that exact shape.
 
 Sets are keyed by the port (local) or the peer's transport address (overlay), so
 every endpoint's and every peer's elements are disjoint from all others': a
@@ -50,8 +57,12 @@ TABLE_NAME = "veilnet"
 GUARD_PREFIX = "sg_"  # every element-managed set of this module
 SPOOF_COUNTER = "spoof_drop"  # frames from local endpoints that claimed what is not theirs
 PEER_SPOOF_COUNTER = "peer_spoof_drop"  # frames from peers that claimed what is not theirs
+# Frames from peers whose source MAC or address no one here knows: not someone else's identity, but not
+# the peer's either. Mostly the first frames of an endpoint its peers have not learned of yet.
+PEER_UNKNOWN_COUNTER = "peer_unknown_drop"
 SPOOF_LOG_PREFIX = "veilnet spoof "
 PEER_SPOOF_LOG_PREFIX = "veilnet peer-spoof "
+PEER_UNKNOWN_LOG_PREFIX = "veilnet peer-unknown "
 
 ETHERTYPE_IP4, ETHERTYPE_ARP, ETHERTYPE_IP6 = 0x0800, 0x0806, 0x86DD
 ETHERNET_ARP_HEADER = 0x000108000604  # htype 1 (Ethernet), ptype IPv4, hlen 6, plen 4
@@ -62,6 +73,8 @@ GENEVE_ETHERNET = 0x6558
 # Inner next headers accepted from the overlay: TCP, UDP, ICMPv6, a fragment header, SCTP.
 OVERLAY_IP6_NEXT_HEADERS = (6, 17, 58, 44, 132)
 ND_NO_OPTIONS_LENGTH = 24  # ICMPv6 header + target: a NS/NA payload without options
+MLD_HOP_BY_HOP = 0x3A00050200000100  # next header ICMPv6, length 0, router alert (MLD), PadN: as Linux sends it
+MLD_TYPES = (130, 131, 132, 143)  # query, v1 report, done, v2 report
 
 
 class Name(str):
@@ -95,6 +108,8 @@ INNER_IP6_NEXT = _raw("th", _L3 + 48, 8)
 INNER_IP6_SRC = _raw("th", _L3 + 64, 128)
 _ICMP6 = _L3 + 320
 INNER_ICMP6_TYPE = _raw("th", _ICMP6, 8)
+INNER_HOP_BY_HOP = _raw("th", _ICMP6, 64)  # where ICMPv6 would be without extension headers
+INNER_MLD_TYPE = _raw("th", _ICMP6 + 64, 8)  # ICMPv6 type after one 8-byte hop-by-hop header
 INNER_ND_TARGET = _raw("th", _ICMP6 + 64, 128)
 INNER_ND_OPTION = _raw("th", _ICMP6 + 192, 16)
 INNER_ND_OPTION_MAC = _raw("th", _ICMP6 + 208, 48)
@@ -137,15 +152,35 @@ def set_names() -> list[str]:
     return [
         "sg_ep_ports", "sg_ep_mac", "sg_ep_ip4", "sg_ep_ip6",
         "sg_peer_vni", "sg_peer_mac", "sg_peer_ip4", "sg_peer_ip6",
+        "sg_known_mac", "sg_known_ip4", "sg_known_ip6",
     ]
 
 
 Contribution = dict[str, frozenset[GuardElement]]
 
 
-def _endpoint_part(endpoint: LocalEndpoint) -> Contribution:
+def _known(vni: int, mac: str, ips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> Contribution:
+    """An endpoint's identity in a VNI, whoever owns it: tells a stolen identity from an unknown one."""
+    ips = list(ips)
+    return {
+        "sg_known_mac": frozenset({((vni, mac_int(mac)), "")}),
+        "sg_known_ip4": frozenset(((vni, int(ip)), "") for ip in ips if ip.version == 4),
+        "sg_known_ip6": frozenset(((vni, v), "") for v in _ip6_values(mac, ips)),
+    }
+
+
+def _union(parts: Iterable[Contribution]) -> Contribution:
+    out: dict[str, set[GuardElement]] = {}
+    for part in parts:
+        for name, elements in part.items():
+            out.setdefault(name, set()).update(elements)
+    return {name: frozenset(elements) for name, elements in out.items()}
+
+
+def _endpoint_part(endpoint: LocalEndpoint, vni: int) -> Contribution:
     port = Name(naming.endpoint_host_name(endpoint.name))
     return {
+        **_known(vni, endpoint.mac, endpoint.ips),
         "sg_ep_ports": frozenset({((port,), "")}),
         "sg_ep_mac": frozenset({((port, mac_int(endpoint.mac)), "")}),
         "sg_ep_ip4": frozenset({((port, addr.text(endpoint.ipv4)), "")} if endpoint.ipv4 is not None else ()),
@@ -165,7 +200,14 @@ def _peer_part(peer: Peer, segments: Mapping[str, Segment]) -> Contribution:
         macs.add((source, vni_of[endpoint.segment], mac_int(endpoint.mac)))
         ip4.update((source, int(ip)) for ip in endpoint.ips if ip.version == 4)
         ip6.update((source, v) for v in _ip6_values(endpoint.mac, endpoint.ips))
+    for name in peer.segments:  # the peer's gateway of each shared segment (the same addresses as ours)
+        segment = segments[name]
+        gateways = [ip for ip in (segment.ipv4_gateway, segment.ipv6_gateway) if ip is not None]
+        ip4.update((source, int(ip)) for ip in gateways if ip.version == 4)
+        ip6.update((source, v) for v in _ip6_values(segment.gateway_mac, gateways))
+    known = _union(_known(vni_of[e.segment], e.mac, e.ips) for e in peer.endpoints)
     return {
+        **known,
         "sg_peer_vni": frozenset(((source, vni), "") for vni in vnis),
         "sg_peer_mac": frozenset((key, "") for key in macs),
         "sg_peer_ip4": frozenset((key, "") for key in ip4),
@@ -207,7 +249,7 @@ class GuardElements:
     def _part(self, identity: tuple[str, str], source: object) -> Contribution:
         segments = {s.name: s for s in self._context.segments}
         if isinstance(source, LocalEndpoint):
-            return _endpoint_part(source)
+            return _endpoint_part(source, segments[source.segment].vni)
         assert isinstance(source, Peer), identity
         return _peer_part(source, segments)
 
@@ -386,11 +428,26 @@ def overlay_chains(
     cmds.append(obj("set", name="sg_peer_mac", typeof=_concat(outer, VNI, INNER_SRC_MAC)))
     cmds.append(obj("set", name="sg_peer_ip4", typeof=_concat(outer, INNER_IP4_SRC)))
     cmds.append(obj("set", name="sg_peer_ip6", typeof=_concat(outer, INNER_IP6_SRC)))
+    cmds.append(obj("set", name="sg_known_mac", typeof=_concat(VNI, INNER_SRC_MAC)))
+    cmds.append(obj("set", name="sg_known_ip4", typeof=_concat(VNI, INNER_IP4_SRC)))
+    cmds.append(obj("set", name="sg_known_ip6", typeof=_concat(VNI, INNER_IP6_SRC)))
+    cmds.append(obj("counter", name=PEER_UNKNOWN_COUNTER))
 
-    log, drop = _log_and_drop(PEER_SPOOF_COUNTER, PEER_SPOOF_LOG_PREFIX, nflog_group, log_per_second)
-    cmds.append(obj("chain", name="peer_spoof"))
-    cmds.append(rule("peer_spoof", *log))
-    cmds.append(rule("peer_spoof", *drop))
+    for chain, counter, prefix in (("peer_spoof", PEER_SPOOF_COUNTER, PEER_SPOOF_LOG_PREFIX),
+                                   ("peer_unknown", PEER_UNKNOWN_COUNTER, PEER_UNKNOWN_LOG_PREFIX)):
+        log, drop = _log_and_drop(counter, prefix, nflog_group, log_per_second)
+        cmds.append(obj("chain", name=chain))
+        cmds.append(rule(chain, *log))
+        cmds.append(rule(chain, *drop))
+    # A source that is not the peer's: someone else's identity (spoofing), or nobody's we know (unknown).
+    for chain, key, known in (("peer_bad_mac", INNER_SRC_MAC, "sg_known_mac"),
+                              ("peer_bad_arp", INNER_ARP_SHA, "sg_known_mac"),
+                              ("peer_bad_ip4", INNER_IP4_SRC, "sg_known_ip4"),
+                              ("peer_bad_spa", INNER_ARP_SPA, "sg_known_ip4"),
+                              ("peer_bad_ip6", INNER_IP6_SRC, "sg_known_ip6")):
+        cmds.append(obj("chain", name=chain))
+        cmds.append(rule(chain, _in(_concat(VNI, key), known), _goto("peer_spoof")))
+        cmds.append(rule(chain, _goto("peer_unknown")))
 
     geneve = _match(_payload("udp", "dport"), GENEVE_PORT)
     spoof = _goto("peer_spoof")
@@ -398,7 +455,7 @@ def overlay_chains(
     cmds.append(rule("from_peer", _not_in(_concat(outer, VNI), "sg_peer_vni"), spoof))
     cmds.append(rule("from_peer", geneve, _match(GENEVE_FLAGS, 0, "!="), spoof))
     cmds.append(rule("from_peer", geneve, _match(GENEVE_PROTOCOL, GENEVE_ETHERNET, "!="), spoof))
-    cmds.append(rule("from_peer", _not_in(_concat(outer, VNI, INNER_SRC_MAC), "sg_peer_mac"), spoof))
+    cmds.append(rule("from_peer", _not_in(_concat(outer, VNI, INNER_SRC_MAC), "sg_peer_mac"), _goto("peer_bad_mac")))
     cmds.append(rule("from_peer", _match(INNER_ETHERTYPE, ETHERTYPE_IP4), _goto("peer_ip4")))
     cmds.append(rule("from_peer", _match(INNER_ETHERTYPE, ETHERTYPE_ARP), _goto("peer_arp")))
     cmds.append(rule("from_peer", _match(INNER_ETHERTYPE, ETHERTYPE_IP6), _goto("peer_ip6")))
@@ -406,20 +463,24 @@ def overlay_chains(
 
     cmds.append(obj("chain", name="peer_ip4"))
     cmds.append(rule("peer_ip4", _in(_concat(outer, INNER_IP4_SRC), "sg_peer_ip4"), ACCEPT))
-    cmds.append(rule("peer_ip4", spoof))
+    cmds.append(rule("peer_ip4", _goto("peer_bad_ip4")))
 
     cmds.append(obj("chain", name="peer_arp"))
     cmds.append(rule("peer_arp", _match(INNER_ARP_HEADER, ETHERNET_ARP_HEADER, "!="), spoof))
-    cmds.append(rule("peer_arp", _not_in(_concat(outer, VNI, INNER_ARP_SHA), "sg_peer_mac"), spoof))
+    cmds.append(rule("peer_arp", _not_in(_concat(outer, VNI, INNER_ARP_SHA), "sg_peer_mac"), _goto("peer_bad_arp")))
     cmds.append(rule("peer_arp", _match(INNER_ARP_SPA, 0), ACCEPT))
     cmds.append(rule("peer_arp", _in(_concat(outer, INNER_ARP_SPA), "sg_peer_ip4"), ACCEPT))
-    cmds.append(rule("peer_arp", spoof))
+    cmds.append(rule("peer_arp", _goto("peer_bad_spa")))
 
     cmds.append(obj("chain", name="peer_ip6"))
+    mld = (_match(INNER_IP6_NEXT, 0), _match(INNER_HOP_BY_HOP, MLD_HOP_BY_HOP),
+           _match(INNER_MLD_TYPE, {"set": list(MLD_TYPES)}))
+    cmds.append(rule("peer_ip6", *mld, _match(INNER_IP6_SRC, 0), ACCEPT))  # before the address is configured
+    cmds.append(rule("peer_ip6", *mld, _in(_concat(outer, INNER_IP6_SRC), "sg_peer_ip6"), ACCEPT))
     cmds.append(rule("peer_ip6", _match(INNER_IP6_NEXT, {"set": list(OVERLAY_IP6_NEXT_HEADERS)}, "!="), spoof))
     cmds.append(rule("peer_ip6", _match(INNER_IP6_SRC, 0), _match(INNER_IP6_NEXT, 58),
                      _match(INNER_ICMP6_TYPE, ICMPV6_NS), ACCEPT))  # duplicate address detection
-    cmds.append(rule("peer_ip6", _not_in(_concat(outer, INNER_IP6_SRC), "sg_peer_ip6"), spoof))
+    cmds.append(rule("peer_ip6", _not_in(_concat(outer, INNER_IP6_SRC), "sg_peer_ip6"), _goto("peer_bad_ip6")))
     cmds.append(rule("peer_ip6", _match(INNER_IP6_NEXT, 58, "!="), ACCEPT))
     cmds.append(rule("peer_ip6", _match(INNER_ICMP6_TYPE, {"set": [ICMPV6_RA, ICMPV6_REDIRECT]}), spoof))
     cmds.append(rule("peer_ip6", _match(INNER_ICMP6_TYPE, ICMPV6_NA),

@@ -71,6 +71,7 @@ class FirewallManager:
         self.log = get_logger(node=node, component="firewall")
         self.allow: AllowElements | None = None
         self.guard: GuardElements | None = None
+        self.desired: NodeState | None = None
         self.structure: tuple[dict[str, Any], ...] = ()
         self.fingerprint = ""
         # Net element changes not yet applied, relative to what the kernel holds when in sync;
@@ -88,6 +89,7 @@ class FirewallManager:
         return CompiledFirewall(self.structure, {**self.allow.frozen(), **self.guard.frozen()}, self.fingerprint)
 
     def accept(self, state: NodeState) -> None:
+        self.desired = state  # read by the security-event thread to explain spoofing drops
         structure, fingerprint = compile_table(state, self.settings)
         self._generation += 1
         if self.allow is not None and self.guard is not None and fingerprint == self.fingerprint:

@@ -61,6 +61,9 @@ class Link:
     # Bridge port flags; None = not managed. Every port the agent makes has learning off: its FDB is static.
     learning: bool | None = None
     neigh_suppress: bool | None = None  # tunnel ports: ARP/ND for remote endpoints answered locally
+    # IPv6 on the device itself. Ports are layer 2 only: with IPv6 a VXLAN device would send its own
+    # neighbour discovery and MLD (from a random MAC) to every peer. None = not managed / no IPv6 here.
+    ipv6: bool | None = None
     spec: LinkSpec = field(default=None, compare=False)
 
 

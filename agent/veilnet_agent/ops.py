@@ -56,6 +56,7 @@ class UpdateLink:
     reason: str
     learning: bool | None = None  # bridge port flags
     neigh_suppress: bool | None = None
+    ipv6: bool | None = None  # IPv6 on the device (net.ipv6.conf.<name>.disable_ipv6)
 
 
 @dataclass(frozen=True)
@@ -102,5 +103,6 @@ def cost(op: Op) -> int:
             + len(op.add_addresses)
             + len(op.remove_addresses)
             + int(op.learning is not None or op.neigh_suppress is not None)  # one brport request for both
+            + int(op.ipv6 is not None)
         )
     return 1

@@ -240,6 +240,7 @@ def _vxlan(state: NodeState, segment: Segment, seg_mtu: int) -> Link:
         master=naming.bridge_name(segment.vni),
         learning=False,
         neigh_suppress=True,
+        ipv6=False,
         spec=spec,
     )
 
@@ -257,6 +258,7 @@ def _geneve(segment: Segment, seg_mtu: int, peer: Peer) -> Link:
         master=naming.bridge_name(segment.vni),
         learning=False,
         neigh_suppress=True,
+        ipv6=False,
         spec=spec,
     )
 
@@ -290,5 +292,6 @@ def _endpoint_link(endpoint: LocalEndpoint, segment: Segment, seg_mtu: int) -> L
         mtu=seg_mtu,
         master=naming.bridge_name(segment.vni),
         learning=False,
+        ipv6=False,  # the host's end: the endpoint's IPv6 lives in its namespace
         spec=spec,
     )

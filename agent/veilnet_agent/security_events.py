@@ -8,6 +8,12 @@ each mapped to an event ``kind`` (``segment`` is ``[a-z0-9-]{1,63}``):
 - ``"veilnet icmp-rate <segment> "`` -> ``icmp_rate_limit``
 - ``"veilnet guard "`` -> ``cleartext_guard``
 - ``"veilnet to-host "`` -> ``to_host``
+- ``"veilnet spoof "`` -> ``spoof`` (a local endpoint claimed a MAC or address not its own)
+- ``"veilnet peer-spoof "`` -> ``peer_spoof`` (a peer sent a frame it may not send)
+- ``"veilnet peer-unknown "`` -> ``peer_unknown`` (a peer's frame from a MAC or address nobody here knows)
+
+Spoofing events also carry what an ``explain`` callback adds (see
+``spoof_events``): the endpoint or peer, what it claimed, what it owns.
 
 Other prefixes are ignored (counted in ``SecurityEventSink.ignored``).
 
@@ -27,7 +33,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,10 +46,16 @@ RATE_LIMIT = "rate_limit"
 ICMP_RATE_LIMIT = "icmp_rate_limit"
 CLEARTEXT_GUARD = "cleartext_guard"
 TO_HOST = "to_host"
+SPOOF = "spoof"
+PEER_SPOOF = "peer_spoof"
+PEER_UNKNOWN = "peer_unknown"
 
-_FIXED_KINDS = {"drop": DROP, "guard": CLEARTEXT_GUARD, "to-host": TO_HOST}
+_FIXED_KINDS = {"drop": DROP, "guard": CLEARTEXT_GUARD, "to-host": TO_HOST, "spoof": SPOOF, "peer-spoof": PEER_SPOOF,
+                "peer-unknown": PEER_UNKNOWN}
 _SEGMENT_KINDS = {"rate": RATE_LIMIT, "icmp-rate": ICMP_RATE_LIMIT}
-_PREFIX = re.compile(r"veilnet (?:(drop|guard|to-host)|(rate|icmp-rate) ([a-z0-9-]{1,63})) ")
+_PREFIX = re.compile(
+    r"veilnet (?:(drop|guard|to-host|spoof|peer-spoof|peer-unknown)|(rate|icmp-rate) ([a-z0-9-]{1,63})) ")
+Explain = Callable[[str, LoggedPacket], Mapping[str, object]]
 
 READ_TIMEOUT = 0.5  # seconds the reader thread waits for packets before checking ``stop``
 ERROR_BACKOFF = 1.0  # seconds the reader thread waits after a failed read
@@ -84,6 +96,7 @@ class SecurityEventSink:
         global_burst: float | None = None,
         report_interval: float = 10.0,
         max_sources: int = 4096,
+        explain: Explain | None = None,
     ) -> None:
         if per_source_rate <= 0 or global_rate <= 0 or burst < 1 or max_sources < 1:
             raise ValueError("rates must be positive, burst and max_sources at least 1")
@@ -102,6 +115,7 @@ class SecurityEventSink:
         self._last_report = now
         self._pruned_at: float | None = None
         self._lock = threading.Lock()
+        self._explain = explain
         self.ignored = 0  # packets whose prefix is not one of ours
 
     def handle(self, packets: Iterable[LoggedPacket]) -> int:
@@ -130,20 +144,23 @@ class SecurityEventSink:
             self.ignored += 1
             return 0
         kind, segment = classified
-        if not self._admit((kind, packet.src), now):
+        if not self._admit((kind, packet.src or packet.src_mac or ""), now):
             self._suppressed[kind] += 1
             return 0
-        self.log.warning(
-            "security_event",
-            kind=kind,
-            segment=segment,
-            src=packet.src,
-            dst=packet.dst,
-            protocol=packet.protocol,
-            sport=packet.sport,
-            dport=packet.dport,
-            icmp_type=packet.icmp_type,
-        )
+        fields: dict[str, object] = {
+            "kind": kind, "segment": segment, "src": packet.src, "dst": packet.dst, "protocol": packet.protocol,
+            "sport": packet.sport, "dport": packet.dport, "icmp_type": packet.icmp_type,
+        }
+        if packet.src_mac is not None:
+            fields["src_mac"] = packet.src_mac
+        if packet.ethertype is not None:
+            fields["ethertype"] = packet.ethertype
+        if self._explain is not None and kind in (SPOOF, PEER_SPOOF, PEER_UNKNOWN):
+            try:
+                fields.update(self._explain(kind, packet))
+            except Exception as exc:  # the event goes out anyway, without the explanation
+                fields["explain_error"] = f"{type(exc).__name__}: {exc}"
+        self.log.warning("security_event", **fields)
         return 1
 
     def _admit(self, key: tuple[str, str], now: float) -> bool:

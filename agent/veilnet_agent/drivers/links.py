@@ -46,6 +46,7 @@ from . import rtnl
 from .base import ApplyResult
 
 KINDS: frozenset[str] = frozenset({"bridge", "vxlan", "geneve", "veth"})
+PORT_KINDS: frozenset[str] = frozenset({"vxlan", "geneve", "veth"})
 ENTRY_OPS = (AddFdb, DelFdb, SetNeigh, DelNeigh)
 IFA_F_NODAD = 0x02
 GENEVE_UNSUPPORTED = "geneve is not supported by this kernel (module missing); use encapsulation vxlan"
@@ -118,6 +119,7 @@ def _link_from_record(rec: rtnl.LinkRecord, names: dict[int, str], addresses: se
         learning=rec.learning,
         # Only tunnel ports are meant to suppress; elsewhere the flag is not managed.
         neigh_suppress=rec.neigh_suppress if rec.kind in ("vxlan", "geneve") else None,
+        ipv6=rec.ipv6 if rec.kind in PORT_KINDS else None,
     )
 
 
@@ -330,6 +332,11 @@ class LinksDriver:
         finally:
             self._links_changed()
         with self._rollback_on_failure(staging.name) as index:
+            # While still down: no link-local address or MLD report yet (see objects.Link.ipv6).
+            if link.ipv6 is False:
+                self._set_ipv6(staging.name, False)
+            elif link.kind == "bridge":
+                self._conf6(staging.name, "addr_gen_mode", "0")  # the gateway's link-local: EUI-64 of its MAC
             # One message: the link never has its real name without its mark.
             self._call("link", "set", index=index, ifname=link.name, ifalias=link.alias, state="up")
             self._links_changed()
@@ -379,6 +386,15 @@ class LinksDriver:
                          f"/proc/sys/net/ipv6/conf/{bridge}/force_forwarding"):
                 with suppress(FileNotFoundError), open(path, "w") as knob:
                     knob.write("1")
+
+    def _conf6(self, ifname: str, knob: str, value: str) -> None:
+        """Write net.ipv6.conf.<ifname>.<knob> in the driver's namespace (nothing if the kernel has no IPv6)."""
+        with rtnl.netns_entered(self._netns), suppress(FileNotFoundError), \
+                open(f"/proc/sys/net/ipv6/conf/{ifname}/{knob}", "w") as conf:
+            conf.write(value)
+
+    def _set_ipv6(self, ifname: str, enabled: bool) -> None:
+        self._conf6(ifname, "disable_ipv6", "0" if enabled else "1")
 
     def _add_vxlan(self, link: Link) -> None:
         spec = link.spec
@@ -519,6 +535,9 @@ class LinksDriver:
         if op.mac is not None:
             self._call("link", "set", index=index, address=op.mac)
         self._port_flags(index, op.learning, op.neigh_suppress)
+        if op.ipv6 is not None:
+            self._sent += 1
+            self._set_ipv6(op.name, op.ipv6)
         for text in sorted(op.remove_addresses):
             ip, prefix = _split_prefix(text)
             try:

@@ -3,7 +3,10 @@
 The firewall's ``log group G prefix "..."`` statements hand packets to
 nfnetlink_log; this module binds a NETLINK_NETFILTER socket to group G and
 decodes each NFULNL_MSG_PACKET into a :class:`LoggedPacket` (prefix,
-addresses, protocol, ports or ICMP type/code, in/out ifindex).
+addresses, protocol, ports or ICMP type/code, in/out ifindex, the source MAC
+when the kernel gives one). Packets logged by the bridge family (anti-spoofing)
+may be ARP or any other ethertype; those carry the ethertype, and ARP its
+sender and target addresses.
 
 Details that matter:
 
@@ -33,7 +36,7 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from .rtnl import netns_entered
@@ -70,12 +73,18 @@ NFULNL_COPY_PACKET = 2
 NFULA_PACKET_HDR = 1
 NFULA_IFINDEX_INDEV = 4
 NFULA_IFINDEX_OUTDEV = 5
+NFULA_IFINDEX_PHYSINDEV = 6  # bridge family: the port the frame came in on (INDEV is then the bridge)
+NFULA_HWADDR = 8
 NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
+NFULA_VLAN = 20  # nested: the frame's VLAN tag, when the kernel carries it outside the packet
+NFULA_VLAN_PROTO = 1
 
 NLA_TYPE_MASK = 0x3FFF
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
+ETH_P_ARP = 0x0806
+NFPROTO_BRIDGE = 7
 
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
@@ -111,6 +120,23 @@ class LoggedPacket:
     indev: int | None
     outdev: int | None
     icmp_code: int | None = None
+    ethertype: int | None = None  # bridge-family packets only
+    src_mac: str | None = None  # the frame's source MAC, when the kernel reports it
+    arp_sha: str | None = None  # ARP: the sender hardware address it claims (src/dst are its sender/target IPs)
+    physindev: int | None = None  # bridged packets: the ifindex of the bridge port it came in on
+    transport: bytes = field(default=b"", compare=False, repr=False)  # the copied bytes from the L4 header on
+
+
+def _mac(raw: bytes) -> str:
+    return raw.hex(":")
+
+
+def _hwaddr(value: bytes | None) -> str | None:
+    """struct nfulnl_msg_packet_hw: be16 length, 2 bytes pad, 8 bytes address."""
+    if value is None or len(value) < 4:
+        return None
+    length = _BE16.unpack_from(value)[0]
+    return _mac(value[4 : 4 + length]) if length == 6 and len(value) >= 10 else None
 
 
 # --- encoding -------------------------------------------------------------------
@@ -217,31 +243,53 @@ def _ifindex(attrs: dict[int, bytes], kind: int) -> int | None:
     return _BE32.unpack(value[:4])[0] if value is not None and len(value) >= 4 else None
 
 
+def _arp(payload: bytes) -> tuple[str, str, str] | None:
+    """(sender MAC, sender IP, target IP) of an Ethernet/IPv4 ARP packet."""
+    if len(payload) < 28 or payload[:6] != b"\x00\x01\x08\x00\x06\x04":
+        return None
+    return _mac(payload[8:14]), socket.inet_ntop(socket.AF_INET, payload[14:18]), \
+        socket.inet_ntop(socket.AF_INET, payload[24:28])
+
+
 def parse_packet(body: bytes) -> LoggedPacket | None:
-    """Decode one NFULNL_MSG_PACKET body (nfgenmsg + attributes); None if not an IP packet."""
+    """Decode one NFULNL_MSG_PACKET body (nfgenmsg + attributes); None if there is nothing to report."""
+    bridged = bool(body) and body[0] == NFPROTO_BRIDGE
     attrs = parse_attrs(body, _NFGENMSG.size)
     hdr = attrs.get(NFULA_PACKET_HDR)
-    if hdr is not None and len(hdr) >= 2 and _BE16.unpack_from(hdr)[0] not in (ETH_P_IP, ETH_P_IPV6, 0):
-        return None
-    ip = _parse_ip(attrs.get(NFULA_PAYLOAD, b""))
+    hw_protocol = _BE16.unpack_from(hdr)[0] if hdr is not None and len(hdr) >= 2 else 0
+    prefix = attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("utf-8", "replace")
+    indev, outdev = _ifindex(attrs, NFULA_IFINDEX_INDEV), _ifindex(attrs, NFULA_IFINDEX_OUTDEV)
+    physindev = _ifindex(attrs, NFULA_IFINDEX_PHYSINDEV)
+    src_mac = _hwaddr(attrs.get(NFULA_HWADDR))
+    ethertype = hw_protocol if bridged else None
+    vlan = attrs.get(NFULA_VLAN)
+    if bridged and vlan is not None:  # a tagged frame: the kernel keeps the tag aside, hw_protocol is the inner one
+        vlan_proto = parse_attrs(vlan).get(NFULA_VLAN_PROTO)
+        if vlan_proto is not None and len(vlan_proto) >= 2:
+            ethertype = _BE16.unpack_from(vlan_proto)[0]
+
+    def packet(family: int, src: str, dst: str, protocol: int, sport: int | None = None, dport: int | None = None,
+               icmp_type: int | None = None, icmp_code: int | None = None, arp_sha: str | None = None,
+               transport: bytes = b"") -> LoggedPacket:
+        return LoggedPacket(prefix, family, src, dst, protocol, sport, dport, icmp_type, indev, outdev, icmp_code,
+                            ethertype, src_mac, arp_sha, physindev, transport)
+
+    payload = attrs.get(NFULA_PAYLOAD, b"")
+    if hw_protocol not in (ETH_P_IP, ETH_P_IPV6, 0):
+        if not bridged:
+            return None
+        arp = _arp(payload) if hw_protocol == ETH_P_ARP else None
+        if arp is None:  # another ethertype (a VLAN tag, ...) or a malformed ARP packet
+            return packet(0, "", "", 0)
+        sha, spa, tpa = arp
+        return packet(4, spa, tpa, 0, arp_sha=sha)
+    ip = _parse_ip(payload)
     if ip is None:
         return None
     family, src, dst, protocol, l4 = ip
     sport, dport = _ports(l4 or b"", protocol)
     icmp_type, icmp_code = _icmp(l4 or b"", protocol, IPPROTO_ICMP if family == 4 else IPPROTO_ICMPV6)
-    return LoggedPacket(
-        prefix=attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("utf-8", "replace"),
-        family=family,
-        src=src,
-        dst=dst,
-        protocol=protocol,
-        sport=sport,
-        dport=dport,
-        icmp_type=icmp_type,
-        indev=_ifindex(attrs, NFULA_IFINDEX_INDEV),
-        outdev=_ifindex(attrs, NFULA_IFINDEX_OUTDEV),
-        icmp_code=icmp_code,
-    )
+    return packet(family, src, dst, protocol, sport, dport, icmp_type, icmp_code, transport=l4 or b"")
 
 
 def _ack_error(body: bytes) -> int:
@@ -265,7 +313,7 @@ class NflogReader:
         group: int,
         netns: str | None = None,
         *,
-        copy_range: int = 128,
+        copy_range: int = 256,  # an IPv6 outer header, UDP, VXLAN and the inner frame's headers fit
         qthresh: int | None = 16,
         timeout_cs: int | None = 10,
         nlbufsiz: int | None = None,

@@ -60,6 +60,9 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_LEARNING = 8
 IFLA_BRPORT_NEIGH_SUPPRESS = 32
+IFLA_AF_SPEC = 26
+IFLA_INET6_CONF = 2
+DEVCONF_DISABLE_IPV6 = 26  # index in the IFLA_INET6_CONF array of s32
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 
 RTM_GETADDR = 22
@@ -149,6 +152,7 @@ class LinkRecord(NamedTuple):
     mac: str | None
     learning: bool | None = None  # bridge ports only (IFLA_BRPORT_LEARNING)
     neigh_suppress: bool | None = None  # bridge ports only
+    ipv6: bool | None = None  # IPv6 enabled on the device (None: the kernel has no IPv6)
 
 
 class AddrRecord(NamedTuple):
@@ -329,7 +333,7 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
     kind = alias = mac = None
     mtu = 0
     master = None
-    learning = neigh_suppress = None
+    learning = neigh_suppress = ipv6 = None
     for attr, start, stop in _attrs(buf, offset + _IFINFOMSG.size, end):
         if attr == IFLA_IFNAME:
             name = _text(buf, start, stop)
@@ -351,7 +355,13 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
                             learning = bool(buf[pstart])
                         elif port == IFLA_BRPORT_NEIGH_SUPPRESS:
                             neigh_suppress = bool(buf[pstart])
-    return LinkRecord(index, name, kind, alias, mtu, master, mac, learning, neigh_suppress)
+        elif attr == IFLA_AF_SPEC:
+            for family, fstart, fstop in _attrs(buf, start, stop):
+                if family == AF_INET6:
+                    for inet6, cstart, cstop in _attrs(buf, fstart, fstop):
+                        if inet6 == IFLA_INET6_CONF and cstop - cstart >= 4 * (DEVCONF_DISABLE_IPV6 + 1):
+                            ipv6 = not struct.unpack_from("=i", buf, cstart + 4 * DEVCONF_DISABLE_IPV6)[0]
+    return LinkRecord(index, name, kind, alias, mtu, master, mac, learning, neigh_suppress, ipv6)
 
 
 def _parse_addr(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> AddrRecord | None:

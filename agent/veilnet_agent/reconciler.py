@@ -48,9 +48,11 @@ class WireGuardPort(Protocol):
     def rotate_private_key(self) -> str: ...
 
 
-def _endpoints_of(state: NodeState, peers: Collection[str]) -> dict[str, object]:
+def _firewall_view(state: NodeState, peers: Collection[str]) -> dict[str, object]:
+    """What of these peers the firewall depends on: policy tuples on their endpoints, anti-spoofing also on
+    their transport address and shared segments (not their WireGuard key or underlay endpoint)."""
     wanted = set(peers)
-    return {p.name: p.endpoints for p in state.peers if p.name in wanted}
+    return {p.name: (p.endpoints, p.transport_address, p.segments) for p in state.peers if p.name in wanted}
 
 
 @dataclass
@@ -106,8 +108,8 @@ class Reconciler:
         """
         if changed_peers is not None and self.rendered is not None and self.desired is not None:
             self.rendered = render_peer_changes(self.rendered, state, self._context(), changed_peers)
-            if _endpoints_of(self.desired, changed_peers) != _endpoints_of(state, changed_peers):
-                self._accept_firewall(state)  # policy tuples depend only on endpoints (addresses, labels)
+            if _firewall_view(self.desired, changed_peers) != _firewall_view(state, changed_peers):
+                self._accept_firewall(state)
             self.desired = state
             self._generation += 1
             return

@@ -209,38 +209,51 @@ def test_apply_full_replaces_the_table_whole(host: str, driver: FirewallDriver) 
     assert len([o for o in nft_json(host, "list", "tables") if "table" in o]) == 1
 
 
+_REAL_STATE: dict[str, Any] = {
+    "node": "host-a",
+    "transport_address": "fd00:7::1/64",
+    "segments": [
+        {"name": "blue", "vni": 100, "ipv4_subnet": "203.0.113.0/26", "ipv4_gateway": "203.0.113.1",
+         "ipv6_subnet": "fd00:b1::/64", "ipv6_gateway": "fd00:b1::1", "mode": "default-deny",
+         "rate_limit": {"new_connections_per_second": 50, "burst": 100, "icmp_per_second": 5}},
+        {"name": "green", "vni": 200, "ipv4_subnet": "203.0.113.64/26", "ipv4_gateway": "203.0.113.65"},
+    ],
+    "endpoints": [
+        {"name": "a-web", "segment": "blue", "mac": "02:00:00:0a:00:01", "ipv4": "203.0.113.10",
+         "ipv6": "fd00:b1::a", "netns": "ep-a-web", "labels": {"app": "web"}},
+        {"name": "a-db", "segment": "green", "mac": "02:00:00:0a:00:02", "ipv4": "203.0.113.70",
+         "netns": "ep-a-db", "labels": {"app": "db"}},
+    ],
+    "peers": [
+        {"name": "host-b", "underlay_address": "192.0.2.12",
+         "public_key": "Oa0T3n8dSf8cVN9nFn0JOtU4q4Q0ZcLWYt5b3wRCn3Y=", "transport_address": "fd00:7::2",
+         "segments": ["blue", "green"],
+         "endpoints": [{"segment": "blue", "mac": "02:00:00:0b:00:01", "ips": ["203.0.113.20", "fd00:b1::14"]}]},
+    ],
+    "policies": [
+        {"name": "web-to-db", "source": {"match_labels": {"app": "web"}},
+         "destination": {"match_labels": {"app": "db"}}, "protocol": "tcp", "ports": [5432, "6000-6010"]},
+        {"name": "wide", "source": {"cidr": "198.51.100.0/24"},
+         "destination": {"segment": "blue"}, "protocol": "udp", "ports": ["1000-2000"]},
+        {"name": "ping", "source": {"segment": "blue"}, "destination": {"segment": "green"},
+         "protocol": "icmp"},
+        {"name": "v6-any", "source": {"cidr": "2001:db8::/48"}, "destination": {"segment": "blue"}},
+    ],
+}
+
+
+def test_the_listed_ruleset_loads_again(host: str, driver: FirewallDriver, make_ns: Callable[[], str]) -> None:
+    """Operators save rulesets with `nft list ruleset > file` and restore them with `nft -f`: with our tables
+    in it, that must still work (a raw payload field that nft prints under a name would break it)."""
+    driver.apply_full(compile_firewall(parse_node_state(_REAL_STATE)))
+    listed = nft(host, "list", "ruleset")
+    other = make_ns()
+    nft(other, "-f", "-", stdin=listed)
+    assert nft(other, "list", "ruleset") == listed
+
+
 def test_real_compiler_output_loads_and_round_trips(driver: FirewallDriver) -> None:
-    state = parse_node_state({
-        "node": "host-a",
-        "transport_address": "fd00:7::1/64",
-        "segments": [
-            {"name": "blue", "vni": 100, "ipv4_subnet": "203.0.113.0/26", "ipv4_gateway": "203.0.113.1",
-             "ipv6_subnet": "fd00:b1::/64", "ipv6_gateway": "fd00:b1::1", "mode": "default-deny",
-             "rate_limit": {"new_connections_per_second": 50, "burst": 100, "icmp_per_second": 5}},
-            {"name": "green", "vni": 200, "ipv4_subnet": "203.0.113.64/26", "ipv4_gateway": "203.0.113.65"},
-        ],
-        "endpoints": [
-            {"name": "a-web", "segment": "blue", "mac": "02:00:00:0a:00:01", "ipv4": "203.0.113.10",
-             "ipv6": "fd00:b1::a", "netns": "ep-a-web", "labels": {"app": "web"}},
-            {"name": "a-db", "segment": "green", "mac": "02:00:00:0a:00:02", "ipv4": "203.0.113.70",
-             "netns": "ep-a-db", "labels": {"app": "db"}},
-        ],
-        "peers": [
-            {"name": "host-b", "underlay_address": "192.0.2.12",
-             "public_key": "Oa0T3n8dSf8cVN9nFn0JOtU4q4Q0ZcLWYt5b3wRCn3Y=", "transport_address": "fd00:7::2",
-             "segments": ["blue", "green"],
-             "endpoints": [{"segment": "blue", "mac": "02:00:00:0b:00:01", "ips": ["203.0.113.20", "fd00:b1::14"]}]},
-        ],
-        "policies": [
-            {"name": "web-to-db", "source": {"match_labels": {"app": "web"}},
-             "destination": {"match_labels": {"app": "db"}}, "protocol": "tcp", "ports": [5432, "6000-6010"]},
-            {"name": "wide", "source": {"cidr": "198.51.100.0/24"},
-             "destination": {"segment": "blue"}, "protocol": "udp", "ports": ["1000-2000"]},
-            {"name": "ping", "source": {"segment": "blue"}, "destination": {"segment": "green"},
-             "protocol": "icmp"},
-            {"name": "v6-any", "source": {"cidr": "2001:db8::/48"}, "destination": {"segment": "blue"}},
-        ],
-    })
+    state = parse_node_state(_REAL_STATE)
     compiled = compile_firewall(state)
     assert any(compiled.elements.values())
     assert compiled.elements["sg_peer_ip6"] and compiled.elements["sg_ep_mac"], "anti-spoofing sets too"

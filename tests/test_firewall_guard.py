@@ -42,9 +42,11 @@ def test_link_local_is_the_kernels_eui64() -> None:
 def test_local_endpoints_own_their_port_mac_and_addresses() -> None:
     sets = guard(v4_state())
     assert (Name(A_WEB),) in keys(sets["sg_ep_ports"])
-    assert (A_WEB, mac_int("02:00:00:0a:00:01")) in keys(sets["sg_ep_mac"])
+    assert (A_WEB, "02:00:00:0a:00:01") in keys(sets["sg_ep_mac"])
+    assert (A_WEB, mac_int("02:00:00:0a:00:01")) in keys(sets["sg_ep_nd_mac"])  # raw: ND options
     assert (A_WEB, "203.0.113.10") in keys(sets["sg_ep_ip4"])
-    own6 = {v for port, v in keys(sets["sg_ep_ip6"]) if port == A_WEB}
+    assert {v for port, v in keys(sets["sg_ep_ip6"]) if port == A_WEB} == {"fe80::ff:fe0a:1", "fd00:b1::a"}
+    own6 = {v for port, v in keys(sets["sg_ep_nd_ip6"]) if port == A_WEB}  # raw: advertised targets
     assert own6 == {int(link_local("02:00:00:0a:00:01")), 0xFD0000B100000000000000000000000A}
 
 
@@ -159,8 +161,9 @@ def test_the_full_load_renders_every_structure_and_element() -> None:
     fw = compile_firewall(parse_node_state(v4_state()))
     text = nft_text.batch(fw.structure, fw.elements, set_tables(fw.structure))
     assert "add table bridge veilnet" in text and "add table inet veilnet" in text
-    assert "add set bridge veilnet sg_ep_mac { typeof meta iifname . @ll,48,48; }" in text
+    assert "add set bridge veilnet sg_ep_nd_mac { typeof meta iifname . @th,208,48; }" in text
     assert f'"{A_WEB}" . {mac_int("02:00:00:0a:00:01")}' in text
+    assert f'"{A_WEB}" . 02:00:00:0a:00:01' in text
     lines = text.splitlines()
     first_rule = next(i for i, line in enumerate(lines) if line.startswith("add rule"))
     assert all(not line.startswith(("add chain", "add set", "add map")) for line in lines[first_rule:]), \

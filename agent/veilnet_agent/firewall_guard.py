@@ -83,6 +83,12 @@ class Name(str):
     __slots__ = ()
 
 
+class Mac(str):
+    """A key part that is a MAC address (sets typed ``ether_addr``), lower case."""
+
+    __slots__ = ()
+
+
 KeyPart = str | int
 GuardElement = tuple[tuple[KeyPart, ...], str]
 
@@ -115,10 +121,10 @@ INNER_ND_OPTION = _raw("th", _ICMP6 + 192, 16)
 INNER_ND_OPTION_MAC = _raw("th", _ICMP6 + 208, 48)
 
 # --- the same fields of a frame on a bridge port (bridge family) --------------------------------------
-PORT_SRC_MAC = _raw("ll", 48, 48)
+# Typed fields wherever nft has them: `nft list` prints a raw field it can name by its name, and the
+# printed ruleset would then no longer load (a raw set key against a typed field); raw only where nft 1.0.6
+# has no name (the neighbour discovery target and options).
 PORT_ARP_HEADER = _raw("nh", 0, 48)
-PORT_ARP_SHA = _raw("nh", 64, 48)
-PORT_IP6_SRC = _raw("nh", 64, 128)
 PORT_ND_TARGET = _raw("th", 64, 128)
 PORT_ND_OPTION = _raw("th", 192, 16)
 PORT_ND_OPTION_MAC = _raw("th", 208, 48)
@@ -150,7 +156,7 @@ def peer_vnis(peer: Peer, segments: Mapping[str, Segment]) -> list[int]:
 # --- elements ----------------------------------------------------------------------------------------
 def set_names() -> list[str]:
     return [
-        "sg_ep_ports", "sg_ep_mac", "sg_ep_ip4", "sg_ep_ip6",
+        "sg_ep_ports", "sg_ep_mac", "sg_ep_ip4", "sg_ep_ip6", "sg_ep_nd_mac", "sg_ep_nd_ip6",
         "sg_peer_vni", "sg_peer_mac", "sg_peer_ip4", "sg_peer_ip6",
         "sg_known_mac", "sg_known_ip4", "sg_known_ip6",
     ]
@@ -182,9 +188,12 @@ def _endpoint_part(endpoint: LocalEndpoint, vni: int) -> Contribution:
     return {
         **_known(vni, endpoint.mac, endpoint.ips),
         "sg_ep_ports": frozenset({((port,), "")}),
-        "sg_ep_mac": frozenset({((port, mac_int(endpoint.mac)), "")}),
+        "sg_ep_mac": frozenset({((port, Mac(endpoint.mac)), "")}),
         "sg_ep_ip4": frozenset({((port, addr.text(endpoint.ipv4)), "")} if endpoint.ipv4 is not None else ()),
-        "sg_ep_ip6": frozenset(((port, v), "") for v in _ip6_values(endpoint.mac, endpoint.ips)),
+        "sg_ep_ip6": frozenset(((port, addr.text(ipaddress.IPv6Address(v))), "")
+                               for v in _ip6_values(endpoint.mac, endpoint.ips)),
+        "sg_ep_nd_mac": frozenset({((port, mac_int(endpoint.mac)), "")}),
+        "sg_ep_nd_ip6": frozenset(((port, v), "") for v in _ip6_values(endpoint.mac, endpoint.ips)),
     }
 
 
@@ -359,9 +368,11 @@ def bridge_table(state: NodeState, nflog_group: int, log_per_second: int) -> lis
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": BRIDGE_FAMILY, "name": TABLE_NAME}}}]
     cmds.append(_bobj("counter", name=SPOOF_COUNTER))
     cmds.append(_bobj("set", name="sg_ep_ports", type="ifname"))
-    cmds.append(_bobj("set", name="sg_ep_mac", typeof=_concat(port, PORT_SRC_MAC)))
+    cmds.append(_bobj("set", name="sg_ep_mac", type=["ifname", "ether_addr"]))
     cmds.append(_bobj("set", name="sg_ep_ip4", type=["ifname", "ipv4_addr"]))
-    cmds.append(_bobj("set", name="sg_ep_ip6", typeof=_concat(port, PORT_IP6_SRC)))
+    cmds.append(_bobj("set", name="sg_ep_ip6", type=["ifname", "ipv6_addr"]))
+    cmds.append(_bobj("set", name="sg_ep_nd_mac", typeof=_concat(port, PORT_ND_OPTION_MAC)))
+    cmds.append(_bobj("set", name="sg_ep_nd_ip6", typeof=_concat(port, PORT_ND_TARGET)))
 
     log, drop = _log_and_drop(SPOOF_COUNTER, SPOOF_LOG_PREFIX, nflog_group, log_per_second)
     cmds.append(_bobj("chain", name="spoof"))
@@ -373,7 +384,8 @@ def bridge_table(state: NodeState, nflog_group: int, log_per_second: int) -> lis
 
     ether_type = _payload("ether", "type")
     cmds.append(_bobj("chain", name="from_endpoint"))
-    cmds.append(_brule("from_endpoint", _not_in(_concat(port, PORT_SRC_MAC), "sg_ep_mac"), _goto("spoof")))
+    cmds.append(_brule("from_endpoint", _not_in(_concat(port, _payload("ether", "saddr")), "sg_ep_mac"),
+                       _goto("spoof")))
     cmds.append(_brule("from_endpoint", _match(ether_type, "arp"), _goto("endpoint_arp")))
     cmds.append(_brule("from_endpoint", _match(ether_type, "ip"), _goto("endpoint_ip4")))
     cmds.append(_brule("from_endpoint", _match(ether_type, "ip6"), _goto("endpoint_ip6")))
@@ -381,7 +393,8 @@ def bridge_table(state: NodeState, nflog_group: int, log_per_second: int) -> lis
 
     cmds.append(_bobj("chain", name="endpoint_arp"))
     cmds.append(_brule("endpoint_arp", _match(PORT_ARP_HEADER, ETHERNET_ARP_HEADER, "!="), _goto("spoof")))
-    cmds.append(_brule("endpoint_arp", _not_in(_concat(port, PORT_ARP_SHA), "sg_ep_mac"), _goto("spoof")))
+    cmds.append(_brule("endpoint_arp", _not_in(_concat(port, _payload("arp", "saddr ether")), "sg_ep_mac"),
+                       _goto("spoof")))
     cmds.append(_brule("endpoint_arp", _match(_payload("arp", "saddr ip"), "0.0.0.0"), ACCEPT))  # probe
     cmds.append(_brule("endpoint_arp", _in(_concat(port, _payload("arp", "saddr ip")), "sg_ep_ip4"), ACCEPT))
     cmds.append(_brule("endpoint_arp", _goto("spoof")))
@@ -396,9 +409,10 @@ def bridge_table(state: NodeState, nflog_group: int, log_per_second: int) -> lis
     # Duplicate address detection and early MLD reports come from the unspecified address.
     cmds.append(_brule("endpoint_ip6", _match(_payload("ip6", "saddr"), "::"),
                        _match(icmp6_type, {"set": [ICMPV6_NS, 131, 143]}), ACCEPT))
-    cmds.append(_brule("endpoint_ip6", _not_in(_concat(port, PORT_IP6_SRC), "sg_ep_ip6"), _goto("spoof")))
+    cmds.append(_brule("endpoint_ip6", _not_in(_concat(port, _payload("ip6", "saddr")), "sg_ep_ip6"),
+                       _goto("spoof")))
     cmds.append(_brule("endpoint_ip6", _match(icmp6_type, ICMPV6_NA),
-                       _not_in(_concat(port, PORT_ND_TARGET), "sg_ep_ip6"), _goto("spoof")))
+                       _not_in(_concat(port, PORT_ND_TARGET), "sg_ep_nd_ip6"), _goto("spoof")))
     cmds.append(_brule("endpoint_ip6", _match(icmp6_type, {"set": [ICMPV6_NS, ICMPV6_NA]}), _goto("endpoint_nd")))
     cmds.append(_brule("endpoint_ip6", ACCEPT))
 
@@ -406,7 +420,7 @@ def bridge_table(state: NodeState, nflog_group: int, log_per_second: int) -> lis
     cmds.append(_bobj("chain", name="endpoint_nd"))
     cmds.append(_brule("endpoint_nd", _match(_payload("ip6", "length"), ND_NO_OPTIONS_LENGTH), ACCEPT))
     cmds.append(_brule("endpoint_nd", _match(PORT_ND_OPTION, {"set": list(ND_OPTION_LLADDR)}),
-                       _in(_concat(port, PORT_ND_OPTION_MAC), "sg_ep_mac"), ACCEPT))
+                       _in(_concat(port, PORT_ND_OPTION_MAC), "sg_ep_nd_mac"), ACCEPT))
     cmds.append(_brule("endpoint_nd", _goto("spoof")))
     return cmds
 

@@ -20,13 +20,14 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from .firewall_guard import Name
+from .firewall_guard import Mac, Name
 
 Element = tuple[tuple[str | int, ...], str]
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _QUOTABLE = re.compile(r"[A-Za-z0-9 _.:/+,-]{0,127}")
 _PORT_RANGE = re.compile(r"(\d{1,5})-(\d{1,5})")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _FAMILIES = frozenset({"inet", "ip", "ip6", "bridge", "netdev", "arp"})
 _WORDS = frozenset({"filter", "prerouting", "input", "forward", "output", "postrouting", "ingress",
                     "accept", "drop", "second", "minute"})
@@ -240,6 +241,10 @@ class ElementText:
         if done is None:
             if isinstance(part, Name):
                 done = quoted(part)
+            elif isinstance(part, Mac):
+                if not _MAC.fullmatch(part):
+                    raise ValueError(f"nft text: not a MAC address: {part!r}")
+                done = str(part)
             elif isinstance(part, int) and not isinstance(part, bool):
                 done = _integer(part)
             elif isinstance(part, str) and (_address(part) is not None or _PORT_RANGE.fullmatch(part)):

@@ -8,7 +8,9 @@ fresh network namespace (plus a private mount namespace for wireguard-go):
   agent  : validate the desired state, render, plan against the kernel read
            back, apply (the agent's own code path, real drivers), from empty.
   floor  : the same kernel objects by hand: wireguard-go + `wg setconf`,
-           `ip -batch` (links, addresses, neighbours), `bridge -batch` (FDB).
+           `ip -batch` (links, addresses, neighbours), `bridge -batch` (FDB), and
+           `nft -f` of the agent's two firewall tables (policy, anti-spoofing sets:
+           every peer's VNI, MACs and addresses).
   1-peer : the agent adding one more peer to the programmed N (cached model,
            as after a desired-state change), time and kernel requests.
 
@@ -163,8 +165,12 @@ def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
 
 
 # --- the floor: iproute2 + wg by hand ------------------------------------------------------------------
-def floor_files(n: int, work: Path) -> tuple[Path, Path, Path]:
+def floor_files(n: int, work: Path) -> tuple[Path, Path, Path, Path]:
     from factories import wg_key  # noqa: F401  (same keys as the agent's run)
+
+    from veilnet_agent import nft_text
+    from veilnet_agent.firewall_compiler import compile_firewall, set_tables
+    from veilnet_agent.model import parse_node_state
 
     peers = [peer_raw(i) for i in range(n)]
     key = sh("wg genkey").stdout.strip()
@@ -197,15 +203,18 @@ def floor_files(n: int, work: Path) -> tuple[Path, Path, Path]:
                      f"fdb add {mac} dev vnvx100 dst {dst} self permanent",
                      f"fdb add {mac} dev vnvx100 master static"]
     br_batch.write_text("\n".join(br_lines) + "\n")
-    return wg_conf, ip_batch, br_batch
+    tables = compile_firewall(parse_node_state(state_raw(n)))
+    nft_file = work / "tables.nft"
+    nft_file.write_text(nft_text.batch(tables.structure, tables.elements, set_tables(tables.structure)))
+    return wg_conf, ip_batch, br_batch, nft_file
 
 
 def run_floor(box: Sandbox, n: int, work: Path) -> float:
-    wg_conf, ip_batch, br_batch = floor_files(n, work)
+    wg_conf, ip_batch, br_batch, nft_file = floor_files(n, work)
     script = (
         "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go vnwg0 >/dev/null 2>&1; "
         "while [ ! -S /run/wireguard/vnwg0.sock ]; do sleep 0.005; done; "
-        f"wg setconf vnwg0 {wg_conf} && ip -batch {ip_batch} && bridge -batch {br_batch}"
+        f"wg setconf vnwg0 {wg_conf} && ip -batch {ip_batch} && bridge -batch {br_batch} && nft -f {nft_file}"
     )
     t0 = time.perf_counter()
     result = subprocess.run(f"{box.prefix()} sh -c {json.dumps(script)}", shell=True, text=True, capture_output=True)
@@ -269,7 +278,8 @@ def main() -> int:
     header = (f"{'N peers':>8} {'agent full s':>13} {'floor s':>9} {'ratio':>6} {'1-peer ms':>10} "
               f"{'1-peer ops':>10} {'1-peer reqs':>11} {'no-op ms':>9} {'converged':>9} "
               f"{'peers/neigh in kernel':>22} {'RSS MB':>7}")
-    print("\nData plane programming: agent vs floor (wg setconf + ip -batch + bridge -batch), median of runs")
+    print("\nData plane programming: agent vs floor (wg setconf + ip -batch + bridge -batch + nft -f), "
+          "median of runs")
     print(header)
     print("-" * len(header))
     for n, a, f, one in rows:

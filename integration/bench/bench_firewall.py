@@ -9,14 +9,17 @@ tuple lands in the one hash map `allow4_ports`, the map the iperf3 flow's packet
 
   load   : the agent's path into an empty namespace: parse_node_state + compile_firewall +
            FirewallDriver.apply_full; against two floors in fresh namespaces of the same run:
-           `nft -j -f` of the very JSON commands the driver sent, and `nft -f` of the text that
-           `nft list table inet veilnet` prints for the agent's result.
+           `nft -f` of the very text batch the driver sent, and `nft -f` of the text that
+           `nft list table inet veilnet` and `nft list table bridge veilnet` print for the agent's result.
   change : one element, at each size: (a) the kernel part, FirewallDriver.apply_elements adding then
            removing one element; (b) the agent's path: a state with one label changed -> parse ->
-           FirewallManager.accept (incremental recompile) -> reconcile (apply the element delta).
+           FirewallManager.accept (incremental recompile) -> reconcile (apply the element delta);
+           (c) the same path for one endpoint appearing and leaving (a peer with one endpoint): its
+           anti-spoofing elements are the cost of the checks on a one-endpoint change.
   iperf3 : TCP throughput client -> server (two namespaces on a bridge with nf_call_iptables and
-           nf_call_ip6tables on, in a host namespace that holds the table): no table, then the agent's
-           table of the small and of the big size; interleaved rounds, the median reported.
+           nf_call_ip6tables on, in a host namespace that holds the tables, ports named and MACs set as
+           the agent makes them): no table, then the agent's tables of the small and of the big size,
+           each with the anti-spoofing checks on and off; interleaved rounds, the median reported.
 
 Run as root:  .venv/bin/python integration/bench/bench_firewall.py [--sizes 10,1000,100000]
 Prints tables; never asserts. Namespaces (vnbfw-*) are removed even on failure.
@@ -25,6 +28,7 @@ Prints tables; never asserts. Namespaces (vnbfw-*) are removed even on failure.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -171,20 +175,20 @@ def nft_in(ns: str, args: str) -> tuple[float, subprocess.CompletedProcess[str]]
 
 @contextmanager
 def recording(driver: FirewallDriver) -> Iterator[dict[str, Any]]:
-    """Keep a reference to the JSON root the driver hands to libnftables (the very commands sent)."""
+    """Keep a reference to the text batch the driver hands to libnftables (the very commands sent)."""
     seen: dict[str, Any] = {}
     nft = driver._nft
-    original = nft.json_cmd
+    original = nft.cmd
 
-    def json_cmd(root: Any) -> Any:
-        seen["root"] = root
-        return original(root)
+    def cmd(text: str) -> Any:
+        seen["text"] = text
+        return original(text)
 
-    nft.json_cmd = json_cmd
+    nft.cmd = cmd
     try:
         yield seen
     finally:
-        del nft.json_cmd
+        del nft.cmd
 
 
 def matches(driver: FirewallDriver, want: CompiledFirewall) -> bool:
@@ -200,7 +204,7 @@ def matches(driver: FirewallDriver, want: CompiledFirewall) -> bool:
 def measure_load(n: int, repeat: int, work: Path, verify: bool) -> dict[str, Any]:
     raw = state_raw(n)
     runs: list[dict[str, Any]] = []
-    json_file, text_file = work / f"table-{n}.json", work / f"table-{n}.nft"
+    json_file, text_file = work / f"sent-{n}.nft", work / f"listed-{n}.nft"
     for r in range(repeat):
         with Namespaces("agent", "json", "text"), FirewallDriver(f"{PREFIX}-agent") as driver:
             # (the driver is created once at agent start: not timed)
@@ -216,10 +220,11 @@ def measure_load(n: int, repeat: int, work: Path, verify: bool) -> dict[str, Any
             run = {"parse": t1 - t0, "compile": t2 - t1, "apply": t3 - t2, "nft": driver.last_duration_s,
                    "total": t3 - t0, "elements": count(compiled.elements)}
             if r == 0:
-                json_file.write_text(json.dumps(seen["root"]))
-                listed = sh(f"nsenter --net=/run/netns/{PREFIX}-agent nft list table inet veilnet")
+                json_file.write_text(seen["text"])
+                listed = sh(f"nsenter --net=/run/netns/{PREFIX}-agent sh -c "
+                            "'nft list table inet veilnet; nft list table bridge veilnet'")
                 text_file.write_text(listed.stdout)
-            run["floor_json"], done_json = nft_in(f"{PREFIX}-json", f"-j -f {json_file}")
+            run["floor_json"], done_json = nft_in(f"{PREFIX}-json", f"-f {json_file}")
             run["floor_text"], done_text = nft_in(f"{PREFIX}-text", f"-f {text_file}")
             for what, done in (("json", done_json), ("text", done_text)):
                 if done.returncode != 0:
@@ -295,6 +300,26 @@ def measure_changes(n: int, changes: int) -> dict[str, Any]:
             for key in ("parse", "compile", "diff", "apply", "total"):
                 out[f"e_{kind}_{key}"] = median([s[key] for s in steps[kind]])
         out["diffs"] = " ".join(f"{k}:+{a}/-{d}" for k, a, d in sorted(diff_sizes))
+
+        # (c) one endpoint appears and leaves (a new peer with one unlabelled endpoint: no policy tuple,
+        # so every element it changes is an anti-spoofing one).
+        joined_raw = copy.deepcopy(base_raw)
+        joined_raw["peers"].append({
+            "name": "newcomer", "underlay_address": "192.0.2.253", "public_key": wg_key("bench-fw-newcomer"),
+            "transport_address": "fd00:7::fffe",
+            "endpoints": [{"segment": "blue", "mac": "02:03:00:00:00:01", "ips": ["fd00:b1::fffe"]}]})
+        endpoint_steps: dict[str, list[float]] = {"join": [], "leave": []}
+        endpoint_sizes: set[tuple[str, int, int]] = set()
+        for _ in range(changes):
+            for kind, raw in (("join", joined_raw), ("leave", base_raw)):
+                t0 = time.perf_counter()
+                manager.accept(parse_node_state(raw))
+                outcome = manager.reconcile(full=False)
+                endpoint_steps[kind].append(time.perf_counter() - t0)
+                endpoint_sizes.add((kind, outcome.added, outcome.deleted))
+                fingerprints.add(manager.fingerprint)
+        out["ep_join"], out["ep_leave"] = median(endpoint_steps["join"]), median(endpoint_steps["leave"])
+        out["ep_diffs"] = " ".join(f"{k}:+{a}/-{d}" for k, a, d in sorted(endpoint_sizes))
         out["same_structure"] = len(fingerprints) == 1
         out["ok"] = matches(driver, compiled)  # after the last revert the kernel holds the base state again
     return out
@@ -305,10 +330,13 @@ def iperf_topology() -> None:
     host, cli, srv = (f"{PREFIX}-{n}" for n in ("host", "cli", "srv"))
     sh(f"ip -n {host} link add {BRIDGE} type bridge stp_state 0 nf_call_iptables 1 nf_call_ip6tables 1")
     sh(f"ip -n {host} link set {BRIDGE} up")
-    for ns, ip in ((cli, CLIENT_IP), (srv, SERVER_IP)):
-        port = f"vnep{ns[-3:]}"
+    # Named and addressed as the agent makes them, so the anti-spoofing checks see the flow as theirs.
+    for ns, name, mac, ip in ((cli, "client", "02:00:00:00:00:02", CLIENT_IP),
+                              (srv, "server", "02:00:00:00:00:03", SERVER_IP)):
+        port = naming.endpoint_host_name(name)
         sh(f"ip -n {host} link add {port} type veth peer name eth0 netns {ns}")
         sh(f"ip -n {host} link set {port} master {BRIDGE} up")
+        sh(f"ip -n {ns} link set eth0 address {mac}")
         sh(f"ip -n {ns} addr add {ip}/24 dev eth0 && ip -n {ns} link set eth0 up")
 
 
@@ -335,16 +363,30 @@ def run_configs(driver: FirewallDriver, configs: list[tuple[str, CompiledFirewal
             else:
                 driver.apply_full(compiled)
                 entry["elements"] = count(compiled.elements)
-            before = driver.counters().get("p_bulk", (0, 0))[0]
+            before = driver.counters()
             entry["gbps"].append(iperf_run(seconds))
-            entry["policy_packets"] = driver.counters().get("p_bulk", (0, 0))[0] - before
+            after = driver.counters()
+            entry["policy_packets"] = after.get("p_bulk", (0, 0))[0] - before.get("p_bulk", (0, 0))[0]
+            entry["spoof_drops"] = after.get("spoof_drop", (0, 0))[0] - before.get("spoof_drop", (0, 0))[0]
             entry["ping_passes"] = ping_passes()
     driver.remove()
 
 
+def without_antispoofing(compiled: CompiledFirewall) -> CompiledFirewall:
+    """The same tables with the two jumps into the anti-spoofing chains taken out (checks off)."""
+    def is_check(command: Mapping[str, Any]) -> bool:
+        rule = command.get("add", {}).get("rule")
+        return rule is not None and any(expr.get("jump", {}).get("target") in ("from_endpoint", "from_peer")
+                                        for expr in rule["expr"])
+    return CompiledFirewall(tuple(c for c in compiled.structure if not is_check(c)), compiled.elements,
+                            compiled.fingerprint)
+
+
 def measure_iperf(sizes: list[int], seconds: int, rounds: int) -> list[dict[str, Any]]:
     configs: list[tuple[str, CompiledFirewall | None]] = [("no table", None)]
-    configs += [(f"{n:,} tuples", compile_firewall(parse_node_state(state_raw(n)))) for n in sizes]
+    for n in sizes:
+        compiled = compile_firewall(parse_node_state(state_raw(n)))
+        configs += [(f"{n:,} tuples", compiled), (f"{n:,}, checks off", without_antispoofing(compiled))]
     results: dict[str, dict[str, Any]] = {label: {"gbps": [], "label": label} for label, _ in configs}
     with Namespaces("host", "cli", "srv"):
         iperf_topology()
@@ -445,7 +487,7 @@ def report(loads: list[tuple[int, dict[str, Any]]], change_rows: list[tuple[int,
                      f"{check('ok_agent')}/{check('ok_json')}/{check('ok_text')}"])
     table(f"1. Full load into an empty namespace, median of {args.repeat} (times in ms)",
           [("N", 8), ("elements", 8), ("parse", 7), ("compile", 8), ("apply_full", 10), ("nft call", 9),
-           ("agent", 9), ("floor -j -f", 11), ("floor -f", 9), ("ratio", 6), ("json/text MB", 12),
+           ("agent", 9), ("floor sent", 10), ("floor listed", 12), ("ratio", 6), ("sent/listed MB", 14),
            ("observe", 8), ("agent/json/text", 15)], rows)
     for n, r in loads:
         if r["maps"] is not None:
@@ -458,27 +500,33 @@ def report(loads: list[tuple[int, dict[str, Any]]], change_rows: list[tuple[int,
     for n, c in change_rows:
         rows.append([f"{n:,}", ms(c["k_add"]), ms(c["k_del"]), ms(c["e_add_total"]), ms(c["e_del_total"]),
                      ms(c["e_add_parse"]), ms(c["e_add_compile"]), ms(c["e_add_diff"]), ms(c["e_add_apply"]),
-                     c["diffs"], "yes" if c["same_structure"] else "NO", "ok" if c["ok"] else "DIFF"])
+                     c["diffs"], ms(c["ep_join"]), ms(c["ep_leave"]), c["ep_diffs"],
+                     "yes" if c["same_structure"] else "NO", "ok" if c["ok"] else "DIFF"])
     table(f"2. One-element change, median of {args.changes} (ms; target < 20 ms at 100,000)",
           [("N", 8), ("kernel +1", 9), ("kernel -1", 9), ("label +1", 9), ("label -1", 9), ("parse", 7),
-           ("compile", 8), ("diff", 6), ("apply", 6), ("diff sizes", 18), ("same fp", 7), ("after", 5)], rows)
+           ("compile", 8), ("diff", 6), ("apply", 6), ("diff sizes", 18), ("endpoint +", 10),
+           ("endpoint -", 10), ("endpoint diff", 21), ("same fp", 7), ("after", 5)], rows)
 
     if iperf:
         small = next((e for e in iperf if e.get("elements") is not None), None)
         base = iperf[0]
+        by_label = {e["label"]: e for e in iperf}
         rows = []
         for e in iperf:
             gbps = median(e["gbps"])
             vs_none = gbps / median(base["gbps"])
             vs_small = "-" if small is None or "elements" not in e else f"{gbps / median(small['gbps']):.3f}"
+            off = by_label.get(e["label"].replace(" tuples", ", checks off"))
+            vs_off = "-" if off is None or off is e or "elements" not in e else f"{gbps / median(off['gbps']):.3f}"
             rows.append([e["label"], f"{e['elements']:,}" if "elements" in e else "-", f"{gbps:.2f}",
-                         f"{vs_none:.3f}", vs_small, " ".join(f"{g:.2f}" for g in e["gbps"]),
+                         f"{vs_none:.3f}", vs_small, vs_off, " ".join(f"{g:.2f}" for g in e["gbps"]),
                          f"{e['policy_packets']:,}" if "elements" in e else "-",
+                         f"{e['spoof_drops']:,}" if "elements" in e else "-",
                          "passes" if e["ping_passes"] else "dropped"])
         table(f"3. iperf3 TCP client -> server {CLIENT_IP} -> {SERVER_IP}:{IPERF_PORT}, {args.iperf_seconds} s, "
-              f"{args.iperf_rounds} round(s) (target: big/small >= 0.9)",
-              [("table", 16), ("elements", 8), ("Gbit/s", 7), ("vs none", 7), ("vs small", 8), ("runs", 12),
-               ("p_bulk pkts", 11), ("ping", 7)], rows)
+              f"{args.iperf_rounds} round(s) (targets: big/small >= 0.9; checks on/off >= 0.9)",
+              [("table", 20), ("elements", 8), ("Gbit/s", 7), ("vs none", 7), ("vs small", 8), ("on/off", 7),
+               ("runs", 15), ("p_bulk pkts", 11), ("spoof drops", 11), ("ping", 7)], rows)
 
     print(f"""
 Legend
@@ -486,12 +534,14 @@ Legend
   parse: parse_node_state of the state dict; compile: compile_firewall; apply_full: FirewallDriver.apply_full
     (command checks, element encoding, the libnftables call); nft call: that call alone (json.dumps in the
     bindings, nft's JSON parser, netlink, kernel commit). agent = parse + compile + apply_full.
-  floor -j -f: `nft -j -f` of the very JSON the driver sent; floor -f: `nft -f` of `nft list table inet veilnet`
-    of the agent's table; each into a fresh namespace, wall time including nsenter and nft start
+  floor sent: `nft -f` of the very text batch the driver sent; floor listed: `nft -f` of what `nft list table`
+    prints of the agent's two tables; each into a fresh namespace, wall time including nsenter and nft start
     (an empty file: {ms(median(startup))} ms). ratio = agent / the faster floor.
   observe: FirewallDriver.observe of the loaded table; agent/json/text: the elements read back from each
     namespace equal the compiled ones.
   kernel +1/-1: FirewallDriver.apply_elements adding / deleting one element of {MAP}.
+  endpoint +/-: the agent's path for one endpoint appearing / leaving (a new peer with one unlabelled endpoint:
+    no policy tuples, so its elements are all anti-spoofing ones; endpoint diff: elements added/deleted).
   label +1/-1: the agent's path for one label changed (client gains / loses probe=on -> one tuple of policy
     probe): parse + FirewallManager.accept (incremental: only the changed endpoint's tuples are recomputed;
     "compile" column) + reconcile (the element delta applied; "apply" column) (columns: the +1 case).
@@ -499,8 +549,10 @@ Legend
     after: the kernel's elements equal the compiled state after the last change.
   iperf3: the table loaded in the host namespace of the bridge (br_netfilter: bridged traffic traverses the inet
     forward hook, also without a table); Gbit/s: median of the runs listed; p_bulk pkts: packets counted on
-    policy bulk's counter during the last run (new connections only: the rest matches ct established); ping: ICMP
-    client -> server, which no policy allows (dropped = the table is in the path).
+    policy bulk's counter during the last run (new connections only: the rest matches ct established); spoof
+    drops: frames the anti-spoofing checks dropped during the run (0: the flow is the endpoints' own); on/off:
+    throughput with the checks on over off, same tables otherwise; ping: ICMP client -> server, which no policy
+    allows (dropped = the table is in the path).
 """.rstrip())
 
 

@@ -79,7 +79,7 @@ from ..firewall_compiler import (
     set_tables,
     structure_shape,
 )
-from ..firewall_guard import GUARD_PREFIX, Name
+from ..firewall_guard import GUARD_PREFIX, Mac, Name
 from .rtnl import netns_entered
 
 ALLOW_PREFIX = "allow"
@@ -93,6 +93,7 @@ TRIM_AFTER_ELEMENTS = 10_000  # give freed malloc memory back after operations t
 _OBJ = {"family": TABLE_FAMILY, "table": TABLE_NAME}
 _FAMILIES = frozenset(family for family, _ in TABLES)
 _IFNAME = re.compile(r"\A[A-Za-z0-9_.-]{1,15}\Z")
+_MAC = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 _WRITE_OPS = frozenset({"add", "create", "insert", "replace"})
 _PORT_RANGE = re.compile(r"\A(\d{1,5})-(\d{1,5})\Z")
 _VERDICT_KEYWORDS = frozenset({"accept", "drop", "return", "continue"})
@@ -155,9 +156,9 @@ class _Encoder:
             return part if 0 <= part <= _INT64_MAX else hex(part)
         done = self._parts.get(part)
         if done is None:
-            if isinstance(part, Name):
-                if not _IFNAME.match(part):
-                    raise DriverError(f"firewall element: bad interface name {part!r}")
+            if isinstance(part, Name | Mac):
+                if not (_IFNAME if isinstance(part, Name) else _MAC).match(part):
+                    raise DriverError(f"firewall element: bad interface name or MAC {part!r}")
                 self._parts[part] = str(part)
                 return str(part)
             if not isinstance(part, str):

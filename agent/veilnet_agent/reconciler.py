@@ -301,7 +301,8 @@ class Reconciler:
     def _failure_of(self, outcome: Outcome) -> Failure | None:
         firewall = outcome.firewall
         if firewall is not None and firewall.error is not None:
-            return Failure("firewall", f"table inet veilnet ({firewall.action})", firewall.error,
+            what = "table inet veilnet" + (f" ({firewall.action})" if firewall.action != "none" else "")
+            return Failure("firewall", what, firewall.error,
                            failed_ops=len(outcome.failed), held_ops=len(outcome.held))
         if outcome.failed:
             op, reason = outcome.failed[0]

@@ -38,6 +38,17 @@ def test_standard_library_records_become_json_events(json_logs: pytest.CaptureFi
     assert event["level"] == "warning" and "timestamp" in event
 
 
+def test_a_library_exception_is_one_line(json_logs: pytest.CaptureFixture[str]) -> None:
+    logs.configure("json", "info")
+    try:
+        raise ValueError("wire format was corrupt")
+    except ValueError:
+        logging.getLogger("grpc._common").exception("Exception deserializing message!")
+    (event,) = events(json_logs)
+    assert event["error"] == "ValueError: wire format was corrupt" and event["level"] == "error"
+    assert "Traceback" not in json.dumps(event)
+
+
 def test_the_wireguard_driver_logs_structured_events(json_logs: pytest.CaptureFixture[str]) -> None:
     logs.configure("json", "info")
     driver = wireguard.WireGuardDriver("vnwg0", wireguard.Path("/nonexistent"), node="host-a")

@@ -3,7 +3,8 @@
 Every module logs through ``get_logger`` (structlog). Libraries that use the
 standard library's ``logging`` (pyroute2, grpc's Python layer) are routed into
 structlog too, at warning and above (debug when the agent logs at debug), so
-the agent's log stays one stream of events in one format.
+the agent's log stays one stream of events in one format (a library's
+exception as a one-line ``error`` field, not its stack).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ class _IntoStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             fields: dict[str, object] = {"logger": record.name}
-            if record.exc_info:
-                fields["exc_info"] = record.exc_info
+            if record.exc_info and record.exc_info[1] is not None:
+                # One line, not the library's stack: what went wrong is the agent's to report, in its own events.
+                error = record.exc_info[1]
+                fields["error"] = f"{type(error).__name__}: {error}"
             structlog.get_logger().log(record.levelno, record.getMessage(), **fields)
         except Exception:
             self.handleError(record)

@@ -340,6 +340,7 @@ class LocalApiServer:
         self.grpc_dir = path.parent / f".{path.name}.grpc"
         self.grpc_path = self.grpc_dir / "grpc.sock"
         self._door: _FrontDoor | None = None
+        self._bound = False  # the public socket file is ours to remove
         self._server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="local-api"),
                                    options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
         agent_pb2_grpc.add_AgentLocalServicer_to_server(_Servicer(submit, lambda: self._door, self.log), self._server)
@@ -360,7 +361,11 @@ class LocalApiServer:
         if not self._server.add_insecure_port(f"unix://{self.grpc_path}"):
             raise VeilnetError(f"cannot listen on {self.grpc_path}")
         self._server.start()
-        listener = self._listen(group_gid)
+        try:
+            listener = self._listen(group_gid)
+        except BaseException:
+            self.stop()
+            raise
         self._door = _FrontDoor(listener, self.grpc_path, self.group, group_gid, self.log)
         self._door.start()
         self.log.info("local_api_listening", socket=str(self.path), group=self.group or "root")
@@ -386,10 +391,15 @@ class LocalApiServer:
             raise VeilnetError(f"cannot listen on {self.path}: {exc.strerror}") from exc
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o660)
-        if group_gid is not None:
-            os.chown(self.path, ROOT_UID, group_gid)
-        listener.listen(64)
+        self._bound = True
+        try:
+            os.chmod(self.path, 0o660)
+            if group_gid is not None:
+                os.chown(self.path, ROOT_UID, group_gid)
+            listener.listen(64)
+        except BaseException:
+            listener.close()
+            raise
         return listener
 
     def _remove_stale_socket(self) -> None:
@@ -404,10 +414,12 @@ class LocalApiServer:
     def stop(self) -> None:
         if self._door is not None:
             self._door.stop()
+            self._door = None
         self._server.stop(grace=1).wait()
-        for path in (self.path, self.grpc_path):
+        for path in (self.path, self.grpc_path) if self._bound else (self.grpc_path,):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        self._bound = False
         with contextlib.suppress(OSError):
             self.grpc_dir.rmdir()
 

@@ -2,7 +2,7 @@
 
 Started with ``nsenter --mount=... --net=... python wg_driver_host.py CMD ...``;
 each call is a fresh process, as an agent restart would be. Ops come as JSON on
-stdin, results go as JSON to stdout, the driver's logs (DEBUG) to stderr.
+stdin, results go as JSON to stdout, the driver's logs (structlog JSON, debug) to stderr.
 
     pubkey  --state-dir D
     apply   --state-dir D --ifname IF [--backend B]   < [{"op": "ensure"|"sync", ...}]
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from veilnet_agent import logs
 from veilnet_agent.drivers.wireguard import WgObservation, WireGuardDriver
 from veilnet_agent.objects import WgInterface, WgPeer
 from veilnet_agent.ops import EnsureWgInterface, SyncWgPeers, WgOp
@@ -90,8 +90,7 @@ def main() -> int:
     parser.add_argument("--ifname", default="vnwg0")
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("veilnet_agent").setLevel(logging.DEBUG)
+    logs.configure("json", "debug")
     driver = WireGuardDriver(args.ifname, args.state_dir, backend=args.backend)
     out: Any
     if args.command == "pubkey":

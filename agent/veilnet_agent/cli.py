@@ -62,7 +62,8 @@ def _drivers(config: AgentConfig) -> tuple[LinksDriver, WireGuardDriver]:
     from .drivers.links import LinksDriver
     from .drivers.wireguard import WireGuardDriver
 
-    return LinksDriver(), WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend)
+    return LinksDriver(), WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend,
+                                          node=config.node_name)
 
 
 def _capabilities(links: LinksDriver) -> list[str]:
@@ -123,7 +124,8 @@ def cmd_check(config: AgentConfig, state_file: Path) -> int:
 def cmd_identity(config: AgentConfig) -> int:
     from .drivers.wireguard import WireGuardDriver
 
-    print(WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend).ensure_private_key())
+    driver = WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend, node=config.node_name)
+    print(driver.ensure_private_key())
     return EXIT_OK
 
 
@@ -169,6 +171,10 @@ def _local_call(config: AgentConfig, method: str, request: object) -> object:
         detail = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise ValidationError("endpoint", "", detail) from None
+        if code == grpc.StatusCode.UNAVAILABLE and detail.startswith("failed to connect"):
+            raise VeilnetError(
+                f"cannot use the agent's local API at {config.control.local_socket}: {detail} (is the agent "
+                "running, and is this user root or in controller.socket_group? the agent logs refusals)") from None
         raise VeilnetError(f"{code.name.lower() if code else 'error'}: {detail}") from None
 
 

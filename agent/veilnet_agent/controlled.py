@@ -10,6 +10,15 @@ validated whole each time, exactly like a state file. What was last applied
 is persisted (``state_dir/controller/applied.json``) so a restart without a
 controller restores the same data plane, and attached endpoints are
 persisted (``attached.json``) and reported to the controller so peers learn them.
+
+Acknowledgements tell the truth: an update is acked ok only once the kernel
+holds it (``Reconciler.failure`` is None). An update that validated but could
+not be applied (a refused firewall, an operation the kernel refused) is acked
+failed with the failed operation as ``error_field`` (its subsystem),
+``error_value`` (what) and ``error_reason`` (why); it is still the state the
+agent works towards (and persists: a restart must not bring back, say, a
+revoked peer), and failed passes are retried with backoff. When a retry
+succeeds, the update is acked ok after all and the status says so.
 """
 
 from __future__ import annotations
@@ -32,17 +41,20 @@ import grpc
 from veilnet.v1 import agent_pb2 as lpb
 from veilnet.v1 import controller_pb2 as cpb
 
-from . import __version__, wire
+from . import __version__, naming, wire
 from .config import AgentConfig
 from .control import ControlClient, StreamEvent
 from .daemon import gc_paused, settle_heap
+from .describe import op_subject
 from .enrollment import IdentityFiles
-from .errors import ValidationError, VeilnetError
+from .errors import DriverError, ValidationError, VeilnetError
 from .files import atomic_write
 from .local_api import LocalApiError, LocalApiServer, LocalRequest
 from .logs import get_logger
 from .model import parse_node_state
-from .reconciler import Outcome, Reconciler
+from .ops import CreateLink, DeleteLink, Op, UpdateLink
+from .reconciler import Failure, Outcome, Reconciler
+from .retry import RetrySchedule
 from .statefile import StateFileTracker
 
 POLL_SECONDS = 0.5
@@ -63,6 +75,29 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _touches(op: Op, ifname: str) -> bool:
+    if isinstance(op, CreateLink):
+        return op.link.name == ifname
+    if isinstance(op, (DeleteLink, UpdateLink)):
+        return op.name == ifname
+    entry = getattr(op, "entry", None)
+    return entry is not None and entry.ifname == ifname
+
+
+def endpoint_not_applied(outcome: Outcome | None, endpoint: str) -> str | None:
+    """Why ``endpoint``'s own interface did not get where it should in ``outcome`` (None: it did)."""
+    if outcome is None:
+        return None
+    ifname = naming.endpoint_host_name(endpoint)
+    for op, reason in outcome.failed:
+        if _touches(op, ifname):
+            return f"{op_subject(op)}: {reason}"
+    for op in outcome.held:
+        if _touches(op, ifname):
+            return f"{op_subject(op)}: held back: {outcome.failure}"
+    return None
+
+
 class ControlledDaemon:
     def __init__(self, config: AgentConfig, reconciler: Reconciler, capabilities: list[str]) -> None:
         self.config = config
@@ -80,14 +115,33 @@ class ControlledDaemon:
         self.received_sequence = 0
         self.received_revision = 0
         self.attached: dict[str, dict[str, Any]] = {}
-        self.applied_revision = 0
+        self.applied_revision = 0  # the last controller update the kernel is known to hold
         self.applied_sequence = 0
-        self.last_error = ""
+        self.target_revision = 0  # the controller update whose state the agent is bringing the kernel to
+        self.target_sequence = 0
+        self.rejection = ""  # why the last controller update was refused ("" once one is accepted)
+        self.accept_failure: Failure | None = None  # a valid state that could not be taken on (retried)
+        self.retry = RetrySchedule(maximum=config.resync_interval)
+        self._unacked: tuple[int, int] | None = None  # (sequence, revision) acked failed, to ack ok once applied
+        self._reported_error = ""
         self.next_renewal: datetime | None = None
         self._renewing: threading.Thread | None = None
         self.client = ControlClient(self.files, self._hello, self.inbox.put, config.node_name,
                                     config.control.reconnect_max_seconds)
-        self.local_api = LocalApiServer(config.control.local_socket, config.control.socket_group, self.inbox.put)
+        self.local_api = LocalApiServer(config.control.local_socket, config.control.socket_group, self.inbox.put,
+                                        node=config.node_name)
+
+    # ------------------------------------------------------------------ health
+
+    @property
+    def failure(self) -> Failure | None:
+        """Why the kernel is not at the desired state (None: it is)."""
+        return self.accept_failure or self.reconciler.failure
+
+    @property
+    def last_error(self) -> str:
+        failure = self.failure
+        return str(failure) if failure is not None else self.rejection
 
     # ------------------------------------------------------------------ persistence
 
@@ -98,16 +152,18 @@ class ControlledDaemon:
         applied = _read_json(self.dir / "applied.json")
         if isinstance(applied, dict) and isinstance(applied.get("state"), dict):
             self.received = applied["state"]
-            self.applied_revision = int(applied.get("spec_revision", 0))
+            revision = int(applied.get("spec_revision", 0))
             try:
                 self._apply("restore", drop_unfit=True)
-                self.log.info("restored_last_applied_state", spec_revision=self.applied_revision,
+                self.target_revision = revision  # applied (and reported) once the kernel holds it
+                self.log.info("restored_last_applied_state", spec_revision=revision,
                               note="enforced until the controller says otherwise")
             except ValidationError as exc:
                 self.log.error("restored_state_rejected", field=exc.field, reason=exc.reason)
 
     def _persist_applied(self) -> None:
-        _atomic_json(self.dir / "applied.json", {"spec_revision": self.received_revision or self.applied_revision,
+        """The controller's last accepted state, applied or still being retried (restored on start)."""
+        _atomic_json(self.dir / "applied.json", {"spec_revision": self.received_revision or self.target_revision,
                                                  "state": self.received})
 
     def _persist_attached(self) -> None:
@@ -169,9 +225,20 @@ class ControlledDaemon:
     def _apply_raw(self, raw: dict[str, Any], why: str) -> Outcome:
         with gc_paused():
             pending = self.tracker.prepare(raw)
-            if pending is None:
-                return Outcome()
-            self.reconciler.accept(pending.state, pending.changed_peers)
+            if pending is not None:
+                try:
+                    self.reconciler.accept(pending.state, pending.changed_peers)
+                except ValidationError:
+                    raise
+                except Exception as exc:  # valid, but it cannot be rendered now (e.g. the underlay): retried
+                    subsystem = "kernel" if isinstance(exc, (DriverError, OSError)) else "agent"
+                    self.accept_failure = Failure(subsystem, f"desired state ({why})", f"{type(exc).__name__}: {exc}")
+                    self.log.error("state_not_applied", source=why, reason=str(self.accept_failure))
+                    return Outcome(failure=self.accept_failure)
+        self.accept_failure = None
+        if pending is None:
+            # Nothing new; if the kernel is short of the state, this is one more try (the ack depends on it).
+            return self.reconciler.retry() if self.reconciler.failure is not None else Outcome()
         self.tracker.commit(pending)
         if pending.changed_peers is None:
             settle_heap()
@@ -239,26 +306,70 @@ class ControlledDaemon:
             outcome = self._apply(f"controller revision {update.spec_revision}", drop_unfit=True)
         except ValidationError as exc:
             # Keep the kernel as it was; keep ``received`` too: later deltas apply to the controller's view.
-            self.last_error = str(exc)
+            self.rejection = str(exc)
+            self.accept_failure = None  # the kernel is to keep the previous state, which is what is retried
+            self._unacked = None  # an older update's late success is no news after this refusal
             ack.ok = False
             ack.error_field, ack.error_value, ack.error_reason = exc.field, str(exc.value), exc.reason
             self.log.error("state_rejected", source="controller", spec_revision=update.spec_revision,
                            field=exc.field, value=str(exc.value), reason=exc.reason)
-        else:
-            self.last_error = ""
+            self.client.send(cpb.AgentMessage(ack=ack))
+            return
+        self.rejection = ""
+        self.target_sequence, self.target_revision = update.sequence, update.spec_revision
+        ack.kernel_operations = self._kernel_operations(outcome)
+        failure = self.failure
+        if failure is None:
             ack.ok = True
-            ack.kernel_operations = self._kernel_operations(outcome)
-            self.applied_sequence = update.sequence
-            self.applied_revision = update.spec_revision
+            self._unacked = None
+            self._mark_applied()
             self.log.info("update_applied", sequence=update.sequence, spec_revision=update.spec_revision,
-                          kind=body, kernel_operations=ack.kernel_operations,
+                          kind=body, kernel_operations=ack.kernel_operations, after_retry=False,
                           seconds=round(time.perf_counter() - started, 4))
+        else:
+            # Valid, but the kernel does not hold it: say so, name what failed, and keep trying.
+            ack.ok = False
+            ack.error_field, ack.error_value = failure.subsystem, failure.subject
+            ack.error_reason = str(failure).removeprefix(f"{failure.subsystem}: {failure.subject}: ")
+            self._unacked = (update.sequence, update.spec_revision)
+            self.log.error("update_not_applied", sequence=update.sequence, spec_revision=update.spec_revision,
+                           kind=body, field=ack.error_field, value=ack.error_value, reason=ack.error_reason,
+                           note="acknowledged as failed; retrying")
         self.client.send(cpb.AgentMessage(ack=ack))
-        if ack.ok:
+        self._send_status()
+        # After the ack: the controller learns of the new state without waiting for the disk
+        # (~10 ms for 5,000 peers); a crash in between restores the previous state, then resyncs.
+        self._persist_applied()
+
+    def _mark_applied(self) -> None:
+        self.applied_sequence, self.applied_revision = self.target_sequence, self.target_revision
+
+    def _after_pass(self, *, retry: bool) -> None:
+        """After anything that may have touched the kernel: schedule a retry, or report the recovery."""
+        failure = self.failure
+        if failure is None:
+            self.retry.succeeded()
+            self._mark_applied()
+            if self._unacked is not None:
+                sequence, revision = self._unacked
+                self._unacked = None
+                self.client.send(cpb.AgentMessage(ack=cpb.Ack(sequence=sequence, spec_revision=revision, ok=True)))
+                self.log.info("update_applied", sequence=sequence, spec_revision=revision, after_retry=True)
+        elif retry or self.retry.due_at is None:
+            attempt = self.retry.failures + 1
+            delay = self.retry.failed(time.monotonic())
+            emit = self.log.warning if retry else self.log.info
+            emit("retry_failed" if retry else "retry_scheduled", failure=str(failure), attempt=attempt,
+                 retry_in_seconds=round(delay, 2))
+        if self.last_error != self._reported_error:
             self._send_status()
-            # After the ack: the controller learns of the new state without waiting for the disk
-            # (~10 ms for 5,000 peers); a crash in between restores the previous state, then resyncs.
-            self._persist_applied()
+
+    def _retry(self) -> None:
+        """Another attempt at what failed: the desired state if it could not be taken on, else the kernel."""
+        if self.accept_failure is not None:
+            self._apply("retry", drop_unfit=True)
+        else:
+            self.reconciler.retry()
 
     def _send_status(self) -> None:
         state = self.tracker.state
@@ -271,6 +382,7 @@ class ControlledDaemon:
             drift_repairs=self.reconciler.drift_repairs,
             last_error=self.last_error,
         )
+        self._reported_error = self.last_error
         if state is not None:
             status.segments, status.endpoints = len(state.segments), len(state.endpoints)
             status.peers, status.policies = len(state.peers), len(state.policies)
@@ -325,15 +437,28 @@ class ControlledDaemon:
                                 f"endpoint.labels.{reserved[0]}: the prefix node. is reserved for the node's labels")
         if name in self.attached or any(e.get("name") == name for e in self.received.get("endpoints") or ()):
             raise LocalApiError(grpc.StatusCode.ALREADY_EXISTS, f"endpoint {name!r} already exists")
-        self._change_attached({**self.attached, name: dict(endpoint)}, f"attach {name}")
+        before = self.attached
+        outcome = self._apply(f"attach {name}", attached={**before, name: dict(endpoint)})  # invalid: raises
+        problem = str(self.accept_failure) if self.accept_failure is not None else endpoint_not_applied(outcome, name)
+        if problem is not None:
+            # Attach is all or nothing for the caller: take back whatever of it was created.
+            self._apply(f"undo attach {name}", attached=before)
+            self.log.error("attach_not_applied", endpoint=name, reason=problem, note="nothing attached")
+            raise LocalApiError(grpc.StatusCode.UNAVAILABLE, f"endpoint {name!r} not attached: {problem}")
+        self._commit_attached({**before, name: dict(endpoint)})
 
     def _detach(self, name: str) -> None:
         if name not in self.attached:
             raise LocalApiError(grpc.StatusCode.NOT_FOUND, f"no endpoint {name!r} was attached through this API")
-        self._change_attached({k: e for k, e in self.attached.items() if k != name}, f"detach {name}")
+        remaining = {k: e for k, e in self.attached.items() if k != name}
+        outcome = self._apply(f"detach {name}", attached=remaining)  # raises, and changes nothing, if invalid
+        self._commit_attached(remaining)
+        problem = str(self.accept_failure) if self.accept_failure is not None else endpoint_not_applied(outcome, name)
+        if problem is not None:  # it is no longer wanted; the retries go on removing it
+            raise LocalApiError(grpc.StatusCode.UNAVAILABLE,
+                                f"endpoint {name!r} detached, but not yet removed from the kernel: {problem}; retrying")
 
-    def _change_attached(self, attached: dict[str, dict[str, Any]], why: str) -> None:
-        self._apply(why, attached=attached)  # raises, and changes nothing, if the new set does not apply
+    def _commit_attached(self, attached: dict[str, dict[str, Any]]) -> None:
         self.attached = attached
         self._persist_attached()
         self._report_attached()
@@ -421,32 +546,41 @@ class ControlledDaemon:
             raise VeilnetError(f"not joined: {self.files.directory} has no identity; run veilnet-agent join first")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self.local_api.check_directory()  # before anything is touched: refuse an unsafe socket directory
         self.log.info("starting", pid=os.getpid(), mode="controller", controller=self.files.control_endpoint(),
                       resync_interval=self.config.resync_interval)
-        self._restore()
-        self.reconciler.reconcile(full=True)
+        self._guarded(self._restore)
+        self._guarded(self.reconciler.reconcile, full=True)
+        self._after_pass(retry=False)
         self.local_api.start()
         self.client.start()
         self.log.info("ready", public_key=self.reconciler.public_key, local_api=str(self.config.control.local_socket))
         next_resync = time.monotonic() + self.config.resync_interval
         try:
             while not self._stop:
-                timeout = min(POLL_SECONDS, max(0.0, next_resync - time.monotonic()))
+                now = time.monotonic()
+                retry_in = self.retry.seconds_until_due(now)
+                timeout = max(0.0, min(POLL_SECONDS, next_resync - now, POLL_SECONDS if retry_in is None else retry_in))
                 try:
                     event: Event | None = self.inbox.get(timeout=timeout)
                 except queue.Empty:
                     event = None
                 while event is not None and not self._stop:
                     self._guarded(self._on_local if isinstance(event, LocalRequest) else self._on_stream, event)
+                    self._guarded(self._after_pass, retry=False)
                     try:
                         event = self.inbox.get_nowait()
                     except queue.Empty:
                         event = None
                 self._guarded(self._maybe_renew)
+                if self.retry.due(time.monotonic()):
+                    self._guarded(self._retry)
+                    self._guarded(self._after_pass, retry=True)
                 if self._resync_now or time.monotonic() >= next_resync:
                     self._resync_now = False
                     self._guarded(self.reconciler.reconcile, full=True)
-                    self._send_status()
+                    self._guarded(self._after_pass, retry=False)
+                    self._guarded(self._send_status)
                     next_resync = time.monotonic() + self.config.resync_interval
         finally:
             self.log.info("stopping", note="data plane left in place; a restart adopts it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .naming import OWNER_MARK
 from .ops import (
     AddFdb,
     CreateLink,
@@ -43,3 +44,20 @@ def op_fields(op: Op) -> dict[str, object]:
         return {"action": "set" if isinstance(op, SetNeigh) else "delete", "object": f"neigh/{n.ifname}/{n.ip}",
                 "lladdr": n.mac}
     raise TypeError(op)
+
+
+def op_subject(op: Op) -> str:
+    """The op in words an operator can act on: ``create link/vnep1a2b3c4d5e (endpoint b-late)``."""
+    fields = op_fields(op)
+    text = f"{fields['action']} {fields['object']}"
+    owner = _owner(op.link.alias) if isinstance(op, CreateLink) else ""
+    return f"{text} ({owner})" if owner else text
+
+
+def _owner(alias: str) -> str:
+    """``veilnet:endpoint:b-late:<fingerprint>`` -> ``endpoint b-late``."""
+    if not alias.startswith(OWNER_MARK):
+        return ""
+    kind, _, rest = alias[len(OWNER_MARK):].partition(":")
+    key = rest.rpartition(":")[0]
+    return f"{kind} {key}" if kind and key else ""

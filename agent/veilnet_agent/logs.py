@@ -1,4 +1,11 @@
-"""structlog set-up: JSON lines (default) or a console renderer, to stderr."""
+"""structlog set-up: JSON lines (default) or a console renderer, to stderr.
+
+Every module logs through ``get_logger`` (structlog). Libraries that use the
+standard library's ``logging`` (pyroute2, grpc's Python layer) are routed into
+structlog too, at warning and above (debug when the agent logs at debug), so
+the agent's log stays one stream of events in one format (a library's
+exception as a one-line ``error`` field, not its stack).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,21 @@ import sys
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _IntoStructlog(logging.Handler):
+    """A standard-library record as a structlog event (same renderer, same stream and lock)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, object] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                # One line, not the library's stack: what went wrong is the agent's to report, in its own events.
+                error = record.exc_info[1]
+                fields["error"] = f"{type(error).__name__}: {error}"
+            structlog.get_logger().log(record.levelno, record.getMessage(), **fields)
+        except Exception:
+            self.handleError(record)
 
 
 def configure(log_format: str = "json", level: str = "info") -> None:
@@ -28,6 +50,9 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    root = logging.getLogger()
+    root.handlers[:] = [_IntoStructlog()]
+    root.setLevel(logging.DEBUG if level == "debug" else max(_LEVELS[level], logging.WARNING))
 
 
 def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:

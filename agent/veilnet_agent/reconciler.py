@@ -5,6 +5,17 @@ against the model of the kernel left by the last successful apply (so a
 one-peer change costs O(1) kernel work at any scale); a timer re-reads the
 kernel in full, and anything the planner finds to do then, with the desired
 state unchanged, is drift: repaired and logged as such.
+
+Nothing fails open. The firewall goes first; if its table cannot be brought to
+the compiled policy, only operations that take something away (deleting links,
+entries and WireGuard peers) are applied, and everything that would bring a
+segment, endpoint or peer up (or change one in place) is held back: an
+endpoint is never reachable before its filter exists, while a revoked peer or a
+removed endpoint still goes at once. Every pass ends with ``failure``: None when
+the kernel is at the target, else the first thing that failed (the firewall,
+a kernel operation, the underlay, or the pass itself), for logs, acks and
+status. The daemons retry failed passes with backoff (``retry()`` re-reads the
+kernel, the firewall table and, if it was unreadable, the underlay MTU).
 """
 
 from __future__ import annotations
@@ -18,16 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .config import AgentConfig
-from .describe import op_fields
+from .describe import op_fields, op_subject
 from .drivers.base import ApplyResult
 from .drivers.links import LinksObservation
 from .drivers.wireguard import WgObservation
-from .errors import ValidationError
+from .errors import DriverError, ValidationError
 from .firewall_manager import FirewallManager, FirewallOutcome
 from .logs import get_logger
 from .model import NodeState
 from .objects import KernelState
-from .ops import EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
+from .ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
 from .planner import plan
 from .render import NodeContext, Rendered, render_all, render_peer_changes
 
@@ -55,15 +66,61 @@ def _firewall_view(state: NodeState, peers: Collection[str]) -> dict[str, object
     return {p.name: (p.endpoints, p.transport_address, p.segments) for p in state.peers if p.name in wanted}
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why the kernel is not (known to be) at the target: the first thing that failed.
+
+    ``subsystem``: ``firewall`` (the table could not be applied), ``kernel`` (an operation the
+    kernel refused), ``underlay`` (its MTU could not be read) or ``agent`` (the pass itself failed).
+    """
+
+    subsystem: str
+    subject: str  # what failed, e.g. "create link/vnep1a2b3c4d5e (endpoint b-late)"
+    reason: str  # the kernel's or the driver's words
+    failed_ops: int = 0
+    held_ops: int = 0  # not attempted: they would have brought something up without its filter
+
+    def __str__(self) -> str:
+        text = f"{self.subsystem}: {self.subject}: {self.reason}"
+        if self.failed_ops > 1:
+            text += f" (and {self.failed_ops - 1} more failed operations)"
+        if self.held_ops:
+            text += f"; {self.held_ops} operations held back until the firewall applies"
+        return text
+
+
+def split_by_exposure(ops: Sequence[Op]) -> tuple[list[Op], list[Op]]:
+    """(ops that only take something away, ops that would bring something up or change it), in plan order.
+
+    Deleting links, FDB and neighbour entries and removing WireGuard peers only reduce what can be
+    reached; creating or changing anything may expose it. A peer batch is split into its removals
+    (applied) and its upserts (held).
+    """
+    reducing: list[Op] = []
+    held: list[Op] = []
+    for op in ops:
+        if isinstance(op, (DeleteLink, DelFdb, DelNeigh)):
+            reducing.append(op)
+        elif isinstance(op, SyncWgPeers) and op.removes:
+            reducing.append(SyncWgPeers(upserts=(), removes=op.removes, reason=op.reason))
+            if op.upserts:
+                held.append(SyncWgPeers(upserts=op.upserts, removes=(), reason=op.reason))
+        else:
+            held.append(op)
+    return reducing, held
+
+
 @dataclass
 class Outcome:
-    ops: list[Op] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)  # attempted
     failed: list[tuple[Op, str]] = field(default_factory=list)
+    held: list[Op] = field(default_factory=list)  # planned but not attempted: the firewall is not in place
     requests: int = 0
     drift: bool = False
     seconds: float = 0.0
     observed: bool = False
     firewall: FirewallOutcome | None = None
+    failure: Failure | None = None  # None: the kernel is at the target
 
     @property
     def cost(self) -> int:
@@ -94,6 +151,10 @@ class Reconciler:
         self.handshakes: dict[str, int] = {}  # as of the last read-back
         self.wireguard_backend: str | None = None  # "kernel" or "userspace", once the interface was read back
         self.drift_repairs = 0  # full resyncs that found and repaired drift
+        self.failure: Failure | None = None  # as of the last pass: None when the kernel is at the target
+        self._failing_since: float | None = None
+        self._last_underlay_mtu: int | None = None  # the last MTU read from the underlay interface
+        self._underlay_problem: str | None = None  # why the last read failed (the last known MTU is in use)
 
     # -- desired state -------------------------------------------------
     @property
@@ -138,13 +199,31 @@ class Reconciler:
 
     def _context(self) -> NodeContext:
         underlay = self.config.underlay
-        mtu = underlay.mtu if underlay.mtu is not None else self.links.interface_mtu(underlay.interface)
         return NodeContext(
             public_key=self.public_key,
             listen_port=self.config.wireguard.listen_port,
-            underlay_mtu=mtu,
+            underlay_mtu=underlay.mtu if underlay.mtu is not None else self._underlay_mtu(underlay.interface),
             underlay_family=underlay.family,
         )
+
+    def _underlay_mtu(self, interface: str) -> int:
+        """The underlay interface's MTU; while it cannot be read, the last one read (DriverError if none yet).
+
+        An interface that disappears (renamed, unplugged) must not stop the agent from enforcing and
+        repairing the data plane it has; the problem is recorded as a failure until a read succeeds.
+        """
+        try:
+            mtu = self.links.interface_mtu(interface)
+        except DriverError as exc:
+            if self._last_underlay_mtu is None:
+                raise
+            self._underlay_problem = str(exc)
+            self.log.warning("underlay_unreadable", interface=interface, reason=str(exc),
+                             using_mtu=self._last_underlay_mtu)
+            return self._last_underlay_mtu
+        self._underlay_problem = None
+        self._last_underlay_mtu = mtu
+        return mtu
 
     def rotate_wireguard_key(self) -> str:
         """A new WireGuard key pair, applied now; peers learn the public key from the controller."""
@@ -164,37 +243,86 @@ class Reconciler:
         return KernelState(links=links.links, fdb=links.fdb, neigh=links.neigh, wg=wg.interface, wg_peers=wg.peers)
 
     def reconcile(self, *, full: bool) -> Outcome:
-        """Bring the kernel to the target. ``full`` re-reads the kernel first (resync)."""
+        """Bring the kernel to the target. ``full`` re-reads the kernel first (resync). Never raises:
+        whatever fails is in the outcome's ``failure`` (and ``self.failure``) for the caller to retry."""
+        return self._pass(full=full, retry=False)
+
+    def retry(self) -> Outcome:
+        """Another pass after a failure: re-reads the kernel, the firewall table (the firewall manager
+        compares in full after a failure) and the underlay MTU if it could not be read; not counted as drift."""
+        return self._pass(full=False, retry=True)
+
+    def _pass(self, *, full: bool, retry: bool) -> Outcome:
         started = time.perf_counter()
         outcome = Outcome()
         if self.desired is None or self.rendered is None:
             return outcome
-        if full:
+        try:
+            self._plan_and_apply(outcome, full=full, retry=retry)
+        except Exception as exc:  # a read-back or a driver failed as a whole: nothing is known to be applied
+            self._cache = None
+            subsystem = "kernel" if isinstance(exc, (DriverError, OSError)) else "agent"
+            outcome.failure = Failure(subsystem, "reconcile", f"{type(exc).__name__}: {exc}")
+            self.log.exception("reconcile_failed", full=full, retry=retry, reason=str(exc))
+        else:
+            outcome.failure = self._failure_of(outcome)
+        outcome.seconds = time.perf_counter() - started
+        self._log_outcome(outcome)
+        self._record_failure(outcome.failure)
+        return outcome
+
+    def _plan_and_apply(self, outcome: Outcome, *, full: bool, retry: bool) -> None:
+        assert self.desired is not None and self.rendered is not None
+        if full or (retry and self._underlay_problem is not None):
             # The underlay MTU may have changed: render again from the same desired state.
             self.rendered = render_all(self.desired, self._context())
         observed = self._cache
-        if full or observed is None:
+        if full or retry or observed is None:
             observed = self.observe()
             outcome.observed = True
+        firewall_error: str | None = None
         if self.firewall is not None:
             # Policy first: a new endpoint must never be reachable before its filter exists.
             outcome.firewall = self.firewall.reconcile(full=full)
+            firewall_error = outcome.firewall.error
         target = self.rendered.target
-        outcome.ops = plan(target, observed)
-        outcome.drift = full and bool(outcome.ops) and self._generation == self._converged_generation
+        planned = plan(target, observed)
+        outcome.ops, outcome.held = split_by_exposure(planned) if firewall_error is not None else (planned, [])
+        outcome.drift = full and bool(planned) and self._generation == self._converged_generation
         self.drift_repairs += outcome.drift
         if outcome.ops:
             result = self._apply(outcome.ops)
             outcome.failed = result.failed
             outcome.requests = result.requests
-        if outcome.failed:
-            self._cache = None
+        if outcome.failed or outcome.held or firewall_error is not None:
+            self._cache = None  # read the kernel again next time
         else:
             self._cache = target
             self._converged_generation = self._generation
-        outcome.seconds = time.perf_counter() - started
-        self._log_outcome(outcome)
-        return outcome
+
+    def _failure_of(self, outcome: Outcome) -> Failure | None:
+        firewall = outcome.firewall
+        if firewall is not None and firewall.error is not None:
+            what = "table inet veilnet" + (f" ({firewall.action})" if firewall.action != "none" else "")
+            return Failure("firewall", what, firewall.error,
+                           failed_ops=len(outcome.failed), held_ops=len(outcome.held))
+        if outcome.failed:
+            op, reason = outcome.failed[0]
+            return Failure("kernel", op_subject(op), reason, failed_ops=len(outcome.failed))
+        if self._underlay_problem is not None:
+            return Failure("underlay", f"interface {self.config.underlay.interface}",
+                           f"{self._underlay_problem}; using the last MTU read, {self._last_underlay_mtu}")
+        return None
+
+    def _record_failure(self, failure: Failure | None) -> None:
+        previous, self.failure = self.failure, failure
+        now = time.monotonic()
+        if failure is not None and self._failing_since is None:
+            self._failing_since = now
+        elif failure is None and previous is not None:
+            since = self._failing_since if self._failing_since is not None else now
+            self._failing_since = None
+            self.log.info("recovered", was=str(previous), failing_for_seconds=round(now - since, 2))
 
     def converged(self) -> list[Op]:
         """Re-read the kernel and return what is still left to do (empty when converged)."""
@@ -232,11 +360,14 @@ class Reconciler:
             emit(f"{event}_batch", counts=dict(counts), ops=len(applied))
         for op, reason in outcome.failed:
             self.log.error("apply_failed", **op_fields(op), reason=reason)
-        if outcome.ops:
+        for op in outcome.held[:PER_OP_LOG_LIMIT]:
+            self.log.warning("apply_held", **op_fields(op), reason="the firewall table could not be applied")
+        if outcome.ops or outcome.held:
             self.log.info(
                 "reconciled",
                 ops=len(outcome.ops),
                 failed=len(outcome.failed),
+                held=len(outcome.held),
                 kernel_requests=outcome.requests,
                 observed=outcome.observed,
                 seconds=round(outcome.seconds, 4),

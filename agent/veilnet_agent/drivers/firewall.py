@@ -587,7 +587,11 @@ class FirewallDriver:
             rc, out, err = self._reader.cmd(command)
         if rc != 0:
             return None, err
-        objects: list[dict[str, Any]] = json.loads(out)["nftables"] if out else []
+        try:
+            objects: list[dict[str, Any]] = json.loads(out)["nftables"] if out else []
+        except (ValueError, KeyError, TypeError) as exc:
+            # e.g. nft 1.0.6 prints invalid JSON for a table with a flag it cannot print (owner)
+            raise DriverError(f"firewall: nft's output for '{command}' could not be parsed ({exc})") from exc
         return objects, ""
 
     def _run_text(self, text: str, what: str, commands: int) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
-import logging
 import os
 import subprocess
 import tempfile
@@ -37,12 +36,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import DriverError, UnsupportedError, VeilnetError
+from ..logs import get_logger
 from ..naming import OWNER_MARK, is_owned_alias
 from ..objects import WgInterface, WgPeer
 from ..ops import EnsureWgInterface, SyncWgPeers, WgOp
 from .base import ApplyResult
 
-log = logging.getLogger(__name__)
+log = get_logger(component="wireguard")  # module-level helpers; the driver binds its node and interface
 
 Backend = Literal["auto", "kernel", "userspace"]
 ObservedBackend = Literal["kernel", "userspace"]
@@ -173,7 +173,7 @@ def _run(
     argv: Sequence[str], stdin_text: str | None = None, stdin_file: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool; never raises for a non-zero exit (callers read returncode/stderr)."""
-    log.debug("run %s", _shorten(" ".join(argv)))
+    log.debug("wg_command", argv=_shorten(" ".join(argv)))
     if stdin_file is not None:
         with open(stdin_file, "rb") as handle:
             return subprocess.run(
@@ -199,7 +199,7 @@ def _stderr(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 class WireGuardDriver:
-    def __init__(self, ifname: str, state_dir: Path, backend: Backend = "auto") -> None:
+    def __init__(self, ifname: str, state_dir: Path, backend: Backend = "auto", node: str = "") -> None:
         if backend not in ("auto", "kernel", "userspace"):
             raise ValueError(f"unknown WireGuard backend {backend!r}")
         self.ifname = ifname
@@ -207,6 +207,8 @@ class WireGuardDriver:
         self.backend: Backend = backend
         self.key_file = self.state_dir / KEY_FILE_NAME
         self._public_key: str | None = None
+        # A lazy proxy: it takes the logging configuration in force when it first logs, not when made.
+        self.log = get_logger(component="wireguard", ifname=ifname, **({"node": node} if node else {}))
 
     # -- identity
 
@@ -253,9 +255,9 @@ class WireGuardDriver:
             else:
                 os.link(tmp, self.key_file)  # never replaces a key created concurrently
             _fsync_dir(self.state_dir)
-            log.info("generated WireGuard private key in %s", self.key_file)
+            self.log.info("wireguard_key_generated", path=str(self.key_file))
         except FileExistsError:
-            log.info("%s appeared meanwhile; using it", self.key_file)
+            self.log.info("wireguard_key_appeared", path=str(self.key_file), note="created meanwhile; using it")
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -264,7 +266,7 @@ class WireGuardDriver:
     def _tighten_key_mode(self) -> None:
         mode = self.key_file.stat().st_mode & 0o777
         if mode != 0o600:
-            log.warning("%s had mode %o; setting 0600", self.key_file, mode)
+            self.log.warning("wireguard_key_mode_fixed", path=str(self.key_file), mode=f"{mode:04o}", now="0600")
             os.chmod(self.key_file, 0o600)
 
     def _public_key_of_file(self) -> str:
@@ -360,7 +362,7 @@ class WireGuardDriver:
         try:
             requests = self._create(op.target) if op.create else self._converge(op.target)
         except (VeilnetError, NetlinkError, OSError, subprocess.SubprocessError) as exc:
-            log.warning("WireGuard interface %s: %s", self.ifname, exc)
+            self.log.warning("wireguard_interface_failed", create=op.create, reason=str(exc))
             result.failed.append((op, str(exc)))
             return result
         result.applied.append(op)
@@ -386,7 +388,8 @@ class WireGuardDriver:
         requests += self._set_link(link, target, alias=None)
         requests += self._sync_addresses(link, target.addresses)
         requests += self._set_up(link)
-        log.info("created WireGuard interface %s (%s)", self.ifname, _backend_of_kind(link.kind))
+        self.log.info("wireguard_interface_created", backend=_backend_of_kind(link.kind), mtu=target.mtu,
+                      listen_port=target.listen_port)
         return requests
 
     def _converge(self, target: WgInterface) -> int:
@@ -419,7 +422,8 @@ class WireGuardDriver:
                 raise DriverError(f"cannot create {self.ifname}: {exc}") from exc
             if self.backend == "kernel":
                 raise UnsupportedError(KERNEL_UNAVAILABLE) from exc
-        log.info("WireGuard kernel module not available; starting wireguard-go")
+        self.log.info("wireguard_backend_chosen", backend="userspace", requested=self.backend,
+                      reason="the WireGuard kernel module is not available; starting wireguard-go")
         self._start_wireguard_go()
         return 1
 
@@ -452,6 +456,7 @@ class WireGuardDriver:
                     f"wireguard-go started but {socket} did not appear within {SOCKET_WAIT_S:g} s"
                 )
             time.sleep(0.02)
+        self.log.info("wireguard_go_started", uapi_socket=str(socket))
 
     def _wg_set_interface(self, key: bool, listen_port: int | None) -> int:
         argv = [WG, "set", self.ifname]
@@ -512,7 +517,7 @@ class WireGuardDriver:
         try:
             return self._sync_peers(op)
         except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("WireGuard peers on %s: %s", self.ifname, exc)
+            self.log.warning("wireguard_peers_failed", reason=str(exc))
             return ApplyResult(failed=[(op, f"wg on {self.ifname}: {exc}")])
 
     def _sync_peers(self, op: SyncWgPeers) -> ApplyResult[WgOp]:
@@ -542,8 +547,8 @@ class WireGuardDriver:
         batch_error = _stderr(proc)
         if len(peers) == 1:
             return 0, f"upsert {peers[0].public_key}: {batch_error}"
-        log.warning("wg addconf of %d peers failed (%s); retrying one by one", len(peers),
-                    batch_error)
+        self.log.warning("wireguard_peer_batch_failed", peers=len(peers), reason=batch_error,
+                         note="retrying one by one")
         changed, errors = 0, []
         for peer in peers:
             single = self._addconf([peer])
@@ -578,8 +583,7 @@ class WireGuardDriver:
         if link is None:
             return
         if not is_owned_alias(link.alias):
-            log.warning("%s is not owned by veilnet (alias %r); leaving it", self.ifname,
-                        link.alias)
+            self.log.warning("wireguard_interface_not_owned", alias=link.alias, note="leaving it")
             return
         with IPRoute() as ipr:
             try:
@@ -589,7 +593,7 @@ class WireGuardDriver:
                     raise DriverError(f"cannot delete {self.ifname}: {exc}") from exc
         if link.kind == "tun":
             self._wait_socket_gone()
-        log.info("removed WireGuard interface %s", self.ifname)
+        self.log.info("wireguard_interface_removed")
 
     def _wait_socket_gone(self) -> None:
         socket = UAPI_DIR / f"{self.ifname}.sock"

@@ -66,6 +66,7 @@ class Pair:
     a: str  # sender
     b: str  # receiver: test table and reader
     b0: int  # ifindex of b's veth end, in b
+    a0_mac: str  # the sender's MAC: the kernel reports it for packets that came in on b0
 
     def udp(self, src: str, sport: int, dst: str, dport: int, count: int = 1, netns: str | None = None) -> None:
         family = socket.AF_INET6 if ":" in src else socket.AF_INET
@@ -108,7 +109,8 @@ def pair() -> Iterator[Pair]:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "netns", "exec", b, "nft", "-f", "-", stdin=RULESET)
         link = json.loads(sh("ip", "-n", b, "-j", "link", "show", "b0").stdout)
-        yield Pair(a=a, b=b, b0=int(link[0]["ifindex"]))
+        sender = json.loads(sh("ip", "-n", a, "-j", "link", "show", "a0").stdout)
+        yield Pair(a=a, b=b, b0=int(link[0]["ifindex"]), a0_mac=sender[0]["address"])
     finally:
         for name in reversed(created):
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
@@ -142,9 +144,9 @@ def test_ipv4_udp_tcp_and_icmp_are_logged(pair: Pair) -> None:
         assert reader.dropped == 0
         assert reader.unparsed == 0
     assert got == [
-        logged("veilnet drop ", A4, B4, 17, sport=40001, dport=9999, indev=pair.b0),
-        logged("veilnet rate web-1 ", A4, B4, 6, sport=40002, dport=7777, indev=pair.b0),
-        logged("veilnet drop ", A4, B4, 1, icmp_type=8, icmp_code=0, indev=pair.b0),
+        logged("veilnet drop ", A4, B4, 17, sport=40001, dport=9999, indev=pair.b0, src_mac=pair.a0_mac),
+        logged("veilnet rate web-1 ", A4, B4, 6, sport=40002, dport=7777, indev=pair.b0, src_mac=pair.a0_mac),
+        logged("veilnet drop ", A4, B4, 1, icmp_type=8, icmp_code=0, indev=pair.b0, src_mac=pair.a0_mac),
     ]
 
 
@@ -154,8 +156,9 @@ def test_ipv6_udp_and_icmpv6_are_logged(pair: Pair) -> None:
         pair.ping(B6)
         got = collect(reader, 2)
     assert got == [
-        logged("veilnet drop ", A6, B6, 17, sport=40003, dport=9999, indev=pair.b0),
-        logged("veilnet icmp-rate web-1 ", A6, B6, 58, icmp_type=128, icmp_code=0, indev=pair.b0),
+        logged("veilnet drop ", A6, B6, 17, sport=40003, dport=9999, indev=pair.b0, src_mac=pair.a0_mac),
+        logged("veilnet icmp-rate web-1 ", A6, B6, 58, icmp_type=128, icmp_code=0, indev=pair.b0,
+               src_mac=pair.a0_mac),
     ]
 
 
@@ -235,6 +238,7 @@ def test_reader_thread_turns_real_packets_into_security_events(pair: Pair) -> No
         "sport": 40009,
         "dport": 9999,
         "icmp_type": None,
+        "src_mac": pair.a0_mac,
     }
     icmp_event = {
         "event": "security_event",
@@ -247,6 +251,7 @@ def test_reader_thread_turns_real_packets_into_security_events(pair: Pair) -> No
         "sport": None,
         "dport": None,
         "icmp_type": 128,
+        "src_mac": pair.a0_mac,
     }
     suppressed = {"event": "security_events_suppressed", "log_level": "warning", "counts": {"drop": 5}, "total": 5}
     assert logs == [udp_event] * 10 + [icmp_event, suppressed]

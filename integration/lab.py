@@ -76,7 +76,7 @@ def find_agent_bin() -> Path:
     raise LabError(
         "veilnet-agent not found (looked in "
         + ", ".join(str(c) for c in candidates)
-        + "); run sudo ./scripts/bootstrap"
+        + "); run ./scripts/bootstrap as root"
     )
 
 

@@ -436,6 +436,9 @@ def main() -> int:
     parser.add_argument("--no-iperf", action="store_true")
     parser.add_argument("--no-verify", action="store_true", help="skip reading the tables back")
     args = parser.parse_args()
+    from veilnet_agent import logs
+
+    logs.configure("json", "warning")  # the manager logs every element change at info: not this table's business
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)
         return 1

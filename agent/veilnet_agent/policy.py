@@ -29,6 +29,8 @@ _PROTOCOLS: dict[str, Protocol] = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "
 MAX_LABELS = 64
 # Kubernetes-style label keys and values (no user string reaches nft unchecked).
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+# A port range in a string: ASCII digits only (str.isdigit() also takes '²' and other scripts' digits).
+_PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ _RATE_LIMIT_KEYS = {"new_connections_per_second", "burst", "icmp_per_second"}
 
 
 def label_text(value: object, path: str) -> str:
-    text = v.string(value, path) if not isinstance(value, (int, float, bool)) else None
+    text = v.string(value, path) if not isinstance(value, (int, float, bool, v.OversizedInteger)) else None
     if text is None or not _LABEL_RE.match(text):
         raise ValidationError(
             path, value, "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
@@ -111,7 +113,10 @@ def parse_labels(raw: object, path: str) -> Labels:
     data = v.mapping(raw, path)
     if len(data) > MAX_LABELS:
         raise ValidationError(path, len(data), f"at most {MAX_LABELS} labels")
-    pairs = [(label_text(k, f"{path}.{k}"), label_text(val, f"{path}.{k}")) for k, val in data.items()]
+    pairs = []
+    for k, val in data.items():
+        item_path = f"{path}.{k}" if type(k) is str else v.key_path(path, k)
+        pairs.append((label_text(k, item_path), label_text(val, item_path)))
     return tuple(sorted(pairs))
 
 
@@ -171,10 +176,12 @@ def _parse_ports(raw: object, path: str) -> tuple[PortRange, ...]:
     for i, item in enumerate(items):
         item_path = f"{path}[{i}]"
         if isinstance(item, str) and "-" in item:
-            first_text, _, last_text = item.partition("-")
-            if not (first_text.isdigit() and last_text.isdigit()):
+            match = _PORT_RANGE_RE.fullmatch(item)
+            if match is None:
                 raise ValidationError(item_path, item, "must be a port or a range like 8000-8080")
-            first, last = int(first_text), int(last_text)
+            if max(len(match[1].lstrip("0")), len(match[2].lstrip("0"))) > 5:  # int() of 5,000 digits fails
+                raise ValidationError(item_path, item, "must be in 1..65535")
+            first, last = int(match[1]), int(match[2])
             v.integer(first, item_path, 1, 65535)
             v.integer(last, item_path, 1, 65535)
             if first > last:

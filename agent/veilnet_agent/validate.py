@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import addr
-from .errors import ValidationError
+from .errors import CUT, ValidationError, shown
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -17,10 +17,39 @@ _NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
+# Longest integer literal the JSON and YAML loaders convert (no field takes more than 8 digits): a
+# longer one becomes an OversizedInteger that every reader refuses naming its field. Python cannot
+# convert decimal literals beyond 4,300 digits, and YAML's base-60 literals (1:2:3) cost quadratic time.
+MAX_INTEGER_TEXT = 100
+
+
+class OversizedInteger:
+    """An integer literal too long to convert, kept as its text (see MAX_INTEGER_TEXT)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"{self.text[:20]}{CUT} ({len(self.text)} characters)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OversizedInteger) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
 def join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
+
+
+def key_path(path: str, key: object) -> str:
+    """The path of a mapping entry whose key may be anything a loader produces (not only a string)."""
+    return join(path, key if type(key) is str else shown(key, 60)[0])
 
 
 def mapping(value: object, path: str) -> Mapping[str, Any]:
@@ -32,8 +61,8 @@ def mapping(value: object, path: str) -> Mapping[str, Any]:
 def no_unknown_keys(data: Mapping[str, Any], allowed: set[str], path: str) -> None:
     for key in data:
         if key not in allowed:
-            where = join(path, str(key))
-            raise ValidationError(where, data[key], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            raise ValidationError(key_path(path, key), data[key],
+                                  f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def required(data: Mapping[str, Any], key: str, path: str) -> Any:
@@ -59,6 +88,8 @@ def name(value: object, path: str) -> str:
 
 def integer(value: object, path: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, OversizedInteger):
+            raise ValidationError(path, value, f"must be in {low}..{high}")
         raise ValidationError(path, value, "must be an integer")
     if not low <= value <= high:
         raise ValidationError(path, value, f"must be in {low}..{high}")
@@ -67,8 +98,11 @@ def integer(value: object, path: str, low: int, high: int) -> int:
 
 def number(value: object, path: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, OversizedInteger):
+            raise ValidationError(path, value, f"must be in {low}..{high}")
         raise ValidationError(path, value, "must be a number")
-    if not low <= float(value) <= high:
+    # Compared as given: Python compares int and float exactly, and float() of a huge int overflows.
+    if not low <= value <= high:
         raise ValidationError(path, value, f"must be in {low}..{high}")
     return float(value)
 

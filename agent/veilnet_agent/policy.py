@@ -28,7 +28,7 @@ PROTOCOL_NUMBERS: dict[str, int] = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58
 _PROTOCOLS: dict[str, Protocol] = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "icmpv6", "any": "any"}
 MAX_LABELS = 64
 # Kubernetes-style label keys and values (no user string reaches nft unchecked).
-_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")  # matched whole
 # A port range in a string: ASCII digits only (str.isdigit() also takes '²' and other scripts' digits).
 _PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
 
@@ -100,7 +100,7 @@ _RATE_LIMIT_KEYS = {"new_connections_per_second", "burst", "icmp_per_second"}
 
 def label_text(value: object, path: str) -> str:
     text = v.string(value, path) if not isinstance(value, (int, float, bool, v.OversizedInteger)) else None
-    if text is None or not _LABEL_RE.match(text):
+    if text is None or not _LABEL_RE.fullmatch(text):
         raise ValidationError(
             path, value, "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
         )

@@ -1,7 +1,16 @@
-"""Small typed readers for untrusted mappings: each error names the field path."""
+"""Small typed readers for untrusted mappings: each error names the field path.
+
+Every reader returns the value in one canonical form (a lower-case MAC, an
+``ipaddress`` object, a WireGuard key re-encoded from its bytes) or refuses it,
+so that two accepted values are equal exactly when the kernel, ``wg`` and the
+filesystem read them as the same thing: uniqueness checks compare what is
+returned, never the raw text. Patterns are matched whole (``fullmatch``: ``$``
+would accept a trailing newline).
+"""
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -10,12 +19,12 @@ from typing import Any
 from . import addr
 from .errors import CUT, ValidationError, shown
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_WG_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw480]=$")
-_NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+_WG_KEY_RE = re.compile(r"[A-Za-z0-9+/]{43}=")
+_NETNS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_DOT_NAMES = frozenset({".", ".."})  # a directory, not a namespace file; the kernel refuses them as ifnames
 
 # Longest integer literal the JSON and YAML loaders convert (no field takes more than 8 digits): a
 # longer one becomes an OversizedInteger that every reader refuses naming its field. Python cannot
@@ -79,7 +88,7 @@ def string(value: object, path: str) -> str:
 
 def name(value: object, path: str) -> str:
     text = string(value, path)
-    if not _NAME_RE.match(text):
+    if not _NAME_RE.fullmatch(text):
         raise ValidationError(
             path, value, "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
         )
@@ -108,9 +117,8 @@ def number(value: object, path: str, low: float, high: float) -> float:
 
 
 def choice(value: object, path: str, options: Sequence[str]) -> str:
-    if value not in options:
+    if type(value) is not str or value not in options:
         raise ValidationError(path, value, f"must be one of {', '.join(options)}")
-    assert isinstance(value, str)
     return value
 
 
@@ -121,16 +129,25 @@ def sequence(value: object, path: str) -> Sequence[Any]:
 
 
 def ip_address(value: object, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 (dotted quad, no leading zeros) or IPv6 address, without scope; IPv4-mapped IPv6 is refused."""
     text = string(value, path)
     try:
         return addr.parse(text)
+    except addr.MappedAddressError as exc:
+        raise ValidationError(path, value, _mapped_reason(exc.ipv4)) from None
     except ValueError:
         raise ValidationError(path, value, "must be an IPv4 or IPv6 address") from None
+
+
+def _mapped_reason(v4: ipaddress.IPv4Address) -> str:
+    return f"is an IPv4-mapped IPv6 address: the kernel reads it as the IPv4 address {v4}, write that"
 
 
 def ip_network(value: object, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     text = string(value, path)
     try:
+        if "%" in text:
+            raise ValueError("scope")  # ipaddress keeps a scope ID that the kernel has no place for
         return ipaddress.ip_network(text, strict=True)
     except ValueError:
         raise ValidationError(path, value, "must be a network in CIDR form with no host bits set") from None
@@ -141,15 +158,22 @@ def ip_interface(value: object, path: str) -> ipaddress.IPv4Interface | ipaddres
     if "/" not in text:
         raise ValidationError(path, value, "must be an address with prefix length, e.g. 198.51.100.1/24")
     try:
-        return ipaddress.ip_interface(text)
+        if "%" in text:
+            raise ValueError("scope")
+        interface = ipaddress.ip_interface(text)
     except ValueError:
         raise ValidationError(path, value, "must be an address with prefix length") from None
+    if isinstance(interface, ipaddress.IPv6Interface) and interface.ip.ipv4_mapped is not None:
+        raise ValidationError(path, value, _mapped_reason(interface.ip.ipv4_mapped))
+    return interface
 
 
 def unicast_mac(value: object, path: str) -> str:
-    text = string(value, path).lower()
-    if not _MAC_RE.match(text):
+    """Six colon-separated pairs of hex digits, any case; returned lower-case (as the kernel writes it)."""
+    text = string(value, path)
+    if not _MAC_RE.fullmatch(text):
         raise ValidationError(path, value, "must be a MAC address like 02:00:00:00:00:01")
+    text = text.lower()
     first = int(text[:2], 16)
     if first & 1:
         raise ValidationError(path, value, "must be a unicast MAC (multicast bit set)")
@@ -159,21 +183,26 @@ def unicast_mac(value: object, path: str) -> str:
 
 
 def wg_public_key(value: object, path: str) -> str:
+    """A WireGuard public key: 32 bytes in base64, in the one encoding ``wg`` accepts (returned re-encoded)."""
     text = string(value, path)
-    if not _WG_KEY_RE.match(text):
+    if not _WG_KEY_RE.fullmatch(text):
         raise ValidationError(path, value, "must be a base64 WireGuard public key (44 characters ending in '=')")
-    return text
+    canonical = binascii.b2a_base64(binascii.a2b_base64(text), newline=False).decode("ascii")
+    if canonical != text:
+        # Bits past the 256th are set: lenient base64 decoders ignore them, wg refuses the key.
+        raise ValidationError(path, value, f"is not canonical base64, which wg requires (canonical: {canonical})")
+    return canonical
 
 
 def netns_name(value: object, path: str) -> str:
     text = string(value, path)
-    if not _NETNS_RE.match(text) or text in {".", ".."}:
+    if not _NETNS_RE.fullmatch(text) or text in _DOT_NAMES:
         raise ValidationError(path, value, "must be a network namespace name (letters, digits, '_', '.', '-')")
     return text
 
 
 def ifname(value: object, path: str) -> str:
     text = string(value, path)
-    if not _IFNAME_RE.match(text):
+    if not _IFNAME_RE.fullmatch(text) or text in _DOT_NAMES:
         raise ValidationError(path, value, "must be an interface name of at most 15 characters")
     return text

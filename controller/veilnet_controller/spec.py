@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from veilnet_agent import loading
+from veilnet_agent import addr, loading
 from veilnet_agent import validate as v
 from veilnet_agent.errors import ValidationError, shown
 from veilnet_agent.model import IPAddress, IPInterface, IPNetwork, Segment, parse_segment
@@ -233,6 +233,7 @@ def parse_spec(raw: object) -> NetworkSpec:
 
     plain = _plain(data)
     assert isinstance(plain, dict)
+    _canonicalize(plain, segments, policies)
     return NetworkSpec(
         encryption=encryption, segments=segments, nodes=nodes, endpoints=endpoints, policies=policies,
         raw=plain, index=index,
@@ -463,6 +464,31 @@ class _EndpointChecker:
             raise ValidationError(ip_path, value, f"is the network or broadcast address of {subnet}")
         self._claim(("ip", segment.name, ip), ip_path, value, ip_path)
         return ip
+
+
+def _canonicalize(plain: dict[str, Any], segments: tuple[Segment, ...], policies: tuple[Policy, ...]) -> None:
+    """Write the addresses, MACs and port ranges of the raw segments and policies (which agents receive as
+    they are) in the canonical form their validated values have, so the controller stores and sends one
+    spelling of each value: ``02:AA:..`` is sent as ``02:aa:..``, ``fd00:B1:0::/64`` as ``fd00:b1::/64``."""
+    for raw, segment in zip(plain.get("segments") or (), segments, strict=True):
+        for key in ("ipv4_subnet", "ipv6_subnet"):
+            subnet = getattr(segment, key)
+            if subnet is not None:
+                raw[key] = str(subnet)
+        for key in ("ipv4_gateway", "ipv6_gateway"):
+            gateway = getattr(segment, key)
+            if gateway is not None:
+                raw[key] = addr.text(gateway)
+        if raw.get("gateway_mac") is not None:
+            raw["gateway_mac"] = segment.gateway_mac
+    for raw, policy in zip(plain.get("policies") or (), policies, strict=True):
+        for side, selector in (("source", policy.source), ("destination", policy.destination)):
+            if selector.cidr is not None:
+                raw[side]["cidr"] = str(selector.cidr)
+        ports = raw.get("ports")
+        if ports is not None:
+            raw["ports"] = [item if isinstance(item, int) else f"{typed.first}-{typed.last}"
+                            for item, typed in zip(ports, policy.ports, strict=True)]
 
 
 def _plain(value: object) -> object:

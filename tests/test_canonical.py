@@ -351,3 +351,21 @@ def _set(data: Any, path: str, value: object) -> None:
     for key in keys[:-1]:
         data = data[key]
     data[keys[-1]] = value
+
+
+def test_key_reader_accepts_exactly_the_canonical_encodings() -> None:
+    import binascii
+
+    from veilnet_agent import validate as v
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for prefix in (wg_key("a")[:42], wg_key("b")[:42], "A" * 42, "/" * 42):
+        for last in alphabet:
+            text = prefix + last + "="
+            canonical = binascii.b2a_base64(binascii.a2b_base64(text), newline=False).decode()
+            try:
+                got = v.wg_public_key(text, "k")
+            except ValidationError as exc:
+                assert canonical != text and canonical in exc.reason
+            else:
+                assert got == text == canonical

@@ -37,16 +37,18 @@ def parse(value: str) -> IPAddress:
 
     An IPv4-mapped address raises MappedAddressError: a dual-stack socket sends
     to it as to the IPv4 address, so accepting both would give one peer two
-    distinct-looking addresses.
+    distinct-looking addresses. (Text with a colon can only be IPv6, text
+    without one only IPv4: one inet_pton call, no exception on the way.)
     """
-    try:
-        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
-    except OSError:
-        pass
+    if ":" not in value:
+        try:
+            return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+        except OSError:
+            raise ValueError(f"{value!r} is not an IP address") from None
     try:
         packed = socket.inet_pton(socket.AF_INET6, value)
     except OSError:
         raise ValueError(f"{value!r} is not an IP address") from None
-    if packed[:12] == _V4_MAPPED_PREFIX:
+    if packed[0] == 0 and packed.startswith(_V4_MAPPED_PREFIX):
         raise MappedAddressError(value, ipaddress.IPv4Address(packed[12:]))
     return ipaddress.IPv6Address(packed)

@@ -1,11 +1,12 @@
-"""Small typed readers for untrusted mappings: each error names the field path.
+r"""Small typed readers for untrusted mappings: each error names the field path.
 
 Every reader returns the value in one canonical form (a lower-case MAC, an
-``ipaddress`` object, a WireGuard key re-encoded from its bytes) or refuses it,
-so that two accepted values are equal exactly when the kernel, ``wg`` and the
-filesystem read them as the same thing: uniqueness checks compare what is
-returned, never the raw text. Patterns are matched whole (``fullmatch``: ``$``
-would accept a trailing newline).
+``ipaddress`` object without scope, a WireGuard key in the one base64 encoding
+of its 32 bytes) or refuses it, so that two accepted values are equal exactly
+when the kernel, ``wg`` and the filesystem read them as the same thing:
+uniqueness checks compare what is returned, never the raw text. Patterns are
+matched against the whole text (``fullmatch``, or ``match`` of a pattern ending
+in ``\Z``; ``$`` would also match before a trailing newline).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def unicast_mac(value: object, path: str) -> str:
 
 
 def wg_public_key(value: object, path: str) -> str:
-    """A WireGuard public key: 32 bytes in base64, in the one encoding ``wg`` accepts (returned re-encoded)."""
+    """A WireGuard public key: 32 bytes in base64, in the one encoding ``wg`` accepts (its unused bits zero)."""
     text = string(value, path)
     if _CANONICAL_WG_KEY_RE.match(text):
         return text  # exactly the texts that are b2a_base64(a2b_base64(text)) (tests check it): no decoding needed

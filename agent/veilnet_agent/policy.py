@@ -28,7 +28,9 @@ PROTOCOL_NUMBERS: dict[str, int] = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58
 _PROTOCOLS: dict[str, Protocol] = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "icmpv6", "any": "any"}
 MAX_LABELS = 64
 # Kubernetes-style label keys and values (no user string reaches nft unchecked).
-_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?\Z")  # matched whole: \Z, never $
+# A port range in a string: ASCII digits only (str.isdigit() also takes '²' and other scripts' digits).
+_PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,9 @@ _RATE_LIMIT_KEYS = {"new_connections_per_second", "burst", "icmp_per_second"}
 
 
 def label_text(value: object, path: str) -> str:
-    text = v.string(value, path) if not isinstance(value, (int, float, bool)) else None
+    if type(value) is str and _LABEL_RE.match(value):
+        return value
+    text = v.string(value, path) if not isinstance(value, (int, float, bool, v.OversizedInteger)) else None
     if text is None or not _LABEL_RE.match(text):
         raise ValidationError(
             path, value, "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
@@ -111,8 +115,15 @@ def parse_labels(raw: object, path: str) -> Labels:
     data = v.mapping(raw, path)
     if len(data) > MAX_LABELS:
         raise ValidationError(path, len(data), f"at most {MAX_LABELS} labels")
-    pairs = [(label_text(k, f"{path}.{k}"), label_text(val, f"{path}.{k}")) for k, val in data.items()]
+    pairs = [(label_text(k, f"{path}.{k}"), label_text(val, f"{path}.{k}")) if type(k) is str
+             else _refuse_label_key(k, path) for k, val in data.items()]
     return tuple(sorted(pairs))
+
+
+def _refuse_label_key(key: object, path: str) -> tuple[str, str]:
+    """A key that is not a string (a YAML number, say): refused, with a path that is safe to build."""
+    label_text(key, v.key_path(path, key))
+    raise AssertionError("label_text refuses every key that is not a string")
 
 
 def parse_rate_limit(raw: object, path: str) -> RateLimit | None:
@@ -171,10 +182,12 @@ def _parse_ports(raw: object, path: str) -> tuple[PortRange, ...]:
     for i, item in enumerate(items):
         item_path = f"{path}[{i}]"
         if isinstance(item, str) and "-" in item:
-            first_text, _, last_text = item.partition("-")
-            if not (first_text.isdigit() and last_text.isdigit()):
+            match = _PORT_RANGE_RE.fullmatch(item)
+            if match is None:
                 raise ValidationError(item_path, item, "must be a port or a range like 8000-8080")
-            first, last = int(first_text), int(last_text)
+            if max(len(match[1].lstrip("0")), len(match[2].lstrip("0"))) > 5:  # int() of 5,000 digits fails
+                raise ValidationError(item_path, item, "must be in 1..65535")
+            first, last = int(match[1]), int(match[2])
             v.integer(first, item_path, 1, 65535)
             v.integer(last, item_path, 1, 65535)
             if first > last:

@@ -16,15 +16,24 @@ from typing import Any
 
 import yaml
 
+from . import loading
 from .errors import ValidationError
 from .model import NodeState, parse_node_state, update_peers
 
 MAX_STATE_FILE_BYTES = 64 * 1024 * 1024
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_DEPTH = 64  # the deepest a valid state goes is 7; libyaml's loader overflows the C stack at ~100,000
+# YAML aliases may make a small text expand to a huge structure that validation walks in full.
+MAX_EXPANDED_VALUES = 8_000_000
 
 
 def read_state_file(path: Path) -> object:
-    """The file's parsed contents, not yet validated."""
+    """The file's parsed contents, not yet validated.
+
+    Integer literals too long to be valid anywhere load as ``OversizedInteger``
+    (refused by the validators naming their field); YAML nesting deeper than
+    MAX_DEPTH and aliases expanding to more than MAX_EXPANDED_VALUES values are
+    refused before anything is built.
+    """
     try:
         size = path.stat().st_size
         if size > MAX_STATE_FILE_BYTES:
@@ -34,11 +43,14 @@ def read_state_file(path: Path) -> object:
         raise ValidationError("state-file", str(path), f"cannot read: {exc.strerror}") from None
     if path.suffix == ".json":
         try:
-            return json.loads(text)
+            return loading.load_json(text)
         except json.JSONDecodeError as exc:
             raise ValidationError("state-file", str(path), f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValidationError("state-file", str(path), "not valid JSON: nested too deeply") from None
     try:
-        return yaml.load(text, Loader=_YAML_LOADER)
+        loading.check_yaml_events(text, "state-file", MAX_DEPTH, MAX_EXPANDED_VALUES)
+        return yaml.load(text, Loader=loading.SafeLoader)
     except yaml.YAMLError as exc:
         raise ValidationError("state-file", str(path), f"not valid YAML: {exc}") from None
 

@@ -174,7 +174,7 @@ def _checked_keys(nodes: Sequence[Any], public_keys: Mapping[str, str]) -> dict[
         if key is None:
             continue
         path = f"public_keys.{n.name}"
-        v.wg_public_key(key, path)
+        key = v.wg_public_key(key, path)  # the canonical form: a variant of another node's key is that key
         if key in holders:
             raise ValidationError(path, key, f"the public key of node {holders[key]} too")
         holders[key] = n.name

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from veilnet_agent import addr, loading
 from veilnet_agent import validate as v
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.errors import ValidationError, shown
 from veilnet_agent.model import IPAddress, IPInterface, IPNetwork, Segment, parse_segment
 from veilnet_agent.policy import MAX_LABELS, Labels, Policy, parse_labels, parse_policies
 
@@ -129,8 +129,8 @@ class _Index:
 # --------------------------------------------------------------------------- loading
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """Safe YAML loader that refuses duplicate keys in a mapping (silently dropped otherwise)."""
+class _Loader(loading.SafeLoader):
+    """Safe YAML loader (bounded integers) that refuses duplicate keys in a mapping (silently dropped otherwise)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[tuple[str, str]] = set()
@@ -140,7 +140,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         "while constructing a mapping", node.start_mark,
-                        f"found duplicate key {key_node.value!r}", key_node.start_mark,
+                        f"found duplicate key {shown(key_node.value, 80)[0]}", key_node.start_mark,
                     )
                 seen.add(key)
         result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
@@ -152,14 +152,16 @@ def load_spec_text(text: str) -> object:
 
     Before the YAML is built, one pass over its events refuses nesting deeper
     than MAX_DEPTH (the C loader would overflow the stack) and aliases that
-    expand to more than MAX_EXPANDED_VALUES values.
+    expand to more than MAX_EXPANDED_VALUES values. Integer literals too long
+    to be valid anywhere load as ``OversizedInteger`` (``veilnet_agent.loading``),
+    refused by the validators naming their field.
     """
     size = len(text) if len(text) * 4 <= MAX_SPEC_BYTES else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_SPEC_BYTES:
         raise ValidationError("spec", size, f"is larger than {MAX_SPEC_BYTES} bytes")
     if text.lstrip()[:1] == "{":
         try:
-            return json.loads(text, object_pairs_hook=_json_object)
+            return loading.load_json(text, object_pairs_hook=_json_object)
         except RecursionError:
             raise ValidationError("spec", None, "not valid JSON: nested too deeply") from None
         except ValueError as exc:
@@ -167,7 +169,7 @@ def load_spec_text(text: str) -> object:
                 raise ValidationError("spec", None, f"not valid JSON: {exc}") from None
             # not JSON: maybe YAML flow style
     try:
-        _check_events(text)
+        loading.check_yaml_events(text, "spec", MAX_DEPTH, MAX_EXPANDED_VALUES)
         loaded: object = yaml.load(text, Loader=_Loader)  # a safe loader
     except yaml.YAMLError as exc:
         raise ValidationError("spec", None, f"not valid YAML: {exc}") from None
@@ -184,38 +186,9 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _DuplicateKey(f"duplicate key {key!r}")
+                raise _DuplicateKey(f"duplicate key {shown(key, 80)[0]}")
             seen.add(key)
     return result
-
-
-def _check_events(text: str) -> None:
-    """Refuse too deep nesting and alias bombs, from the parser's events (no recursion)."""
-    sizes: dict[str, int] = {}  # anchor -> number of values its node expands to
-    stack: list[list[Any]] = [[0, None]]  # [values so far, anchor] per open collection
-    for event in yaml.parse(text, Loader=_Loader):
-        kind = type(event)
-        anchor: str | None = getattr(event, "anchor", None)
-        top = stack[-1]
-        if kind is yaml.ScalarEvent:
-            top[0] += 1
-            if anchor is not None:
-                sizes[anchor] = 1
-        elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
-            stack.append([1, anchor])
-            if len(stack) > MAX_DEPTH + 1:
-                raise ValidationError("spec", None, f"nested deeper than {MAX_DEPTH} levels")
-        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
-            count, own_anchor = stack.pop()
-            if own_anchor is not None:
-                sizes[own_anchor] = count
-            stack[-1][0] += count
-        elif kind is yaml.AliasEvent and anchor is not None:
-            top[0] += sizes.get(anchor, 1)
-        if stack[-1][0] > MAX_EXPANDED_VALUES:
-            raise ValidationError(
-                "spec", stack[-1][0], f"YAML aliases expand to more than {MAX_EXPANDED_VALUES} values"
-            )
 
 
 def parse_spec_text(text: str) -> NetworkSpec:
@@ -260,6 +233,7 @@ def parse_spec(raw: object) -> NetworkSpec:
 
     plain = _plain(data)
     assert isinstance(plain, dict)
+    _canonicalize(plain, segments, policies)
     return NetworkSpec(
         encryption=encryption, segments=segments, nodes=nodes, endpoints=endpoints, policies=policies,
         raw=plain, index=index,
@@ -490,6 +464,31 @@ class _EndpointChecker:
             raise ValidationError(ip_path, value, f"is the network or broadcast address of {subnet}")
         self._claim(("ip", segment.name, ip), ip_path, value, ip_path)
         return ip
+
+
+def _canonicalize(plain: dict[str, Any], segments: tuple[Segment, ...], policies: tuple[Policy, ...]) -> None:
+    """Write the addresses, MACs and port ranges of the raw segments and policies (which agents receive as
+    they are) in the canonical form their validated values have, so the controller stores and sends one
+    spelling of each value: ``02:AA:..`` is sent as ``02:aa:..``, ``fd00:B1:0::/64`` as ``fd00:b1::/64``."""
+    for raw, segment in zip(plain.get("segments") or (), segments, strict=True):
+        for key in ("ipv4_subnet", "ipv6_subnet"):
+            subnet = getattr(segment, key)
+            if subnet is not None:
+                raw[key] = str(subnet)
+        for key in ("ipv4_gateway", "ipv6_gateway"):
+            gateway = getattr(segment, key)
+            if gateway is not None:
+                raw[key] = addr.text(gateway)
+        if raw.get("gateway_mac") is not None:
+            raw["gateway_mac"] = segment.gateway_mac
+    for raw, policy in zip(plain.get("policies") or (), policies, strict=True):
+        for side, selector in (("source", policy.source), ("destination", policy.destination)):
+            if selector.cidr is not None:
+                raw[side]["cidr"] = str(selector.cidr)
+        ports = raw.get("ports")
+        if ports is not None:
+            raw["ports"] = [item if isinstance(item, int) else f"{typed.first}-{typed.last}"
+                            for item, typed in zip(ports, policy.ports, strict=True)]
 
 
 def _plain(value: object) -> object:

@@ -84,3 +84,16 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("node_name = \n")
     with pytest.raises(ValidationError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_socket_group_with_a_trailing_newline_is_refused() -> None:
+    """`re.match` with `$` accepted "veilnet\\n", and grp.getgrnam then raised KeyError at start."""
+    import pytest as _pytest
+
+    from veilnet_agent.config import parse_config
+    from veilnet_agent.errors import ValidationError
+
+    with _pytest.raises(ValidationError) as info:
+        parse_config({"node_name": "host-a", "underlay": {"interface": "ul0", "address": "192.0.2.1"},
+                      "controller": {"socket_group": "veilnet\n"}})
+    assert info.value.field == "controller.socket_group"

@@ -138,12 +138,12 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     )
 
 
-_GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_GROUP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 
 
 def _group_name(raw: object) -> str:
     text = v.string(raw, "controller.socket_group")
-    if not _GROUP_RE.match(text):
+    if not _GROUP_RE.fullmatch(text):
         raise ValidationError("controller.socket_group", text, "must be a group name (letters, digits, _ . -)")
     return text
 

@@ -233,6 +233,10 @@ class _Context:
 
     segments: tuple[Segment, ...]
 
+    @property
+    def by_name(self) -> dict[str, Segment]:
+        return {s.name: s for s in self.segments}
+
 
 class GuardElements:
     """The anti-spoofing sets' contents, kept current per changed endpoint or peer.
@@ -247,6 +251,7 @@ class GuardElements:
         self._sources: dict[tuple[str, str], object] = {}
         self._parts: dict[tuple[str, str], Contribution] = {}
         self._context = _Context(state.segments)
+        self._segments = self._context.by_name
         self._rebuild(state)
 
     @staticmethod
@@ -256,7 +261,7 @@ class GuardElements:
         return sources
 
     def _part(self, identity: tuple[str, str], source: object) -> Contribution:
-        segments = {s.name: s for s in self._context.segments}
+        segments = self._segments
         if isinstance(source, LocalEndpoint):
             return _endpoint_part(source, segments[source.segment].vni)
         assert isinstance(source, Peer), identity
@@ -264,6 +269,7 @@ class GuardElements:
 
     def _rebuild(self, state: NodeState) -> None:
         self._context = _Context(state.segments)
+        self._segments = self._context.by_name
         self._sources = self._sources_of(state)
         self._parts = {identity: self._part(identity, source) for identity, source in self._sources.items()}
         self.sets = {name: set() for name in set_names()}

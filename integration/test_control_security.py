@@ -222,6 +222,16 @@ def bootstrap_creds(c: ControllerProcess) -> Creds:
     return Creds(None, None, (c.data / "ca" / "ca.crt").read_bytes())
 
 
+def wait_until(cond: Callable[[], Any], what: str, timeout: float = CALL_TIMEOUT) -> Any:
+    """Poll ``cond`` until it is truthy (a condition, never a fixed sleep); TimeoutError names ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+    return value
+
+
 def assert_still_serving(c: ControllerProcess) -> None:
     assert c.proc is not None and c.proc.poll() is None, f"controller died:\n{c.log_text()[-3000:]}"
     with channel(c.control_endpoint, admin_creds(c)) as ch:
@@ -610,6 +620,51 @@ def test_sync_protocol_violations(controller: ControllerProcess, ca: Certificate
         stream.send(controller_pb2.AgentMessage())
         code, details = stream.end_status()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "unexpected message 'empty'" in details, details
+    assert_still_serving(c)
+
+
+def _wg_key(seed: str) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.sha256(seed.encode()).digest()).decode()
+
+
+def _stored_key(c: ControllerProcess, node: str) -> str | None:
+    return c.nodes().get(node, {}).get("wireguard_public_key")
+
+
+def test_another_nodes_key_with_a_trailing_newline_is_refused_and_never_stored(
+        controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    """Uniqueness is checked on the canonical key: "K\n" is K, so it is another node's key (or no key at all)."""
+    c = controller
+    owner_key = _wg_key("canon-owner")
+    with channel(c.control_endpoint, node_creds(ca, "canon-owner")) as ch, sync_stream(ch) as owner:
+        owner.hello(wireguard_public_key=owner_key)
+        assert owner.connected_as() == "canon-owner"
+        wait_until(lambda: _stored_key(c, "canon-owner") == owner_key, "the owner's key is registered")
+
+        # In a hello.
+        with channel(c.control_endpoint, node_creds(ca, "canon-thief")) as ch2, sync_stream(ch2) as thief:
+            thief.hello(wireguard_public_key=owner_key + "\n")
+            code, details = thief.end_status()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "hello.wireguard_public_key" in details, details
+        assert _stored_key(c, "canon-thief") is None
+
+        # In a key_update after a good hello.
+        thief_key = _wg_key("canon-thief-2")
+        with channel(c.control_endpoint, node_creds(ca, "canon-thief-2")) as ch3, sync_stream(ch3) as thief:
+            thief.hello(wireguard_public_key=thief_key)
+            assert thief.connected_as() == "canon-thief-2"
+            thief.send(controller_pb2.AgentMessage(
+                key_update=controller_pb2.KeyUpdate(wireguard_public_key=owner_key + "\n")))
+            code, details = thief.end_status()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "key_update.wireguard_public_key" in details, details
+        assert _stored_key(c, "canon-thief-2") == thief_key
+        assert _stored_key(c, "canon-owner") == owner_key
+        assert not owner.call.done()  # the owner's stream was never disturbed
     assert_still_serving(c)
 
 

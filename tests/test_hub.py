@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet_agent import wire
-from veilnet_controller.hub import RECOMPILE_DELAY, Hub, KeyConflict
+from veilnet_controller.hub import RECOMPILE_DELAY, Hub, InvalidKey, KeyConflict
 from veilnet_controller.spec import AttachedClaims, parse_spec
 from veilnet_controller.store import SQLiteStore
 
@@ -119,6 +119,28 @@ def test_another_nodes_key_is_refused(hub: Hub) -> None:
         with pytest.raises(KeyConflict):
             hub.key_update(b, wg_key("host-a"))
         assert hub.public_keys["host-b"] == wg_key("host-b")
+    run(scenario())
+
+
+@pytest.mark.parametrize("spelling", ["{key}\n", "{key}\r\n", " {key}", "{key}=", "{body}\n="],
+                         ids=["trailing-lf", "trailing-crlf", "leading-space", "extra-padding", "inner-lf"])
+def test_another_spelling_of_a_key_is_refused_and_never_stored(hub: Hub, spelling: str) -> None:
+    """The uniqueness check compares strings: only the canonical spelling may ever be registered."""
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        key = wg_key("host-a")
+        hub.connect("host-a", "s", hello("host-a"))
+        other = spelling.format(key=key, body=key[:-1])
+        with pytest.raises(InvalidKey, match=r"canonical|base64"):
+            hub.connect("host-b", "s", cpb.Hello(), public_key=other)
+        with pytest.raises(InvalidKey):
+            hub.connect("host-b", "s", cpb.Hello(wireguard_public_key=other))
+        assert "host-b" not in hub.sessions and "host-b" not in hub.public_keys
+        b = hub.connect("host-b", "s", hello("host-b"))
+        with pytest.raises(InvalidKey):
+            hub.key_update(b, other)
+        assert hub.public_keys == {"host-a": key, "host-b": wg_key("host-b")}
+        assert {n.name: n.wireguard_public_key for n in hub.store.nodes()} == hub.public_keys
     run(scenario())
 
 

@@ -21,6 +21,8 @@ changes.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import time
 from collections import deque
@@ -94,6 +96,25 @@ def _is_empty_state(state: dict[str, Any] | None) -> bool:
 
 class KeyConflict(Exception):
     """A node presented a WireGuard public key another node already holds."""
+
+
+class InvalidKey(Exception):
+    """A WireGuard public key that is not the canonical base64 spelling of 32 bytes."""
+
+
+def canonical_wireguard_key(key: str) -> str:
+    """``key`` if it is exactly the standard base64 of 32 bytes (no whitespace, no newline), else InvalidKey.
+
+    The uniqueness check compares strings, so two spellings of one key (a trailing newline, say) must never
+    both get in: the server passes the validator's canonical value, and the hub refuses anything else.
+    """
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise InvalidKey(f"not base64 (got {key!r})") from None
+    if len(raw) != 32 or base64.b64encode(raw).decode("ascii") != key:
+        raise InvalidKey(f"not the canonical base64 of a 32-byte key (got {key!r})")
+    return key
 
 
 class Session:
@@ -400,14 +421,18 @@ class Hub:
         return next((n for n, k in self.public_keys.items() if k == key), None)
 
     def _check_key(self, node: str, key: str) -> None:
+        canonical_wireguard_key(key)
         holder = self.key_holder(key)
         if holder is not None and holder != node:
             # Accepting it would make two peers share a key everywhere (and let a node impersonate another).
             raise KeyConflict(f"WireGuard public key already registered to node {holder!r}")
 
-    def connect(self, node: str, serial: str, hello: cpb.Hello) -> Session:
-        if hello.wireguard_public_key:
-            self._check_key(node, hello.wireguard_public_key)
+    def connect(self, node: str, serial: str, hello: cpb.Hello, public_key: str | None = None) -> Session:
+        """Open ``node``'s session. ``public_key``: the hello's key as the server validated it (canonical);
+        None takes it from the hello. Either way a key that is not canonical or is another node's is refused."""
+        key = hello.wireguard_public_key if public_key is None else public_key
+        if key:
+            self._check_key(node, key)
         old = self.sessions.get(node)
         if old is not None:
             old.close("replaced by a newer stream from the same node")
@@ -418,7 +443,6 @@ class Hub:
         rt.applied_spec_revision = hello.applied_spec_revision
         rt.capabilities = tuple(hello.capabilities)
         changed = False
-        key = hello.wireguard_public_key
         if key and self.public_keys.get(node) != key:
             self.public_keys[node] = key
             self.store.set_wireguard_key(node, key, list(hello.capabilities))

@@ -32,10 +32,11 @@ from veilnet.v1 import controller_pb2 as cpb
 from veilnet_agent import pki, wire
 from veilnet_agent.errors import ValidationError, VeilnetError
 from veilnet_agent.validate import name as validate_name
+from veilnet_agent.validate import wg_public_key
 
 from . import authz
 from .ca import CertificateAuthority, certificate_pem
-from .hub import Hub, KeyConflict, Session
+from .hub import Hub, InvalidKey, KeyConflict, Session
 from .spec import canonical_text, load_spec_text, parse_spec, summarize_changes, unified_diff
 from .store import ConflictError, Store, TokenResult
 from .throttle import FailureThrottle, peer_address
@@ -196,15 +197,17 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         if first.WhichOneof("kind") != "hello":
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message on Sync must be hello")
         hello = first.hello
+        key = ""
         if hello.wireguard_public_key:
             try:
-                from veilnet_agent.validate import wg_public_key
-
-                wg_public_key(hello.wireguard_public_key, "hello.wireguard_public_key")
+                # The validator's value, not the raw field: it is the canonical spelling the hub compares.
+                key = wg_public_key(hello.wireguard_public_key, "hello.wireguard_public_key")
             except ValidationError as exc:
                 await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
         try:
-            session = s.hub.connect(identity.name, identity.serial, hello)
+            session = s.hub.connect(identity.name, identity.serial, hello, key)
+        except InvalidKey as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"hello.wireguard_public_key: {exc}")
         except KeyConflict as exc:
             s.log.warning("wireguard_key_conflict", node=identity.name, reason=str(exc))
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"hello.wireguard_public_key: {exc}")
@@ -245,15 +248,13 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             if kind == "ack":
                 hub.acknowledge(session, message.ack)
             elif kind == "key_update":
-                from veilnet_agent.validate import wg_public_key
-
                 try:
                     key = wg_public_key(message.key_update.wireguard_public_key, "key_update.wireguard_public_key")
                 except ValidationError as exc:
                     raise _BadMessage(_validation_details(exc)) from None
                 try:
                     hub.key_update(session, key)
-                except KeyConflict as exc:
+                except (InvalidKey, KeyConflict) as exc:
                     raise _BadMessage(f"key_update.wireguard_public_key: {exc}") from None
             elif kind == "status":
                 hub.status_reported(session, message.status)

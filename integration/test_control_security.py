@@ -373,6 +373,91 @@ def test_expired_certificates_are_refused(controller: ControllerProcess, ca: Cer
     assert_still_serving(c)
 
 
+def short_lived(seconds: float) -> dict[str, datetime]:
+    """A validity window that is open now and closes ``seconds`` from now."""
+    now = datetime.now(UTC)
+    return {"not_before": now - timedelta(minutes=1), "not_after": now + timedelta(seconds=seconds)}
+
+
+def wait_past(moment: datetime) -> None:
+    """Wait (on the clock, not a fixed sleep) until ``moment`` is in the past."""
+    while datetime.now(UTC) <= moment + timedelta(milliseconds=50):
+        time.sleep(0.05)
+
+
+def log_offset(c: ControllerProcess) -> int:
+    return c.log_path.stat().st_size
+
+
+def wait_for_event(c: ControllerProcess, since: int, event: str, **fields: Any) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        return next((e for e in c.events(since) if e.get("event") == event
+                     and all(e.get(k) == v for k, v in fields.items())), None)
+    return dict(wait_until(found, f"controller logged {event} {fields}"))
+
+
+def test_an_expired_certificate_is_refused_on_a_connection_opened_while_it_was_valid(
+        controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    """TLS checked the dates once, at the handshake; every later call on that connection is checked again."""
+    c = controller
+    window = short_lived(4)
+    admin = operator_creds(ca, "exp-admin", "admin", **window)
+    node = node_creds(ca, "exp-node", **window)
+    with channel(c.control_endpoint, admin) as admin_ch, channel(c.control_endpoint, node) as node_ch:
+        stub = admin_pb2_grpc.AdminStub(admin_ch)
+        renew = controller_pb2_grpc.ControllerStub(node_ch).Renew
+        token_request = admin_pb2.CreateJoinTokenRequest(node_name="exp-target", ttl_seconds=60)
+        renew_request = controller_pb2.RenewRequest(csr_pem=pki.make_csr(pki.generate_private_key(), "exp-node"))
+        assert status_of(stub.CreateJoinToken, token_request)[0] == grpc.StatusCode.OK  # control: works while valid
+        assert status_of(renew, renew_request)[0] == grpc.StatusCode.OK
+        wait_past(window["not_after"])
+        # Same channels, same TLS connections (a new handshake would fail as UNAVAILABLE, not UNAUTHENTICATED).
+        for call, request in ((stub.CreateJoinToken, token_request), (stub.ListNodes, admin_pb2.ListNodesRequest()),
+                              (renew, renew_request)):
+            code, details = status_of(call, request)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "expired at" in details, (code, details)
+    made = [e for e in audit_entries(c) if e["action"] == "token.create" and e["actor"] == "exp-admin"]
+    assert len(made) == 1  # only the call made while the certificate was valid
+    assert_still_serving(c)
+
+
+def test_a_sync_stream_ends_when_its_certificate_expires(controller: ControllerProcess,
+                                                         ca: CertificateAuthority) -> None:
+    """A timer at not_after ends the stream: the agent sends nothing after its hello, and is still cut off."""
+    c = controller
+    creds = node_creds(ca, "exp-stream", **short_lived(3))
+    not_after = pki.identity_from_certificate(creds.cert or b"").not_after  # whole seconds, as X.509 has it
+    with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
+        stream.hello(wireguard_public_key=_wg_key("exp-stream"))
+        assert stream.connected_as() == "exp-stream"
+        code, details = stream.end_status()  # DEADLINE_EXCEEDED (30 s) here: the stream outlived its certificate
+        ended = datetime.now(UTC)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "expired at" in details, (code, details)
+    assert ended > not_after
+    assert c.nodes()["exp-stream"]["state"] != "connected"
+
+
+def test_a_node_revoked_between_opening_its_stream_and_its_hello_gets_no_session(
+        controller: ControllerProcess) -> None:
+    """Deterministic: the stream is open and authenticated (the controller says so), then revoked, then hello."""
+    c = controller
+    res, identity = agent_join(c, "rev-race", c.token("rev-race"))
+    assert res.returncode == 0, res.stderr
+    creds = Creds.of_dir(identity, key="node.key", cert="node.crt")
+    serial = pki.identity_from_certificate(creds.cert or b"").serial
+    since = log_offset(c)
+    with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
+        wait_for_event(c, since, "sync_opened", node="rev-race", serial=serial)  # past authentication, no hello
+        revoke = c.veilctl("revoke", "rev-race", "--reason", "race")
+        assert revoke.returncode == 0, revoke.stderr
+        stream.hello(wireguard_public_key=_wg_key("rev-race"))
+        code, details = stream.end_status()
+        assert stream.connected_as() is None  # never accepted: no initial metadata, no snapshot
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
+    node = c.nodes()["rev-race"]
+    assert node["state"] == "revoked" and node["wireguard_public_key"] == "", node  # its key was never stored
+
+
 def test_client_without_certificate_is_refused(controller: ControllerProcess) -> None:
     c = controller
     no_cert = bootstrap_creds(c)
@@ -401,6 +486,11 @@ def test_revocation_ends_open_stream_and_refuses_the_certificate(controller: Con
         code, details = stream.end_status()  # DEADLINE_EXCEEDED here would mean the stream was left open
         assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
         assert "revoked" in details
+
+        # The same connection, still open: refused at the next call.
+        code, details = status_of(controller_pb2_grpc.ControllerStub(ch).Renew, controller_pb2.RenewRequest(
+            csr_pem=pki.make_csr(pki.generate_private_key(), "rev-node")))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
 
     code, details = _renew(c, creds)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)

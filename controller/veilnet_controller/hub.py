@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ from veilnet_agent.errors import ValidationError
 from .compile import compile_nodes
 from .spec import AttachedClaims, EndpointSpec, NetworkSpec, parse_attached_endpoint, parse_spec_text
 from .store import Store
+from .trust import CertificateTrust
 
 RECOMPILE_DELAY = 0.05  # seconds: coalesce bursts (1,000 agents saying hello) into one compile
 
@@ -132,10 +134,21 @@ class Session:
         self.memo: wire.Memo | None = None  # protos of the shared parts of the target's compile
         self.wake = asyncio.Event()
         self.closed_reason: str | None = None
+        self.unauthenticated = False  # closed because its certificate is no longer acceptable
+        self.expiry: asyncio.TimerHandle | None = None  # fires when the certificate stops being acceptable
+        self.rearm: Callable[[], None] | None = None  # recomputes ``expiry`` (a renewal retired the serial)
 
-    def close(self, reason: str) -> None:
-        self.closed_reason = reason
+    def close(self, reason: str, *, unauthenticated: bool = False) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            self.unauthenticated = unauthenticated
+        self.cancel_expiry()
         self.wake.set()
+
+    def cancel_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
     def set_target(self, state: dict[str, Any] | None, revision: int, memo: wire.Memo | None = None) -> None:
         self.target = state
@@ -181,13 +194,20 @@ class Hub:
         self._acceptance: dict[tuple[str, str], int] = {}  # (node, endpoint name) -> when it was accepted
         self._acceptances = 0
         self._with_rejections: set[str] = set()  # nodes with refused endpoints (retried when claims are freed)
-        self.revoked_nodes: set[str] = set()
-        self.revoked_serials: set[str] = set()
+        self.trust = CertificateTrust()
         self._recompile_task: asyncio.Task[None] | None = None
         self.compile_seconds = 0.0
         self._compiled: dict[str, Any] = {}  # the last compile's shared parts, reused when unchanged
         self.proto_memo: wire.Memo = {}
         self.compiles = 0  # how many recompiles ran (coalescing shows here)
+
+    @property
+    def revoked_nodes(self) -> set[str]:
+        return self.trust.revoked_nodes
+
+    @property
+    def revoked_serials(self) -> set[str]:
+        return self.trust.revoked
 
     # ------------------------------------------------------------------ loading
 
@@ -203,7 +223,7 @@ class Hub:
             if node.revoked_at is not None:
                 self.revoked_nodes.add(node.name)
             self.runtime.setdefault(node.name, NodeRuntime()).capabilities = node.capabilities
-        self.revoked_serials = set(self.store.revoked_serials())
+        self.trust.revoked.update(self.store.revoked_serials())
         # Acceptance order is not persisted: after a restart, earlier node names win a conflict.
         self.reports = {node: AttachedReport.parse(node, raws)
                         for node, raws in self.store.attached_endpoints().items()}
@@ -510,9 +530,16 @@ class Hub:
         self.revoked_nodes.add(node)
         session = self.sessions.get(node)
         if session is not None:
-            session.close("certificate revoked")
+            session.close("certificate revoked", unauthenticated=True)
         self.recompile_now()
         return session is not None
+
+    def retire(self, serials: dict[str, datetime]) -> None:
+        """Certificates replaced by a renewal: accepted until the given time, then refused (streams end then)."""
+        self.trust.retiring.update(serials)
+        for session in self.sessions.values():
+            if session.serial in serials and session.rearm is not None:
+                session.rearm()
 
     def node_rejoined(self, node: str, old_serials: list[str]) -> None:
         """``node`` joined again (a replaced or cloned host): its earlier certificates stop working.

@@ -44,6 +44,7 @@ from .throttle import FailureThrottle, peer_address
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 MAX_BOOTSTRAP_MESSAGE = 64 * 1024
 HELLO_TIMEOUT = 10.0
+EXPIRY_SLACK = 0.01  # seconds past not_after before a stream's timer checks (not_after itself is still valid)
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 86400
 
@@ -98,9 +99,10 @@ class Services:
             identity = pki.identity_from_certificate(pems[0], self.ca.trust_domain)
         except pki.PkiError as exc:
             await fail(context, grpc.StatusCode.UNAUTHENTICATED, f"client certificate not accepted: {exc}")
-        if identity.serial in self.hub.revoked_serials:
-            await fail(context, grpc.StatusCode.UNAUTHENTICATED,
-                                f"certificate {identity.serial} of {identity.spiffe_id} is revoked")
+        reason = self.refusal(identity)
+        if reason is not None:
+            self.refused(identity, method, reason)
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED, reason)
         if not authz.allowed(method, identity.role):
             self.log.warning("permission_denied", method=method, caller=identity.spiffe_id, role=identity.role)
             if authz.MATRIX.get(method) != authz.READ:  # denied reads are not worth an audit entry
@@ -108,6 +110,42 @@ class Services:
             await fail(context, grpc.StatusCode.PERMISSION_DENIED,
                                 f"role {identity.role!r} may not call {method.rsplit('/', 1)[-1]}")
         return identity
+
+    def refusal(self, identity: pki.Identity) -> str | None:
+        """Why ``identity`` may not act now (expired, not yet valid, revoked, retired), or None.
+
+        Asked on every RPC and every stream message, not only at the TLS handshake: a connection opened
+        while the certificate was good may outlive it.
+        """
+        return self.hub.trust.refusal(identity, datetime.now(UTC))
+
+    def refused(self, identity: pki.Identity, method: str, reason: str) -> None:
+        self.log.warning("certificate_refused", method=method, caller=identity.spiffe_id, serial=identity.serial,
+                         reason=reason)
+
+    def watch_certificate(self, session: Session, identity: pki.Identity) -> None:
+        """End ``session`` when its certificate stops being acceptable: a timer at not_after (or at the time a
+        renewal retires it), re-armed when that changes, checked again when it fires (the clock may have moved)."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            session.expiry = None
+            if session.closed_reason is not None:
+                return
+            reason = self.refusal(identity)
+            if reason is None:
+                arm()
+                return
+            self.refused(identity, "/veilnet.v1.Controller/Sync", reason)
+            session.close(reason, unauthenticated=True)
+
+        def arm() -> None:
+            session.cancel_expiry()
+            delay = (self.hub.trust.deadline(identity) - datetime.now(UTC)).total_seconds()
+            session.expiry = loop.call_later(max(delay, 0.0) + EXPIRY_SLACK, check)
+
+        session.rearm = arm
+        arm()
 
 
 # ---------------------------------------------------------------------------- agents
@@ -190,12 +228,19 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
     ) -> AsyncIterator[cpb.ControllerMessage]:
         s = self.s
         identity = await self._node(context, "/veilnet.v1.Controller/Sync")
+        s.log.info("sync_opened", node=identity.name, serial=identity.serial, note="waiting for the hello")
         try:
             first = await asyncio.wait_for(request_iterator.__anext__(), HELLO_TIMEOUT)
         except (TimeoutError, StopAsyncIteration):
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message on Sync must be hello")
         if first.WhichOneof("kind") != "hello":
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message on Sync must be hello")
+        # Again: the node may have been revoked (or its certificate expired) while we waited for the hello.
+        # From here to hub.connect there is no await, so nothing can change in between.
+        reason = s.refusal(identity)
+        if reason is not None:
+            s.refused(identity, "/veilnet.v1.Controller/Sync", reason)
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED, reason)
         hello = first.hello
         key = ""
         if hello.wireguard_public_key:
@@ -211,7 +256,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         except KeyConflict as exc:
             s.log.warning("wireguard_key_conflict", node=identity.name, reason=str(exc))
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"hello.wireguard_public_key: {exc}")
-        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
+        s.watch_certificate(session, identity)
+        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session, identity))
         try:
             await context.send_initial_metadata((("veilnet-node", identity.name),))  # tells the agent it is in
             while True:
@@ -229,9 +275,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 waiter.cancel()
         finally:
             reader.cancel()
+            session.cancel_expiry()
             s.hub.disconnect(session)
-        if session.closed_reason == "certificate revoked":
-            await fail(context, grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")
+        if session.unauthenticated and session.closed_reason is not None:
+            await fail(context, grpc.StatusCode.UNAUTHENTICATED, session.closed_reason)
         if session.closed_reason is not None and session.closed_reason.startswith("replaced"):
             await fail(context, grpc.StatusCode.ABORTED, session.closed_reason)
         if reader.done() and not reader.cancelled():
@@ -239,10 +286,16 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             if isinstance(problem, _BadMessage):
                 await fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(problem))
 
-    async def _read(self, request_iterator: AsyncIterator[cpb.AgentMessage], session: Session) -> None:
+    async def _read(self, request_iterator: AsyncIterator[cpb.AgentMessage], session: Session,
+                    identity: pki.Identity) -> None:
         hub = self.s.hub
         async for message in request_iterator:
             if session.closed_reason is not None:
+                return
+            reason = self.s.refusal(identity)  # before the message can change anything
+            if reason is not None:
+                self.s.refused(identity, "/veilnet.v1.Controller/Sync", reason)
+                session.close(reason, unauthenticated=True)
                 return
             kind = message.WhichOneof("kind")
             if kind == "ack":

@@ -1,0 +1,54 @@
+"""Which client certificates the controller accepts *now*, beyond what the TLS handshake checked.
+
+The handshake verifies the chain and the validity period once, when a connection is made, and a gRPC
+connection can stay open for days. So every RPC, every message on a Sync stream and a timer on every stream
+ask ``CertificateTrust.refusal`` again: is the certificate inside not_before..not_after, not revoked, not
+retired by a renewal, and is its node or operator not revoked? ``None`` means accepted; anything else is
+the reason, worded for the caller (it names the serial, the identity and the time).
+
+Everything here runs on the controller's event loop; the sets are shared with the hub, which updates them
+on revocation, rejoin and renewal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from veilnet_agent import pki
+
+_FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+
+
+def _when(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class CertificateTrust:
+    revoked: set[str] = field(default_factory=set)
+    """Serials refused from now on (revoked nodes' and operators' certificates, certificates of a rejoin)."""
+    retiring: dict[str, datetime] = field(default_factory=dict)
+    """Serial -> when a certificate replaced by a renewal stops being accepted (after a grace period)."""
+    revoked_nodes: set[str] = field(default_factory=set)
+    """Nodes revoked (until they join again): any certificate naming one is refused, recorded or not."""
+
+    def refusal(self, identity: pki.Identity, now: datetime) -> str | None:
+        """Why ``identity``'s certificate is not acceptable at ``now``, or None if it is."""
+        who = f"certificate {identity.serial} of {identity.spiffe_id}"
+        if now < identity.not_before:
+            return f"{who} is not valid before {_when(identity.not_before)}"
+        if now > identity.not_after:
+            return f"{who} expired at {_when(identity.not_after)}"
+        if identity.serial in self.revoked:
+            return f"{who} is revoked"
+        retire_at = self.retiring.get(identity.serial)
+        if retire_at is not None and now >= retire_at:
+            return f"{who} was replaced by a renewal and retired at {_when(retire_at)}"
+        if identity.kind == "node" and identity.name in self.revoked_nodes:
+            return f"{who}: node {identity.name} is revoked"
+        return None
+
+    def deadline(self, identity: pki.Identity) -> datetime:
+        """The moment ``identity`` stops being acceptable unless something else happens first (a revocation)."""
+        return min(identity.not_after, self.retiring.get(identity.serial, _FAR_FUTURE))

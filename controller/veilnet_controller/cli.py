@@ -23,21 +23,37 @@ from veilnet_agent import logs, pki
 from veilnet_agent.errors import ValidationError, VeilnetError
 
 from . import __version__
-from .ca import CertificateAuthority
+from .ca import MAX_NODE_LIFETIME, MAX_OPERATOR_LIFETIME, MAX_SERVER_LIFETIME, CertificateAuthority
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"(\d{1,12})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_NODE_LIFETIME = timedelta(seconds=10)  # renewal at two thirds must leave time to reconnect
 
 
-def parse_duration(text: str, what: str) -> timedelta:
-    m = _DURATION.match(text.strip())
-    if not m or int(m.group(1)) == 0:
+def _describe(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in ("d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def parse_duration(text: str, what: str, *, minimum: timedelta = timedelta(seconds=1),
+                   maximum: timedelta | None = None) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d``; ValidationError naming ``what`` if malformed or out of bounds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
         raise ValidationError(what, text, "must be a duration like 90s, 30m, 24h or 7d")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if maximum is not None and seconds > maximum.total_seconds():
+        raise ValidationError(what, text, f"must be at most {_describe(maximum)}")
+    if seconds < minimum.total_seconds():
+        raise ValidationError(what, text, f"must be at least {_describe(minimum)}")
+    return timedelta(seconds=seconds)
 
 
 def write_operator_credentials(ca: CertificateAuthority, out: Path, name: str, role: str,
@@ -52,6 +68,7 @@ def write_operator_credentials(ca: CertificateAuthority, out: Path, name: str, r
 
 def cmd_init(args: argparse.Namespace) -> int:
     data: Path = args.data_dir
+    admin_lifetime = parse_duration(args.admin_lifetime, "--admin-lifetime", maximum=MAX_OPERATOR_LIFETIME)
     if (data / "ca" / "ca.key").exists():
         raise VeilnetError(f"{data} already holds a CA; refusing to overwrite it")
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -62,7 +79,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(data / "server.crt", cert_pem)
     admin_dir = write_operator_credentials(ca, data / "operators" / "admin", "admin", "admin",
-                                           parse_duration(args.admin_lifetime, "--admin-lifetime"))
+                                           admin_lifetime)
     from .store import SQLiteStore
 
     SQLiteStore(data / "controller.db").close()
@@ -88,17 +105,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .store import SQLiteStore
 
     data: Path = args.data_dir
+    settings = ServerSettings(  # every flag checked before anything is opened
+        control_listen=args.listen,
+        bootstrap_listen=args.bootstrap_listen,
+        control_endpoint=args.advertise or _default_advertise(args.listen),
+        certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime",
+                                            minimum=MIN_NODE_LIFETIME, maximum=MAX_NODE_LIFETIME),
+        join_failures_per_minute=args.join_failures_per_minute,
+    )
     ca = CertificateAuthority.load(data / "ca")
     store = SQLiteStore(data / "controller.db")
     hub = Hub(store)
     hub.load()
-    settings = ServerSettings(
-        control_listen=args.listen,
-        bootstrap_listen=args.bootstrap_listen,
-        control_endpoint=args.advertise or _default_advertise(args.listen),
-        certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime"),
-        join_failures_per_minute=args.join_failures_per_minute,
-    )
     services = Services(ca, store, hub, settings)
     key = (data / "server.key").read_bytes()
     cert = (data / "server.crt").read_bytes()
@@ -125,7 +143,7 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
     data: Path = args.data_dir
     ca = CertificateAuthority.load(data / "ca")
     names = args.server_name or ["localhost", "127.0.0.1"]
-    key_pem, cert_pem = ca.issue_server(names, parse_duration(args.lifetime, "--lifetime"))
+    key_pem, cert_pem = ca.issue_server(names, parse_duration(args.lifetime, "--lifetime", maximum=MAX_SERVER_LIFETIME))
     pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(data / "server.crt", cert_pem)
     print(f"server certificate for {', '.join(names)} written; restart veilnet-controller to use it")
@@ -136,7 +154,8 @@ def cmd_operator_cert(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.load(args.data_dir / "ca")
     if args.role not in pki.ROLES_OPERATOR:
         raise ValidationError("--role", args.role, f"must be one of {', '.join(pki.ROLES_OPERATOR)}")
-    out = write_operator_credentials(ca, args.out, args.name, args.role, parse_duration(args.lifetime, "--lifetime"))
+    lifetime = parse_duration(args.lifetime, "--lifetime", maximum=MAX_OPERATOR_LIFETIME)
+    out = write_operator_credentials(ca, args.out, args.name, args.role, lifetime)
     print(f"{args.role} credentials for {args.name}: {out}")
     return EXIT_OK
 

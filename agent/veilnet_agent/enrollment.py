@@ -14,9 +14,12 @@ Files in ``state_dir/identity`` (directory 0700)::
 Key and certificate must always match, or TLS fails and only a new join token helps. So they
 are never replaced one file at a time: ``IdentityFiles.install`` writes and fsyncs a whole new
 generation, then swaps ``current`` with one atomic rename. A crash before the swap leaves the
-old generation live (the new directory is ignored, then pruned); after it, the new one. The
-previous generation is kept, older ones deleted. Readers resolve ``current`` once and take every
-file from that one directory, so a concurrent swap can never pair an old key with a new certificate.
+old generation live (the new directory is ignored, then pruned); after it, the new one. Once the
+swap is durable every other generation is deleted: the key a renewal (or a new join) replaced is
+retired by the controller after a short grace period and has no business staying on disk. Readers
+resolve ``current`` once and take every file from that one directory, so a concurrent swap can
+never pair an old key with a new certificate (a reader whose directory was just deleted reads
+again from the new one).
 
 No trust on first use: before sending anything, ``join`` opens a TLS
 connection to the bootstrap listener, takes the chain the server presents,
@@ -201,11 +204,10 @@ class IdentityFiles:
                 ca_pem = live_ca if ca_pem is None else ca_pem
                 controller = live_controller if controller is None else controller
             _check_generation(key, certificate_pem, ca_pem)
-            previous = self._live_generation()
             generation = self._write_generation(key, certificate_pem, ca_pem, controller)
             self._activate(generation)
             self._link_top_level()
-            self._prune(keep={generation.name} | ({previous} if previous else set()))
+            self._prune(keep={generation.name})  # the replaced key goes now, not one renewal later
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -216,12 +218,6 @@ class IdentityFiles:
             yield
         finally:
             os.close(fd)  # releases the lock
-
-    def _live_generation(self) -> str | None:
-        try:
-            return os.path.basename(os.readlink(self.directory / _CURRENT))
-        except OSError:
-            return None
 
     def _generations(self) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -290,9 +286,15 @@ class IdentityFiles:
             _fsync_dir(self.directory)
 
     def _prune(self, keep: set[str]) -> None:
-        """Delete all but the live and the previous generation, and leftovers of crashed writes."""
+        """Delete every generation but ``keep`` (the live one), and leftovers of crashed writes.
+
+        The private key is unlinked first: if removing the rest fails (ignored; the next install tries again),
+        the key at least is gone.
+        """
         for name in self._generations():
             if name not in keep:
+                with suppress(FileNotFoundError):
+                    (self.directory / name / _KEY).unlink()
                 shutil.rmtree(self.directory / name, ignore_errors=True)
         for entry in self.directory.glob(".*.tmp"):
             with suppress(OSError):

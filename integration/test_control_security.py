@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import queue
 import secrets
 import sqlite3
@@ -39,9 +40,10 @@ from ctl import REPO_ROOT, ControllerProcess, _bin
 
 from veilnet.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
 from veilnet_agent import pki
+from veilnet_agent.enrollment import IdentityFiles, renew
 from veilnet_controller import authz
 from veilnet_controller.ca import CertificateAuthority
-from veilnet_controller.store import token_hash
+from veilnet_controller.store import SQLiteStore, token_hash
 
 EXAMPLE_SPEC = REPO_ROOT / "examples" / "network.yaml"
 TRUST_DOMAIN = "veilnet.test"
@@ -80,10 +82,41 @@ def fresh_controller(tmp_path: Path) -> Iterator[ControllerProcess]:
         yield c
 
 
+class RecordingCA(CertificateAuthority):
+    """The controller's own CA, loaded in this process to mint test certificates (any role, any validity).
+
+    The controller accepts only operator certificates its store recorded, so the operator certificates minted
+    here are recorded in its database, exactly as ``veilnet-controller operator-cert`` does.
+    """
+
+    db: Path
+
+    def issue_operator(self, name: str, role: str, lifetime: timedelta, *, not_before: datetime | None = None,
+                       not_after: datetime | None = None) -> tuple[bytes, bytes]:
+        key, cert = super().issue_operator(name, role, lifetime, not_before=not_before, not_after=not_after)
+        record_operator(self.db, cert)
+        return key, cert
+
+
+def record_operator(db: Path, cert: bytes) -> None:
+    who = pki.identity_from_certificate(cert)
+    store = SQLiteStore(db)
+    try:
+        store.record_operator_certificate(who.name, who.role, who.serial, who.not_after, "test")
+    finally:
+        store.close()
+
+
+def recording_ca(c: ControllerProcess) -> RecordingCA:
+    ca = RecordingCA.load(c.data / "ca")
+    assert isinstance(ca, RecordingCA)
+    ca.db = c.data / "controller.db"
+    return ca
+
+
 @pytest.fixture(scope="module")
-def ca(controller: ControllerProcess) -> CertificateAuthority:
-    """The controller's own CA, loaded in this process to mint test certificates (any role, any validity)."""
-    return CertificateAuthority.load(controller.data / "ca")
+def ca(controller: ControllerProcess) -> RecordingCA:
+    return recording_ca(controller)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -501,6 +534,106 @@ def test_revocation_ends_open_stream_and_refuses_the_certificate(controller: Con
     assert c.nodes()["rev-node"]["state"] == "revoked"
 
 
+def serial_of(cert_pem: bytes | None) -> str:
+    return pki.identity_from_certificate(cert_pem or b"").serial
+
+
+def files_under(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def test_renewal_retires_the_replaced_certificate_after_the_grace_and_its_key_leaves_the_disk(
+        tmp_path: Path) -> None:
+    """The agent's own renew(): the new pair goes live, the old key is deleted, the old certificate keeps an
+    open stream only for the grace period (3 s here) and is refused after it, on every connection."""
+    with ControllerProcess(tmp_path / "grace", trust_domain=TRUST_DOMAIN,
+                           serve_args=("--renewal-grace", "3s")).init() as c:
+        c.start()
+        res, identity_dir = agent_join(c, "renew-me", c.token("renew-me"))
+        assert res.returncode == 0, res.stderr
+        files = IdentityFiles(identity_dir)
+        old = Creds.of_dir(identity_dir, key="node.key", cert="node.crt")  # in memory: what a thief would keep
+        old_serial = serial_of(old.cert)
+        old_generation = Path(os.path.realpath(identity_dir / "current"))
+        with channel(c.control_endpoint, old) as old_ch, sync_stream(old_ch) as old_stream:
+            old_stream.hello()
+            assert old_stream.connected_as() == "renew-me"
+            with grpc.secure_channel(c.control_endpoint, files.channel_credentials()) as renew_ch:
+                new = renew(files, renew_ch)
+            assert new.serial != old_serial and files.certificate().serial == new.serial
+            assert not old_generation.exists(), sorted(p.name for p in identity_dir.iterdir())
+            assert all(old.key not in p.read_bytes() for p in files_under(identity_dir)), "the old key is on disk"
+
+            (entry,) = [e for e in audit_entries(c) if e["action"] == "node.renew"]
+            assert (entry["actor"], entry["detail"]["renewed_with"], entry["detail"]["serial"]) == (
+                "renew-me", old_serial, new.serial)
+            retire_at = datetime.fromisoformat(entry["detail"]["retires"][old_serial].replace("Z", "+00:00"))
+            code, details = old_stream.end_status()  # the stream survives the grace, then the timer ends it
+            ended = datetime.now(UTC)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "replaced by a renewal" in details, (code, details)
+        assert ended >= retire_at
+        code, details = _renew(c, old)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and f"{old_serial} of" in details and "retired at" in details
+        with channel(c.control_endpoint, Creds.of_dir(identity_dir, key="node.key", cert="node.crt")) as ch, \
+                sync_stream(ch) as stream:
+            stream.hello()
+            assert stream.connected_as() == "renew-me"  # the new pair works
+        c.stop()
+        db = sqlite3.connect(c.data / "controller.db")
+        try:
+            rows = dict(db.execute("SELECT serial, retire_at FROM certificates WHERE node = 'renew-me'").fetchall())
+        finally:
+            db.close()
+        assert rows[new.serial] is None and rows[old_serial] is not None  # retirement survives a restart
+
+
+def test_a_revoked_operator_is_refused_on_open_and_new_connections(controller: ControllerProcess) -> None:
+    c = controller
+    bob_dir = c.operator("ops-bob", "admin")  # offline operator-cert: recorded (and audited) in the store
+    bob = Creds.of_dir(bob_dir)
+    issued = [e for e in audit_entries(c) if e["action"] == "operator.issue" and e["target"] == "ops-bob"]
+    assert issued and issued[-1]["detail"]["serial"] == serial_of(bob.cert) and issued[-1]["role"] == "local"
+    netadmin = c.operator("ops-net", "network-admin")
+    with channel(c.control_endpoint, bob) as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        assert status_of(stub.ListNodes, admin_pb2.ListNodesRequest())[0] == grpc.StatusCode.OK
+
+        denied = c.veilctl("revoke", "--operator", "ops-bob", credentials=netadmin)
+        assert denied.returncode == 3 and "'network-admin' may not call RevokeOperator" in denied.stderr, denied
+        res = c.veilctl("revoke", "--operator", "ops-bob", "--reason", "left the team")
+        assert res.returncode == 0 and "revoked operator ops-bob: 1 certificate(s)" in res.stdout, res
+
+        # The connection bob opened before is still open: refused at its next call.
+        for call, request in ((stub.ListNodes, admin_pb2.ListNodesRequest()),
+                              (stub.CreateJoinToken, admin_pb2.CreateJoinTokenRequest(node_name="x"))):
+            code, details = status_of(call, request)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "is revoked" in details, (code, details)
+    assert _list_nodes(c, bob) == (grpc.StatusCode.UNAUTHENTICATED,
+                                   f"certificate {serial_of(bob.cert)} of spiffe://{TRUST_DOMAIN}/operator/ops-bob "
+                                   "is revoked")
+    again = c.veilctl("nodes", credentials=bob_dir)
+    assert again.returncode == 3 and "is revoked" in again.stderr
+    (entry,) = [e for e in audit_entries(c) if e["action"] == "operator.revoke" and e["target"] == "ops-bob"]
+    assert (entry["actor"], entry["role"], entry["detail"]) == (
+        "admin", "admin", {"reason": "left the team", "serials": [serial_of(bob.cert)]})
+    assert c.veilctl("revoke", "--operator", "ops-nobody").returncode == 4
+    # Issued again later, the name works again (with the new certificate only).
+    fresh = Creds.of_dir(c.operator("ops-bob", "admin"))
+    assert _list_nodes(c, fresh)[0] == grpc.StatusCode.OK
+    assert _list_nodes(c, bob)[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_operator_certificate_the_controller_never_recorded_is_refused(controller: ControllerProcess) -> None:
+    """Signed by the real CA, in its validity, right role: still refused, because the store did not issue it."""
+    c = controller
+    unrecorded = CertificateAuthority.load(c.data / "ca")  # plain CA: mints without recording
+    key, cert = unrecorded.issue_operator("ghost", "admin", timedelta(hours=1))
+    code, details = _list_nodes(c, Creds(key, cert, unrecorded.certificate_pem))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "not one this controller recorded issuing" in details, details
+    record_operator(c.data / "controller.db", cert)  # what operator-cert does
+    assert _list_nodes(c, Creds(key, cert, unrecorded.certificate_pem))[0] == grpc.StatusCode.OK
+
+
 # --------------------------------------------------------------------------- 3. authorization matrix
 
 
@@ -530,6 +663,8 @@ def _call_method(ch: grpc.Channel, method: str, node_name: str) -> tuple[grpc.St
         "/veilnet.v1.Admin/CreateJoinToken": (admin.CreateJoinToken,
                                               admin_pb2.CreateJoinTokenRequest(node_name="mx-target", ttl_seconds=60)),
         "/veilnet.v1.Admin/RevokeNode": (admin.RevokeNode, admin_pb2.RevokeNodeRequest(node_name="mx-never-joined")),
+        "/veilnet.v1.Admin/RevokeOperator": (admin.RevokeOperator,
+                                             admin_pb2.RevokeOperatorRequest(name="mx-never-issued")),
         "/veilnet.v1.Admin/SendCommand": (admin.SendCommand,
                                           admin_pb2.SendCommandRequest(node_name="mx-never-joined", command="resync")),
     }
@@ -569,6 +704,7 @@ def test_authorization_matrix_over_every_rpc(controller: ControllerProcess, ca: 
     assert results[SYNC_METHOD, "node"][0] == grpc.StatusCode.OK
     assert results["/veilnet.v1.Admin/CreateJoinToken", "admin"][0] == grpc.StatusCode.OK
     assert results["/veilnet.v1.Admin/RevokeNode", "admin"][0] == grpc.StatusCode.NOT_FOUND
+    assert results["/veilnet.v1.Admin/RevokeOperator", "admin"][0] == grpc.StatusCode.NOT_FOUND
     assert results["/veilnet.v1.Admin/SendCommand", "network-admin"][0] == grpc.StatusCode.NOT_FOUND
     assert current_spec(c)["revision"] == revision_before
 
@@ -588,9 +724,10 @@ def test_viewer_cannot_apply(controller: ControllerProcess, tmp_path: Path) -> N
     raw["segments"][1]["vni"] = 201  # a real change: an allowed apply would make a new revision
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(raw))
+    viewer = c.operator("view-op", "viewer")
     audit_before = len(audit_entries(c))
 
-    res = c.veilctl("apply", "-f", str(changed), "-m", "viewer try", credentials=c.operator("view-op", "viewer"))
+    res = c.veilctl("apply", "-f", str(changed), "-m", "viewer try", credentials=viewer)
     assert res.returncode == 3, (res.returncode, res.stderr)
     assert "permission_denied" in res.stderr and "'viewer'" in res.stderr, res.stderr
 
@@ -599,7 +736,7 @@ def test_viewer_cannot_apply(controller: ControllerProcess, tmp_path: Path) -> N
     assert [(e["actor"], e["role"], e["action"], e["target"]) for e in audit_entries(c)[audit_before:]] == [
         ("view-op", "viewer", "denied", "/veilnet.v1.Admin/ApplySpec")]
     # The refusal was about the role, not the file: the viewer may read, and the file is a valid change.
-    diff = c.veilctl("diff", "-f", str(changed), credentials=c.operator("view-op", "viewer"))
+    diff = c.veilctl("diff", "-f", str(changed), credentials=viewer)
     assert diff.returncode == 1 and "201" in diff.stdout, (diff.returncode, diff.stdout, diff.stderr)
 
 
@@ -774,13 +911,13 @@ def test_audit_log_tampering_is_detected(fresh_controller: ControllerProcess, tm
     second.write_text(_mutated(lambda raw: raw["segments"][1].__setitem__("vni", 201)))
     c.veilctl("apply", "-f", str(second), "-m", "second", check=True)
     entries = audit_entries(c)
-    assert [e["action"] for e in entries] == ["spec.apply", "token.create", "spec.apply"]
+    assert [e["action"] for e in entries] == ["operator.issue", "spec.apply", "token.create", "spec.apply"]
     ok = c.veilctl("audit", "--verify")
     assert ok.returncode == 0 and "hash chain verified" in ok.stdout, (ok.returncode, ok.stdout, ok.stderr)
 
     c.stop()
     offline = _audit_verify_offline(c)
-    assert offline.returncode == 0 and offline.stdout.startswith("ok: 3 entries"), offline.stdout
+    assert offline.returncode == 0 and offline.stdout.startswith("ok: 4 entries"), offline.stdout
 
     db = sqlite3.connect(c.data / "controller.db")
     try:

@@ -17,6 +17,7 @@ import pytest
 from veilnet_controller.audit_verify import verify_file
 from veilnet_controller.store import (
     GENESIS_HASH,
+    SCHEMA_VERSION,
     ConflictError,
     SQLiteStore,
     Store,
@@ -50,7 +51,7 @@ def test_implements_protocol(store: SQLiteStore) -> None:
 
 def test_schema_and_pragmas(store: SQLiteStore, db_path: Path) -> None:
     conn = raw(db_path)
-    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
 
@@ -95,10 +96,40 @@ def test_closed_store_refuses(db_path: Path) -> None:
 def test_newer_schema_version_refused(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     conn = raw(db_path)
-    conn.execute("UPDATE schema_version SET version = 2")
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     conn.close()
-    with pytest.raises(StoreError, match="schema version 2"):
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         SQLiteStore(db_path)
+
+
+def make_version_1(db_path: Path) -> None:
+    """Turn a new database into what schema version 1 was: no retire_at column, no operator records."""
+    conn = raw(db_path)
+    conn.execute("ALTER TABLE certificates DROP COLUMN retire_at")
+    conn.execute("DROP TABLE operator_certificates")
+    conn.execute("UPDATE schema_version SET version = 1")
+    conn.close()
+
+
+def test_version_1_database_is_migrated_keeping_its_data(db_path: Path) -> None:
+    s = SQLiteStore(db_path)
+    s.record_certificate("n1", "serial-1", datetime(2031, 1, 1, tzinfo=UTC))
+    s.add_revision("a: 1\n", "alice", "first")
+    s.close()
+    make_version_1(db_path)
+
+    s = SQLiteStore(db_path)
+    try:
+        conn = raw(db_path)
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        conn.close()
+        assert s.node("n1").certificate_serial == "serial-1"  # type: ignore[union-attr]
+        assert s.revision() is not None
+        assert s.retire_certificates("n1", keep="serial-2", at=datetime(2030, 1, 1, tzinfo=UTC)) == {
+            "serial-1": datetime(2030, 1, 1, tzinfo=UTC)}
+        assert s.record_operator_certificate("alice", "admin", "op-1", datetime(2031, 1, 1, tzinfo=UTC), "test")
+    finally:
+        s.close()
 
 
 # -- revisions ------------------------------------------------------------------------------------------------
@@ -275,6 +306,50 @@ def test_node_lifecycle(store: SQLiteStore) -> None:
     assert n is not None and n.revoked_at is None and n.revoke_reason == "" and n.joined_at == joined
     assert store.revoked_serials() == frozenset({"serial-1", "serial-2"})
     assert not store.is_serial_revoked("serial-3")
+
+
+def test_renewal_retires_every_other_certificate_and_never_extends_a_grace(store: SQLiteStore) -> None:
+    nat = datetime(2031, 1, 1, tzinfo=UTC)
+    t1, t2 = datetime(2030, 1, 1, 12, tzinfo=UTC), datetime(2030, 1, 1, 13, tzinfo=UTC)
+    store.record_certificate("n1", "s1", nat)
+    store.record_certificate("n2", "other", nat)
+    store.record_certificate("n1", "s2", nat)  # first renewal
+    assert store.retire_certificates("n1", keep="s2", at=t1) == {"s1": t1}
+    store.record_certificate("n1", "s3", nat)  # renewed again (say the answer to the first was lost)
+    assert store.retire_certificates("n1", keep="s3", at=t2) == {"s1": t1, "s2": t2}  # s1 keeps its time
+    assert store.retiring_certificates() == {"s1": t1, "s2": t2}
+    assert store.is_serial_revoked("s1", now=t1) and not store.is_serial_revoked("s1", now=t1 - timedelta(seconds=1))
+    assert not store.is_serial_revoked("s3", now=t2) and not store.is_serial_revoked("other", now=t2)
+    assert store.revoked_serials() == frozenset()  # retiring is not revoked (yet)
+    assert store.revoke_node("n1", "gone") == ["s1", "s2", "s3"]
+    assert store.retiring_certificates() == {}  # revoked outright now
+
+
+def test_operator_certificates_are_recorded_and_revoked_by_name(store: SQLiteStore) -> None:
+    nat = datetime(2031, 1, 1, tzinfo=UTC)
+    assert store.operator_certificate("op-1") is None
+    assert store.record_operator_certificate("alice", "admin", "op-1", nat, "root (operator-cert)")
+    assert not store.record_operator_certificate("alice", "admin", "op-1", nat, "again")  # already known
+    with pytest.raises(StoreError, match="already recorded for alice"):
+        store.record_operator_certificate("mallory", "admin", "op-1", nat, "x")
+    store.record_operator_certificate("alice", "viewer", "op-2", nat, "x")
+    store.record_operator_certificate("bob", "viewer", "op-3", nat, "x")
+    rec = store.operator_certificate("op-1")
+    assert rec is not None and (rec.name, rec.role, rec.not_after, rec.revoked_at) == ("alice", "admin", nat, None)
+    assert [r.serial for r in store.operator_certificates("alice")] == ["op-1", "op-2"]
+
+    when = datetime(2030, 6, 1, tzinfo=UTC)
+    assert store.revoke_operator("alice", "left", now=when) == ["op-1", "op-2"]
+    assert store.operator_certificate("op-2").revoked_at == when  # type: ignore[union-attr]
+    assert store.operator_certificate("op-3").revoked_at is None  # type: ignore[union-attr]
+    assert store.revoked_serials() == frozenset({"op-1", "op-2"})
+    assert store.is_serial_revoked("op-1") and not store.is_serial_revoked("op-3")
+    assert store.revoke_operator("alice", "again") == []
+    with pytest.raises(StoreError, match="unknown operator 'alcie'"):
+        store.revoke_operator("alcie", "typo")
+    # Issued again after the revocation: the new certificate is good.
+    store.record_operator_certificate("alice", "admin", "op-4", nat, "x")
+    assert store.operator_certificate("op-4").revoked_at is None  # type: ignore[union-attr]
 
 
 def test_revoke_unknown_node(store: SQLiteStore) -> None:

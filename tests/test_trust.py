@@ -19,7 +19,7 @@ from veilnet_agent import pki
 from veilnet_controller.ca import CertificateAuthority
 from veilnet_controller.hub import Hub
 from veilnet_controller.server import ControllerService, ServerSettings, Services
-from veilnet_controller.store import SQLiteStore
+from veilnet_controller.store import OperatorCertificateRecord, SQLiteStore
 from veilnet_controller.trust import CertificateTrust
 
 HOUR = timedelta(hours=1)
@@ -53,28 +53,56 @@ def node_identity(ca: CertificateAuthority, name: str, **window: datetime) -> pk
     return pki.identity_from_certificate(cert)
 
 
+def no_operators(serial: str) -> OperatorCertificateRecord | None:
+    return None
+
+
 def test_refusal_names_what_is_wrong(ca: CertificateAuthority) -> None:
     now = datetime.now(UTC)
     trust = CertificateTrust()
+
+    def refusal(identity: pki.Identity, at: datetime) -> str | None:
+        return trust.refusal(identity, at, no_operators)
+
     good = node_identity(ca, "host-a")
-    assert trust.refusal(good, now) is None
+    assert refusal(good, now) is None
     assert trust.deadline(good) == good.not_after
 
     early = node_identity(ca, "host-a", not_before=now + HOUR, not_after=now + 2 * HOUR)
-    assert f"certificate {early.serial} of {early.spiffe_id} is not valid before" in (trust.refusal(early, now) or "")
+    assert f"certificate {early.serial} of {early.spiffe_id} is not valid before" in (refusal(early, now) or "")
     late = node_identity(ca, "host-a", not_before=now - 2 * HOUR, not_after=now - HOUR)
-    assert "expired at" in (trust.refusal(late, now) or "")
+    assert "expired at" in (refusal(late, now) or "")
 
     trust.retiring[good.serial] = now + timedelta(seconds=60)
-    assert trust.refusal(good, now) is None  # the grace period: still accepted
+    assert refusal(good, now) is None  # the grace period: still accepted
     assert trust.deadline(good) == now + timedelta(seconds=60)
-    assert "replaced by a renewal and retired at" in (trust.refusal(good, now + timedelta(seconds=60)) or "")
+    assert "replaced by a renewal and retired at" in (refusal(good, now + timedelta(seconds=60)) or "")
 
     other = node_identity(ca, "host-b")
     trust.revoked_nodes.add("host-b")  # a revoked node: refused whatever the serial
-    assert "node host-b is revoked" in (trust.refusal(other, now) or "")
+    assert "node host-b is revoked" in (refusal(other, now) or "")
     trust.revoked.add(good.serial)
-    assert trust.refusal(good, now) == f"certificate {good.serial} of {good.spiffe_id} is revoked"
+    assert refusal(good, now) == f"certificate {good.serial} of {good.spiffe_id} is revoked"
+
+
+def test_only_recorded_unrevoked_operator_certificates_are_accepted(ca: CertificateAuthority,
+                                                                   services: Services) -> None:
+    trust, store = CertificateTrust(), services.store
+    now = datetime.now(UTC)
+    _key, cert = ca.issue_operator("alice", "admin", HOUR)
+    alice = pki.identity_from_certificate(cert)
+    assert "is not one this controller recorded issuing" in (
+        trust.refusal(alice, now, store.operator_certificate) or "")
+    store.record_operator_certificate("alice", "admin", alice.serial, alice.not_after, "test")
+    assert trust.refusal(alice, now, store.operator_certificate) is None
+    _key, cert = ca.issue_operator("bob", "viewer", HOUR)
+    bob = pki.identity_from_certificate(cert)
+    store.record_operator_certificate("bob", "admin", bob.serial, bob.not_after, "test")  # recorded as admin
+    refused = trust.refusal(bob, now, store.operator_certificate) or ""
+    assert "was recorded for bob (admin), not bob (viewer)" in refused
+    store.revoke_operator("alice", "left")
+    assert trust.refusal(alice, now, store.operator_certificate) == (
+        f"certificate {alice.serial} of {alice.spiffe_id} is revoked")
 
 
 def test_every_stream_message_is_checked_before_it_changes_anything(services: Services,

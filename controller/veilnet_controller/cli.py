@@ -12,26 +12,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import re
 import signal
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
+
+import structlog
 
 from veilnet_agent import logs, pki
 from veilnet_agent.errors import ValidationError, VeilnetError
 
 from . import __version__
 from .ca import MAX_NODE_LIFETIME, MAX_OPERATOR_LIFETIME, MAX_SERVER_LIFETIME, CertificateAuthority
+from .store import SQLiteStore, Store
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
+LOCAL_ROLE = "local"  # audit role of commands run with the data directory rather than through the API
 
 _DURATION = re.compile(r"(\d{1,12})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_NODE_LIFETIME = timedelta(seconds=10)  # renewal at two thirds must leave time to reconnect
+MAX_RENEWAL_GRACE = timedelta(hours=1)
 
 
 def _describe(value: timedelta) -> str:
@@ -56,14 +63,52 @@ def parse_duration(text: str, what: str, *, minimum: timedelta = timedelta(secon
     return timedelta(seconds=seconds)
 
 
-def write_operator_credentials(ca: CertificateAuthority, out: Path, name: str, role: str,
+def local_actor() -> tuple[str, dict[str, str]]:
+    """Who runs a command with the data directory (not through the API): the OS user, and sudo's caller."""
+    detail = {"host": socket.gethostname()}
+    if os.environ.get("SUDO_USER"):
+        detail["sudo_user"] = os.environ["SUDO_USER"]
+    return getpass.getuser(), detail
+
+
+def write_operator_credentials(ca: CertificateAuthority, store: Store, out: Path, name: str, role: str,
                                lifetime: timedelta) -> Path:
+    """Issue an operator credential into ``out``; recorded (and audited) first: the controller accepts only
+    operator certificates it recorded, and revokes them by name."""
     key_pem, cert_pem = ca.issue_operator(name, role, lifetime)
+    issued = pki.identity_from_certificate(cert_pem, ca.trust_domain)
+    actor, detail = local_actor()
+    store.record_operator_certificate(name, role, issued.serial, issued.not_after, f"{actor} (operator-cert)")
+    store.append_audit(actor, LOCAL_ROLE, "operator.issue", name, None,
+                       {**detail, "role": role, "serial": issued.serial,
+                        "not_after": issued.not_after.isoformat(), "out": str(out)})
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     pki.write_private_key(out / "client.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(out / "client.crt", cert_pem)
     pki.write_public_file(out / "ca.crt", ca.certificate_pem)
     return out
+
+
+def import_operator_credentials(ca: CertificateAuthority, store: Store, directory: Path) -> list[str]:
+    """Record operator certificates under ``directory`` (``init``'s admin, ``operator-cert --out`` there) that
+    were issued before the store kept operator serials, so they keep working; returns the names imported."""
+    imported = []
+    for path in sorted(directory.glob("*/client.crt")):
+        try:
+            cert = pki.load_certificate(path.read_bytes())
+            pki.verify_issued_by(cert, ca.certificate)
+            who = pki.identity_from_certificate(cert, ca.trust_domain)
+        except (OSError, pki.PkiError):
+            continue  # not one of ours: nothing to record
+        if who.kind != "operator" or store.operator_certificate(who.serial) is not None:
+            continue
+        actor, detail = local_actor()
+        store.record_operator_certificate(who.name, who.role, who.serial, who.not_after, f"imported from {path}")
+        store.append_audit(actor, LOCAL_ROLE, "operator.import", who.name, None,
+                           {**detail, "role": who.role, "serial": who.serial,
+                            "not_after": who.not_after.isoformat(), "path": str(path)})
+        imported.append(who.name)
+    return imported
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -78,11 +123,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     key_pem, cert_pem = ca.issue_server(names, timedelta(days=365))
     pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(data / "server.crt", cert_pem)
-    admin_dir = write_operator_credentials(ca, data / "operators" / "admin", "admin", "admin",
-                                           admin_lifetime)
-    from .store import SQLiteStore
-
-    SQLiteStore(data / "controller.db").close()
+    store = SQLiteStore(data / "controller.db")
+    try:
+        admin_dir = write_operator_credentials(ca, store, data / "operators" / "admin", "admin", "admin",
+                                               admin_lifetime)
+    finally:
+        store.close()
     print(f"trust domain: {args.trust_domain}")
     print(f"server names: {', '.join(names)}")
     print(f"admin credentials: {admin_dir}")
@@ -102,7 +148,6 @@ def _default_advertise(listen: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .hub import Hub
     from .server import ServerSettings, Services, serve
-    from .store import SQLiteStore
 
     data: Path = args.data_dir
     settings = ServerSettings(  # every flag checked before anything is opened
@@ -112,9 +157,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime",
                                             minimum=MIN_NODE_LIFETIME, maximum=MAX_NODE_LIFETIME),
         join_failures_per_minute=args.join_failures_per_minute,
+        renewal_grace=parse_duration(args.renewal_grace, "--renewal-grace", maximum=MAX_RENEWAL_GRACE),
     )
     ca = CertificateAuthority.load(data / "ca")
     store = SQLiteStore(data / "controller.db")
+    imported = import_operator_credentials(ca, store, data / "operators")
+    if imported:
+        structlog.get_logger("veilnet.controller").warning(
+            "operator_certificates_imported", operators=imported,
+            note="issued before operator serials were recorded; other such credentials must be issued again")
     hub = Hub(store)
     hub.load()
     services = Services(ca, store, hub, settings)
@@ -151,13 +202,25 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_operator_cert(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.load(args.data_dir / "ca")
     if args.role not in pki.ROLES_OPERATOR:
         raise ValidationError("--role", args.role, f"must be one of {', '.join(pki.ROLES_OPERATOR)}")
     lifetime = parse_duration(args.lifetime, "--lifetime", maximum=MAX_OPERATOR_LIFETIME)
-    out = write_operator_credentials(ca, args.out, args.name, args.role, lifetime)
+    ca = CertificateAuthority.load(args.data_dir / "ca")
+    store = open_existing_store(args.data_dir)
+    try:
+        out = write_operator_credentials(ca, store, args.out, args.name, args.role, lifetime)
+    finally:
+        store.close()
     print(f"{args.role} credentials for {args.name}: {out}")
     return EXIT_OK
+
+
+def open_existing_store(data: Path) -> SQLiteStore:
+    """The controller's database, which ``init`` made: never create a new, empty one by accident."""
+    path = data / "controller.db"
+    if not path.is_file():
+        raise VeilnetError(f"{path} does not exist: is {data} a controller data directory (veilnet-controller init)?")
+    return SQLiteStore(path)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -196,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="HOST:PORT agents dial after joining (default: --listen; for a wildcard "
                                        "listen, the host the agent joined through with --listen's port)")
     p.add_argument("--certificate-lifetime", default="24h", help="node certificate lifetime")
+    p.add_argument("--renewal-grace", default="60s",
+                   help="how long a renewed node's previous certificate keeps working (at most 1h)")
     p.add_argument("--join-failures-per-minute", type=int, default=20,
                    help="failed joins allowed per source address and minute before Join is refused for a while "
                         "(0: no limit)")

@@ -224,6 +224,7 @@ class Hub:
                 self.revoked_nodes.add(node.name)
             self.runtime.setdefault(node.name, NodeRuntime()).capabilities = node.capabilities
         self.trust.revoked.update(self.store.revoked_serials())
+        self.trust.retiring.update(self.store.retiring_certificates())
         # Acceptance order is not persisted: after a restart, earlier node names win a conflict.
         self.reports = {node: AttachedReport.parse(node, raws)
                         for node, raws in self.store.attached_endpoints().items()}

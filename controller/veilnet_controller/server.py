@@ -38,7 +38,7 @@ from . import authz
 from .ca import CertificateAuthority, certificate_pem
 from .hub import Hub, InvalidKey, KeyConflict, Session
 from .spec import canonical_text, load_spec_text, parse_spec, summarize_changes, unified_diff
-from .store import ConflictError, Store, TokenResult
+from .store import ConflictError, Store, StoreError, TokenResult
 from .throttle import FailureThrottle, peer_address
 
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
@@ -47,6 +47,7 @@ HELLO_TIMEOUT = 10.0
 EXPIRY_SLACK = 0.01  # seconds past not_after before a stream's timer checks (not_after itself is still valid)
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 86400
+DEFAULT_RENEWAL_GRACE = timedelta(seconds=60)  # streams opened with the old certificate move over meanwhile
 
 T = TypeVar("T")
 COMMANDS = {
@@ -63,6 +64,7 @@ class ServerSettings:
     control_endpoint: str  # what agents are told to dial after joining
     certificate_lifetime: timedelta
     join_failures_per_minute: int = 20  # per source address; beyond, Join is refused for a while
+    renewal_grace: timedelta = DEFAULT_RENEWAL_GRACE  # how long a renewed node's previous certificate still works
 
 
 def rfc3339(value: datetime | None) -> str:
@@ -117,7 +119,7 @@ class Services:
         Asked on every RPC and every stream message, not only at the TLS handshake: a connection opened
         while the certificate was good may outlive it.
         """
-        return self.hub.trust.refusal(identity, datetime.now(UTC))
+        return self.hub.trust.refusal(identity, datetime.now(UTC), self.store.operator_certificate)
 
     def refused(self, identity: pki.Identity, method: str, reason: str) -> None:
         self.log.warning("certificate_refused", method=method, caller=identity.spiffe_id, serial=identity.serial,
@@ -214,7 +216,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
         new = pki.identity_from_certificate(cert, s.ca.trust_domain)
         s.store.record_certificate(identity.name, new.serial, new.not_after)
-        s.log.info("certificate_renewed", node=identity.name, serial=new.serial, previous=identity.serial)
+        # What it replaces stops working after a grace period (an open stream moves to the new certificate).
+        # Renewing again with an older certificate never extends that period.
+        retire_at = datetime.now(UTC) + s.settings.renewal_grace
+        retiring = s.store.retire_certificates(identity.name, keep=new.serial, at=retire_at)
+        retiring.setdefault(identity.serial, retire_at)  # also if the caller's certificate was never recorded
+        s.hub.retire(retiring)
+        s.store.append_audit(identity.name, "node", "node.renew", identity.name, None,
+                             {"serial": new.serial, "not_after": rfc3339(new.not_after),
+                              "renewed_with": identity.serial,
+                              "retires": {serial: rfc3339(at) for serial, at in sorted(retiring.items())}})
+        s.log.info("certificate_renewed", node=identity.name, serial=new.serial, previous=identity.serial,
+                   previous_retires_at=rfc3339(retiring[identity.serial]))
         return cpb.RenewResponse(certificate_pem=certificate_pem(cert), ca_bundle_pem=s.ca.certificate_pem)
 
     async def _node(self, context: aio.ServicerContext[Any, Any], method: str) -> pki.Identity:
@@ -501,6 +514,24 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                              {"reason": request.reason, "serials": serials})
         s.log.warning("node_revoked", node=request.node_name, by=who.spiffe_id, serials=serials)
         return apb.RevokeNodeResponse(certificates_revoked=len(serials), was_connected=was_connected)
+
+    async def RevokeOperator(self, request: apb.RevokeOperatorRequest,
+                             context: aio.ServicerContext[Any, Any]) -> apb.RevokeOperatorResponse:
+        who = await self._auth(context, "RevokeOperator")
+        s = self.s
+        try:
+            name = validate_name(request.name, "name")
+        except ValidationError as exc:
+            await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
+        try:
+            serials = s.store.revoke_operator(name, request.reason)
+        except StoreError as exc:
+            await fail(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        s.hub.trust.revoked.update(serials)  # the store is asked on every call anyway; this is the fast path
+        s.store.append_audit(who.name, who.role, "operator.revoke", name, None,
+                             {"reason": request.reason, "serials": serials})
+        s.log.warning("operator_revoked", operator=name, by=who.spiffe_id, serials=serials)
+        return apb.RevokeOperatorResponse(certificates_revoked=len(serials))
 
     async def SendCommand(self, request: apb.SendCommandRequest,
                           context: aio.ServicerContext[Any, Any]) -> apb.SendCommandResponse:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from veilnet_agent.errors import VeilnetError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS_HASH = "0" * 64
 """``previous_hash`` of the first audit entry: there is nothing before it to link to."""
 
@@ -86,6 +86,20 @@ class NodeRecord:
     capabilities: tuple[str, ...]
     certificate_serial: str | None
     certificate_not_after: datetime | None
+    revoked_at: datetime | None
+    revoke_reason: str
+
+
+@dataclass(frozen=True)
+class OperatorCertificateRecord:
+    """An operator certificate the controller issued (or imported): only recorded ones are accepted."""
+
+    serial: str
+    name: str
+    role: str
+    not_after: datetime
+    issued_at: datetime
+    issued_by: str
     revoked_at: datetime | None
     revoke_reason: str
 
@@ -261,9 +275,23 @@ class Store(Protocol):
 
     def revoke_node(self, node: str, reason: str, now: datetime | None = None) -> list[str]: ...
 
-    def is_serial_revoked(self, serial: str) -> bool: ...
+    def retire_certificates(self, node: str, keep: str, at: datetime) -> dict[str, datetime]: ...
+
+    def retiring_certificates(self) -> dict[str, datetime]: ...
+
+    def is_serial_revoked(self, serial: str, now: datetime | None = None) -> bool: ...
 
     def revoked_serials(self) -> frozenset[str]: ...
+
+    def record_operator_certificate(
+        self, name: str, role: str, serial: str, not_after: datetime, issued_by: str
+    ) -> bool: ...
+
+    def operator_certificate(self, serial: str) -> OperatorCertificateRecord | None: ...
+
+    def operator_certificates(self, name: str | None = None) -> list[OperatorCertificateRecord]: ...
+
+    def revoke_operator(self, name: str, reason: str, now: datetime | None = None) -> list[str]: ...
 
     def set_attached_endpoints(self, node: str, endpoints: Sequence[Mapping[str, Any]]) -> None: ...
 
@@ -318,9 +346,21 @@ _SCHEMA: tuple[str, ...] = (
         node TEXT NOT NULL REFERENCES nodes(name),
         not_after TEXT NOT NULL,
         issued_at TEXT NOT NULL,
-        revoked_at TEXT
+        revoked_at TEXT,
+        retire_at TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS certificates_node ON certificates(node)",
+    """CREATE TABLE IF NOT EXISTS operator_certificates (
+        serial TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        issued_by TEXT NOT NULL,
+        revoked_at TEXT,
+        revoke_reason TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX IF NOT EXISTS operator_certificates_name ON operator_certificates(name)",
     """CREATE TABLE IF NOT EXISTS attached_endpoints (
         node TEXT PRIMARY KEY,
         endpoints TEXT NOT NULL
@@ -348,6 +388,13 @@ _SCHEMA: tuple[str, ...] = (
     END""",
 )
 
+# Schema version 1 -> 2, run after _SCHEMA (whose CREATE ... IF NOT EXISTS made the new tables): the new
+# columns of tables that already existed.
+_MIGRATE_1_TO_2: tuple[str, ...] = (
+    "ALTER TABLE certificates ADD COLUMN retire_at TEXT",
+)
+
+_OPERATOR_COLUMNS = "serial, name, role, not_after, issued_at, issued_by, revoked_at, revoke_reason"
 _NODE_COLUMNS = (
     "name, joined_at, wireguard_public_key, capabilities, certificate_serial, certificate_not_after,"
     " revoked_at, revoke_reason"
@@ -391,6 +438,19 @@ def _node_from_row(row: Sequence[Any]) -> NodeRecord:
         capabilities=tuple(str(c) for c in capabilities),
         certificate_serial=None if row[4] is None else str(row[4]),
         certificate_not_after=_opt_time(row[5]),
+        revoked_at=_opt_time(row[6]),
+        revoke_reason=str(row[7]),
+    )
+
+
+def _operator_from_row(row: Sequence[Any]) -> OperatorCertificateRecord:
+    return OperatorCertificateRecord(
+        serial=str(row[0]),
+        name=str(row[1]),
+        role=str(row[2]),
+        not_after=parse_time(str(row[3])),
+        issued_at=parse_time(str(row[4])),
+        issued_by=str(row[5]),
         revoked_at=_opt_time(row[6]),
         revoke_reason=str(row[7]),
     )
@@ -467,6 +527,10 @@ class SQLiteStore:
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) == 1:  # same transaction: migrated completely or not at all
+                for statement in _MIGRATE_1_TO_2:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(
                     f"store {self.path} has schema version {row[0]}; this controller supports {SCHEMA_VERSION}"
@@ -683,18 +747,115 @@ class SQLiteStore:
             conn.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (moment, node))
         return serials
 
-    def is_serial_revoked(self, serial: str) -> bool:
-        """True only for a recorded serial that has been revoked (unknown serials are not ours to judge)."""
+    def retire_certificates(self, node: str, keep: str, at: datetime) -> dict[str, datetime]:
+        """After a renewal: every other unrevoked certificate of ``node`` stops being accepted at ``at``.
+
+        A certificate already retiring keeps its earlier time (renewing twice never extends a grace period).
+        Returns each retiring serial with its effective time.
+        """
+        when = format_time(at)
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE certificates SET retire_at = CASE WHEN retire_at IS NULL OR retire_at > ? THEN ?"
+                " ELSE retire_at END WHERE node = ? AND serial != ? AND revoked_at IS NULL",
+                (when, when, node, keep),
+            )
+            rows = conn.execute(
+                "SELECT serial, retire_at FROM certificates WHERE node = ? AND serial != ? AND revoked_at IS NULL",
+                (node, keep),
+            ).fetchall()
+        return {str(r[0]): parse_time(str(r[1])) for r in rows}
+
+    def retiring_certificates(self) -> dict[str, datetime]:
+        """Serials replaced by a renewal and not revoked otherwise, with the time they stop being accepted."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT serial, retire_at FROM certificates WHERE retire_at IS NOT NULL AND revoked_at IS NULL"
+            ).fetchall()
+        return {str(r[0]): parse_time(str(r[1])) for r in rows}
+
+    def is_serial_revoked(self, serial: str, now: datetime | None = None) -> bool:
+        """True for a recorded serial that is revoked or retired by ``now`` (unknown serials are not ours to judge)."""
+        moment = format_time(_now(now))
         with self._read() as conn:
             row = conn.execute(
-                "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL", (serial,)
+                "SELECT 1 FROM certificates WHERE serial = ? AND (revoked_at IS NOT NULL OR retire_at <= ?)"
+                " UNION ALL SELECT 1 FROM operator_certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+                (serial, moment, serial),
             ).fetchone()
         return row is not None
 
     def revoked_serials(self) -> frozenset[str]:
+        """Every revoked serial, node and operator (retiring ones: ``retiring_certificates``)."""
         with self._read() as conn:
-            rows = conn.execute("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL").fetchall()
+            rows = conn.execute(
+                "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL"
+                " UNION SELECT serial FROM operator_certificates WHERE revoked_at IS NOT NULL"
+            ).fetchall()
         return frozenset(str(r[0]) for r in rows)
+
+    # -- operator certificates ------------------------------------------------------------------------------
+
+    def record_operator_certificate(
+        self, name: str, role: str, serial: str, not_after: datetime, issued_by: str
+    ) -> bool:
+        """Remember an operator certificate; only recorded ones are accepted. False if already recorded
+        (same name and role); a serial recorded for someone else is an error."""
+        if not name or not role or not serial:
+            raise StoreError("operator certificate needs a name, a role and a serial")
+        with self._write() as conn:
+            row = conn.execute("SELECT name, role FROM operator_certificates WHERE serial = ?", (serial,)).fetchone()
+            if row is not None:
+                if (str(row[0]), str(row[1])) != (name, role):
+                    raise StoreError(f"certificate serial {serial} is already recorded for {row[0]} ({row[1]})")
+                return False
+            conn.execute(
+                f"INSERT INTO operator_certificates ({_OPERATOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, '')",
+                (serial, name, role, format_time(not_after), format_time(datetime.now(UTC)), issued_by),
+            )
+        return True
+
+    def operator_certificate(self, serial: str) -> OperatorCertificateRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_OPERATOR_COLUMNS} FROM operator_certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+        return None if row is None else _operator_from_row(row)
+
+    def operator_certificates(self, name: str | None = None) -> list[OperatorCertificateRecord]:
+        """Recorded operator certificates (of ``name``, or all), oldest first."""
+        with self._read() as conn:
+            if name is None:
+                rows = conn.execute(
+                    f"SELECT {_OPERATOR_COLUMNS} FROM operator_certificates ORDER BY issued_at, rowid"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_OPERATOR_COLUMNS} FROM operator_certificates WHERE name = ? ORDER BY issued_at, rowid",
+                    (name,),
+                ).fetchall()
+        return [_operator_from_row(r) for r in rows]
+
+    def revoke_operator(self, name: str, reason: str, now: datetime | None = None) -> list[str]:
+        """Revoke every certificate recorded for operator ``name`` not already revoked; returns those serials.
+
+        StoreError if no certificate was ever recorded for ``name`` (a typo must not look like a success).
+        """
+        moment = format_time(_now(now))
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM operator_certificates WHERE name = ?", (name,)).fetchone() is None:
+                raise StoreError(f"unknown operator {name!r}: no certificate was recorded for it")
+            rows = conn.execute(
+                "SELECT serial FROM operator_certificates WHERE name = ? AND revoked_at IS NULL"
+                " ORDER BY issued_at, rowid",
+                (name,),
+            ).fetchall()
+            conn.execute(
+                "UPDATE operator_certificates SET revoked_at = ?, revoke_reason = ?"
+                " WHERE name = ? AND revoked_at IS NULL",
+                (moment, reason, name),
+            )
+        return [str(r[0]) for r in rows]
 
     # -- attached endpoints ---------------------------------------------------------------------------------
 

@@ -12,10 +12,13 @@ on revocation, rejoin and renewal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from veilnet_agent import pki
+
+from .store import OperatorCertificateRecord
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
@@ -33,8 +36,14 @@ class CertificateTrust:
     revoked_nodes: set[str] = field(default_factory=set)
     """Nodes revoked (until they join again): any certificate naming one is refused, recorded or not."""
 
-    def refusal(self, identity: pki.Identity, now: datetime) -> str | None:
-        """Why ``identity``'s certificate is not acceptable at ``now``, or None if it is."""
+    def refusal(self, identity: pki.Identity, now: datetime,
+                operator_record: Callable[[str], OperatorCertificateRecord | None]) -> str | None:
+        """Why ``identity``'s certificate is not acceptable at ``now``, or None if it is.
+
+        Operators are looked up by serial (``operator_record``, the store): only a certificate the controller
+        recorded issuing, for that name and role, and not revoked, is accepted. So ``operator-cert`` run
+        offline takes effect at once, and a revocation covers every copy of a credential.
+        """
         who = f"certificate {identity.serial} of {identity.spiffe_id}"
         if now < identity.not_before:
             return f"{who} is not valid before {_when(identity.not_before)}"
@@ -47,6 +56,15 @@ class CertificateTrust:
             return f"{who} was replaced by a renewal and retired at {_when(retire_at)}"
         if identity.kind == "node" and identity.name in self.revoked_nodes:
             return f"{who}: node {identity.name} is revoked"
+        if identity.kind == "operator":
+            record = operator_record(identity.serial)
+            if record is None:
+                return (f"{who} is not one this controller recorded issuing; "
+                        "get credentials from veilnet-controller operator-cert")
+            if (record.name, record.role) != (identity.name, identity.role):
+                return f"{who} was recorded for {record.name} ({record.role}), not {identity.name} ({identity.role})"
+            if record.revoked_at is not None:
+                return f"{who} is revoked"
         return None
 
     def deadline(self, identity: pki.Identity) -> datetime:

@@ -235,6 +235,14 @@ def cmd_token_create(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -
 
 
 def cmd_revoke(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
+    if (args.node is None) == (args.operator is None):
+        raise UsageError("revoke: name a node (revoke NODE) or an operator (revoke --operator NAME), not both")
+    if args.operator is not None:
+        op = stub.RevokeOperator(apb.RevokeOperatorRequest(name=args.operator, reason=args.reason or ""),
+                                 timeout=args.timeout)
+        _emit(args, {"operator": args.operator, "certificates_revoked": op.certificates_revoked},
+              f"revoked operator {args.operator}: {op.certificates_revoked} certificate(s)")
+        return EXIT_OK
     resp = stub.RevokeNode(apb.RevokeNodeRequest(node_name=args.node, reason=args.reason or ""),
                            timeout=args.timeout)
     _emit(args, {"certificates_revoked": resp.certificates_revoked, "was_connected": resp.was_connected},
@@ -308,8 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=("create",))
     sp.add_argument("node")
     sp.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
-    sp = add("revoke", cmd_revoke, "revoke a node: disconnect it and remove it from every peer")
-    sp.add_argument("node")
+    sp = add("revoke", cmd_revoke, "revoke a node (disconnect it, remove it from every peer) or an operator")
+    sp.add_argument("node", nargs="?", help="the node to revoke")
+    sp.add_argument("--operator", metavar="NAME", help="revoke every certificate of this operator instead")
     sp.add_argument("--reason")
     sp = add("command", cmd_command, "ask a connected node to resync, rotate-keys or renew-certificate")
     sp.add_argument("node")

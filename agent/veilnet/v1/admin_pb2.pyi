@@ -174,6 +174,20 @@ class RevokeNodeResponse(_message.Message):
     was_connected: bool
     def __init__(self, certificates_revoked: _Optional[int] = ..., was_connected: _Optional[bool] = ...) -> None: ...
 
+class RevokeOperatorRequest(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeOperatorResponse(_message.Message):
+    __slots__ = ("certificates_revoked",)
+    CERTIFICATES_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    certificates_revoked: int
+    def __init__(self, certificates_revoked: _Optional[int] = ...) -> None: ...
+
 class ReadAuditRequest(_message.Message):
     __slots__ = ("limit", "verify")
     LIMIT_FIELD_NUMBER: _ClassVar[int]

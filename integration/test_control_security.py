@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import secrets
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -36,7 +37,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from ctl import REPO_ROOT, ControllerProcess, _bin
+from ctl import REPO_ROOT, ControllerProcess, _bin, stop_process_group
 
 from veilnet.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
 from veilnet_agent import pki
@@ -217,11 +218,12 @@ def agent_config(workdir: Path, node: str) -> tuple[Path, Path]:
 
 def agent_join(c: ControllerProcess, node: str, token: str, ca_hash: str | None = None,
                ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``veilnet-agent join`` with the token on standard input."""
     config, identity = agent_config(c.workdir, node)
     res = subprocess.run(
         [_bin("veilnet-agent"), "join", "--config", str(config), "--controller", c.bootstrap_endpoint,
-         "--token", token, "--ca-hash", ca_hash or c.ca_hash],
-        capture_output=True, text=True, timeout=60)
+         "--token-file", "-", "--ca-hash", ca_hash or c.ca_hash],
+        capture_output=True, text=True, timeout=60, input=token + "\n")
     return res, identity
 
 
@@ -364,6 +366,104 @@ def test_join_refuses_malformed_ca_hash(controller: ControllerProcess, bad_hash:
     assert_join_refused(res, identity, "--ca-hash", "must be sha256: followed by 64 lowercase hex digits")
     assert res.returncode == 2
     assert "join-badpin" not in c.nodes()
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[socket.socket]:
+    """A TCP listener that accepts and never answers: a controller that is slow to answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(CALL_TIMEOUT)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def process_texts(pid: int) -> dict[str, bytes]:
+    """Everything another local user can read about a process's arguments and environment (every thread)."""
+    texts = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for name in ("cmdline", "environ", "comm"):
+            with contextlib.suppress(OSError):
+                texts[f"{task.name}/{name}"] = (task / name).read_bytes()
+    return texts
+
+
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_the_join_token_never_appears_in_the_join_process_command_line(controller: ControllerProcess,
+                                                                       tmp_path: Path, via: str) -> None:
+    """Watch the real join process while it waits for a controller that does not answer."""
+    c = controller
+    token = c.token("argv-watch")
+    config, identity = agent_config(c.workdir, "argv-watch")
+    if via == "file":
+        token_file = tmp_path / "token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        source, stdin = str(token_file), subprocess.DEVNULL
+    else:
+        source, stdin = "-", subprocess.PIPE
+    with silent_listener() as listener:
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+        proc = subprocess.Popen([_bin("veilnet-agent"), "join", "--config", str(config), "--controller", endpoint,
+                                 "--token-file", source, "--ca-hash", c.ca_hash],
+                                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            if proc.stdin is not None:
+                proc.stdin.write(token.encode() + b"\n")
+                proc.stdin.close()
+            conn, _ = listener.accept()  # it has read the token and is dialling: the moment it is most exposed
+            with conn:
+                assert proc.poll() is None
+                texts = process_texts(proc.pid)
+                assert b"--token-file\0" + source.encode() in texts[f"{proc.pid}/cmdline"]  # the right process
+                leaked = [where for where, text in texts.items() if token.encode() in text]
+                assert leaked == [], f"the token is readable in /proc/{proc.pid}: {leaked}"
+        finally:
+            stop_process_group(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if proc.stderr is not None:
+                proc.stderr.close()
+    assert not identity.exists() or not any(identity.iterdir())
+    ok, _ = agent_join(c, "argv-watch", token)  # it never reached a controller: still unused
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_token_on_the_command_line_is_refused_and_not_spent(controller: ControllerProcess) -> None:
+    c = controller
+    token = c.token("argv-refused")
+    config, identity = agent_config(c.workdir, "argv-refused")
+    res = subprocess.run([_bin("veilnet-agent"), "join", "--config", str(config), "--controller",
+                          c.bootstrap_endpoint, "--token", token, "--ca-hash", c.ca_hash],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res
+    assert "--token: is not accepted" in res.stderr and "--token-file" in res.stderr, res.stderr
+    assert token not in res.stderr + res.stdout  # the refusal does not repeat the secret
+    assert not identity.exists()
+    ok, _ = agent_join(c, "argv-refused", token)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_token_file_others_can_read_is_warned_about(controller: ControllerProcess, tmp_path: Path) -> None:
+    c = controller
+    results = {}
+    for mode in (0o640, 0o600):
+        node = f"perm-{mode:o}"
+        token_file = tmp_path / node
+        token = c.token(node)
+        token_file.write_text(token + "\n")
+        token_file.chmod(mode)
+        config, _ = agent_config(c.workdir, node)
+        res = subprocess.run([_bin("veilnet-agent"), "join", "--config", str(config), "--controller",
+                              c.bootstrap_endpoint, "--token-file", str(token_file), "--ca-hash", c.ca_hash],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert token not in res.stderr + res.stdout
+        results[mode] = res.stderr
+    assert "warning:" in results[0o640] and "accessible by group or others (mode 0640)" in results[0o640]
+    assert "chmod 600" in results[0o640]
+    assert "warning" not in results[0o600]
 
 
 # --------------------------------------------------------------------------- 2. certificates on the control listener

@@ -31,6 +31,7 @@ root for the real, verified gRPC connection that carries the token.
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import os
 import re
@@ -38,11 +39,14 @@ import secrets
 import shutil
 import socket
 import ssl
-from collections.abc import Iterator
+import stat
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 from cryptography import x509
@@ -56,6 +60,7 @@ from . import pki
 from .errors import ValidationError, VeilnetError
 
 JOIN_TIMEOUT = 15.0
+MAX_TOKEN_TEXT = 1024  # a token is 50 characters; anything much longer is the wrong file
 _CA_HASH_PREFIX = "sha256:"
 _KEY = "node.key"
 _CERT = "node.crt"
@@ -361,6 +366,46 @@ def _rpc_error(exc: grpc.RpcError, what: str) -> EnrollmentError:
     code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return EnrollmentError(f"{what} refused: {code}: {details}")
+
+
+def read_join_token(source: str, warn: Callable[[str], None], stdin: TextIO | None = None) -> str:
+    """The join token from the file ``source``, or from standard input for ``-`` (prompted without echo on a
+    terminal). Secrets belong in files and pipes, never in argv: /proc/<pid>/cmdline is world-readable.
+
+    A regular file that group or others may access is used, with a ``warn``ing: whoever could read it could
+    also have joined as this node while the token was unused.
+    """
+    what = "standard input" if source == "-" else source
+    if source == "-":
+        stream = sys.stdin if stdin is None else stdin
+        if stream.isatty():
+            text = getpass.getpass("join token: ", stream=sys.stderr)
+        else:
+            text = stream.read(MAX_TOKEN_TEXT + 1)
+    else:
+        try:
+            fd = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ValidationError("--token-file", source, f"cannot be read: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)  # the file we read, not whatever the path names a moment later
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                warn(f"{source} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}): anyone who "
+                     f"read it could have joined as this node; keep join tokens in 0600 files (chmod 600 {source})")
+            data = b""
+            while len(data) <= MAX_TOKEN_TEXT and (chunk := os.read(fd, MAX_TOKEN_TEXT + 1 - len(data))):
+                data += chunk
+        finally:
+            os.close(fd)
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValidationError("--token-file", source, "must hold one join token (vnjoin_...), not binary data") \
+                from None
+    token = text.strip()
+    if not token or len(text) > MAX_TOKEN_TEXT or any(c.isspace() for c in token):
+        raise ValidationError("--token-file", what, "must hold exactly one join token (vnjoin_...) on one line")
+    return token
 
 
 def join(files: IdentityFiles, node: str, endpoint: str, token: str, ca_hash: str) -> pki.Identity:

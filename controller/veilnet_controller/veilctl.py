@@ -229,8 +229,8 @@ def cmd_token_create(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -
                                 timeout=args.timeout)
     _emit(args, {"token": resp.token, "expires_at": resp.expires_at, "ca_hash": resp.ca_hash},
           f"token: {resp.token}\nexpires: {resp.expires_at}\nca hash: {resp.ca_hash}\n"
-          f"on {args.node}: veilnet-agent join --controller <HOST:BOOTSTRAP-PORT> --token {resp.token} "
-          f"--ca-hash {resp.ca_hash}")
+          f"on {args.node}: veilnet-agent join --controller <HOST:BOOTSTRAP-PORT> --ca-hash {resp.ca_hash} "
+          "--token-file -   (paste the token when asked; or --token-file FILE, mode 0600)")
     return EXIT_OK
 
 

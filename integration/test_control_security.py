@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import socket
 import sqlite3
 import stat
@@ -44,7 +45,7 @@ from veilnet_agent import pki
 from veilnet_agent.enrollment import IdentityFiles, renew
 from veilnet_controller import authz
 from veilnet_controller.ca import CertificateAuthority
-from veilnet_controller.store import SQLiteStore, token_hash
+from veilnet_controller.store import SQLiteStore, entry_hash, parse_time, token_hash
 
 EXAMPLE_SPEC = REPO_ROOT / "examples" / "network.yaml"
 TRUST_DOMAIN = "veilnet.test"
@@ -549,8 +550,14 @@ def test_an_expired_certificate_is_refused_on_a_connection_opened_while_it_was_v
                               (renew, renew_request)):
             code, details = status_of(call, request)
             assert code == grpc.StatusCode.UNAUTHENTICATED and "expired at" in details, (code, details)
-    made = [e for e in audit_entries(c) if e["action"] == "token.create" and e["actor"] == "exp-admin"]
+    entries = audit_entries(c)
+    made = [e for e in entries if e["action"] == "token.create" and e["actor"] == "exp-admin"]
     assert len(made) == 1  # only the call made while the certificate was valid
+    # The refusals are on the record, once per certificate and kind (not once per redial).
+    refused = [(e["actor"], e["actor_serial"], e["detail"]["kind"]) for e in entries if e["action"] == "refused"
+               and e["actor"] in ("exp-admin", "exp-node")]
+    assert sorted(refused) == [("exp-admin", serial_of(admin.cert), "expired"),
+                               ("exp-node", serial_of(node.cert), "expired")]
     assert_still_serving(c)
 
 
@@ -998,13 +1005,36 @@ def test_another_nodes_key_with_a_trailing_newline_is_refused_and_never_stored(
 # --------------------------------------------------------------------------- 5. audit log
 
 
-def _audit_verify_offline(c: ControllerProcess) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_bin("veilnet-controller"), "audit-verify", "--data-dir", str(c.data)],
+def _tamper(db_path: Path, *statements: str, rechain: bool = True) -> None:
+    """What someone with write access to the database file (not the audit key) can do: drop the triggers, run
+    ``statements``, then renumber and recompute every hash with the chaining scheme, which is no secret.
+    Signatures cannot be recomputed without the key; they are kept as they were."""
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("DROP TRIGGER IF EXISTS audit_no_update")
+        db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+        for statement in statements:
+            db.execute(statement)
+        if rechain:
+            previous = "0" * 64
+            cursor = db.execute("SELECT sequence, time, actor, role, action, target, revision, detail, actor_serial,"
+                                " signature FROM audit ORDER BY sequence")
+            for number, row in enumerate(cursor.fetchall(), start=1):
+                digest = entry_hash(previous, number, parse_time(row[1]), row[2], row[3], row[4], row[5], row[6],
+                                    json.loads(row[7]), actor_serial=row[8] if row[9] else None)
+                db.execute("UPDATE audit SET sequence = ?, hash = ?, previous_hash = ? WHERE sequence = ?",
+                           (number, digest, previous, row[0]))
+                previous = digest
+    finally:
+        db.close()
+
+
+def _audit_verify(c: ControllerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_bin("veilnet-controller"), "audit-verify", "--data-dir", str(c.data), *args],
                           capture_output=True, text=True, timeout=60)
 
 
-def test_audit_log_tampering_is_detected(fresh_controller: ControllerProcess, tmp_path: Path) -> None:
-    c = fresh_controller
+def _filled_controller(c: ControllerProcess, tmp_path: Path) -> list[dict[str, Any]]:
     c.veilctl("apply", "-f", str(EXAMPLE_SPEC), "-m", "first", check=True)
     c.token("host-a")
     second = tmp_path / "second.yaml"
@@ -1012,32 +1042,73 @@ def test_audit_log_tampering_is_detected(fresh_controller: ControllerProcess, tm
     c.veilctl("apply", "-f", str(second), "-m", "second", check=True)
     entries = audit_entries(c)
     assert [e["action"] for e in entries] == ["operator.issue", "spec.apply", "token.create", "spec.apply"]
+    assert all(e["signature"] for e in entries)
+    assert {e["actor_serial"] for e in entries[1:]} == {serial_of((c.operator("admin", "admin") / "client.crt")
+                                                                  .read_bytes())}
+    return entries
+
+
+def test_audit_rows_rewritten_behind_a_running_controller_are_detected(fresh_controller: ControllerProcess,
+                                                                       tmp_path: Path) -> None:
+    """An edited row with every hash recomputed: the chain is consistent again, the signature is not."""
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
     ok = c.veilctl("audit", "--verify")
-    assert ok.returncode == 0 and "hash chain verified" in ok.stdout, (ok.returncode, ok.stdout, ok.stderr)
-
-    c.stop()
-    offline = _audit_verify_offline(c)
-    assert offline.returncode == 0 and offline.stdout.startswith("ok: 4 entries"), offline.stdout
-
-    db = sqlite3.connect(c.data / "controller.db")
-    try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # the trigger guards the log...
-            db.execute("UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
-        db.rollback()
-        db.execute("DROP TRIGGER audit_no_update")  # ...until someone with the file removes it
-        db.execute("UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
-        db.commit()
-    finally:
-        db.close()
-
-    offline = _audit_verify_offline(c)
-    assert offline.returncode == 1, offline
-    assert "TAMPERED: entry 2: hash mismatch" in offline.stdout, offline.stdout
-
-    c.start()
+    assert ok.returncode == 0 and "audit log verified (hash chain and signatures): 4 entries" in ok.stdout, ok
+    _tamper(c.data / "controller.db", "UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
     broken = c.veilctl("audit", "--verify")
     assert broken.returncode == 1, (broken.returncode, broken.stdout, broken.stderr)
-    assert "HASH CHAIN BROKEN: entry 2" in broken.stdout, broken.stdout
+    assert "AUDIT LOG BROKEN: entry 2: signature does not verify with audit key" in broken.stdout, broken.stdout
+    as_json = json.loads(c.veilctl("-o", "json", "audit", "--verify").stdout)
+    assert as_json["verified"] is False and as_json["verify_error"].startswith("entry 2: signature")
+
+
+def test_a_dropped_audit_row_rechained_the_old_way_is_detected(fresh_controller: ControllerProcess,
+                                                               tmp_path: Path) -> None:
+    """Exactly what the unkeyed chain accepted: a row deleted and the rest renumbered and re-hashed."""
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
+    c.stop()
+    assert _audit_verify(c).returncode == 0
+    _tamper(c.data / "controller.db", "DELETE FROM audit WHERE sequence = 3")  # the token.create
+    res = _audit_verify(c)
+    assert res.returncode == 1, res
+    assert res.stdout.startswith("TAMPERED: entry 3: signature does not verify with audit key"), res.stdout
+
+
+def test_a_truncated_audit_log_is_detected_against_a_shipped_head(fresh_controller: ControllerProcess,
+                                                                  tmp_path: Path) -> None:
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
+    c.stop()  # the controller writes its newest signed head when it stops
+    auditor = tmp_path / "auditor"  # copies an operator shipped off the controller host
+    auditor.mkdir()
+    shutil.copy(c.data / "audit.pub", auditor / "audit.pub")
+    shutil.copy(c.data / "audit-head.json", auditor / "head.json")
+    journal = [e for e in c.events() if e.get("event") == "audit_appended"]
+    assert journal and journal[-1]["sequence"] == 4  # the same head, in the journal
+
+    _tamper(c.data / "controller.db", "DELETE FROM audit WHERE sequence = 4", rechain=False)
+    (c.data / "audit-head.json").unlink()  # whoever cut the log removed the local head too
+    alone = _audit_verify(c, "--public-key", str(auditor / "audit.pub"))
+    assert alone.returncode == 0 and "would go unnoticed" in alone.stdout, alone.stdout  # it says what it can't see
+    res = _audit_verify(c, "--public-key", str(auditor / "audit.pub"), "--head", str(auditor / "head.json"))
+    assert res.returncode == 1, res
+    assert res.stdout.startswith(f"TAMPERED: entry 4: missing: the log ends at entry 3, but the signed head in "
+                                 f"{auditor / 'head.json'} records entry 4"), res.stdout
+
+
+def test_the_controller_will_not_start_on_a_log_cut_short_of_its_signed_head(fresh_controller: ControllerProcess,
+                                                                             tmp_path: Path) -> None:
+    """Appending to it would give new entries the missing numbers and bury the evidence."""
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
+    c.stop()
+    _tamper(c.data / "controller.db", "DELETE FROM audit WHERE sequence = 4", rechain=False)
+    with pytest.raises(RuntimeError, match=r"controller exited \(1\)") as info:
+        c.start()
+    assert "does not reach its signed head: entry 4 is missing" in str(info.value), str(info.value)
+    assert "move" in str(info.value) and "aside" in str(info.value)
 
 
 # --------------------------------------------------------------------------- 6. tokens stored hashed

@@ -62,7 +62,8 @@ def test_refusal_names_what_is_wrong(ca: CertificateAuthority) -> None:
     trust = CertificateTrust()
 
     def refusal(identity: pki.Identity, at: datetime) -> str | None:
-        return trust.refusal(identity, at, no_operators)
+        found = trust.refusal(identity, at, no_operators)
+        return None if found is None else found.message
 
     good = node_identity(ca, "host-a")
     assert refusal(good, now) is None
@@ -91,18 +92,19 @@ def test_only_recorded_unrevoked_operator_certificates_are_accepted(ca: Certific
     now = datetime.now(UTC)
     _key, cert = ca.issue_operator("alice", "admin", HOUR)
     alice = pki.identity_from_certificate(cert)
-    assert "is not one this controller recorded issuing" in (
-        trust.refusal(alice, now, store.operator_certificate) or "")
+    assert "is not one this controller recorded issuing" in str(trust.refusal(alice, now, store.operator_certificate))
     store.record_operator_certificate("alice", "admin", alice.serial, alice.not_after, "test")
     assert trust.refusal(alice, now, store.operator_certificate) is None
     _key, cert = ca.issue_operator("bob", "viewer", HOUR)
     bob = pki.identity_from_certificate(cert)
     store.record_operator_certificate("bob", "admin", bob.serial, bob.not_after, "test")  # recorded as admin
-    refused = trust.refusal(bob, now, store.operator_certificate) or ""
-    assert "was recorded for bob (admin), not bob (viewer)" in refused
+    refused = trust.refusal(bob, now, store.operator_certificate)
+    assert refused is not None and refused.kind == "mismatch"
+    assert "was recorded for bob (admin), not bob (viewer)" in refused.message
     store.revoke_operator("alice", "left")
-    assert trust.refusal(alice, now, store.operator_certificate) == (
-        f"certificate {alice.serial} of {alice.spiffe_id} is revoked")
+    revoked = trust.refusal(alice, now, store.operator_certificate)
+    assert revoked is not None and revoked.kind == "revoked"
+    assert revoked.message == f"certificate {alice.serial} of {alice.spiffe_id} is revoked"
 
 
 def test_every_stream_message_is_checked_before_it_changes_anything(services: Services,

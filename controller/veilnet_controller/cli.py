@@ -4,7 +4,10 @@ Data directory layout (mode 0700)::
 
     ca/ca.key ca/ca.crt ca/trust_domain   the host CA (the key never leaves this directory)
     server.key server.crt                 the controller's TLS certificate
-    controller.db                         SQLite: revisions, nodes, token hashes, audit log (0600)
+    controller.db                         SQLite: revisions, nodes, certificates, token hashes, audit log (0600)
+    audit.key audit.pub                   the Ed25519 key signing the audit log (0600; never in the database)
+                                          and its public key (0644: give auditors a copy)
+    audit-head.json                       the newest signed audit head (ship copies elsewhere)
     operators/<name>/{client.key,client.crt,ca.crt}   operator credentials issued here
 """
 
@@ -27,6 +30,7 @@ from veilnet_agent import logs, pki
 from veilnet_agent.errors import ValidationError, VeilnetError
 
 from . import __version__
+from .audit import HEAD_FILE, PUBLIC_KEY_FILE, AuditSigner, load_public_key, open_signed_store, read_head
 from .ca import MAX_NODE_LIFETIME, MAX_OPERATOR_LIFETIME, MAX_SERVER_LIFETIME, CertificateAuthority
 from .store import SQLiteStore, Store
 
@@ -123,7 +127,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     key_pem, cert_pem = ca.issue_server(names, timedelta(days=365))
     pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(data / "server.crt", cert_pem)
-    store = SQLiteStore(data / "controller.db")
+    store, signer = open_signed_store(data)  # makes audit.key / audit.pub
     try:
         admin_dir = write_operator_credentials(ca, store, data / "operators" / "admin", "admin", "admin",
                                                admin_lifetime)
@@ -132,6 +136,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"trust domain: {args.trust_domain}")
     print(f"server names: {', '.join(names)}")
     print(f"admin credentials: {admin_dir}")
+    print(f"audit key: {signer.key_id} (copy {data / PUBLIC_KEY_FILE} somewhere safe: auditors verify with it)")
     print(f"ca hash: {ca.ca_hash}")
     return EXIT_OK
 
@@ -160,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         renewal_grace=parse_duration(args.renewal_grace, "--renewal-grace", maximum=MAX_RENEWAL_GRACE),
     )
     ca = CertificateAuthority.load(data / "ca")
-    store = SQLiteStore(data / "controller.db")
+    store, signer = open_signed_store(data)
     imported = import_operator_credentials(ca, store, data / "operators")
     if imported:
         structlog.get_logger("veilnet.controller").warning(
@@ -168,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             note="issued before operator serials were recorded; other such credentials must be issued again")
     hub = Hub(store)
     hub.load()
-    services = Services(ca, store, hub, settings)
+    services = Services(ca, store, hub, settings, audit=signer)
     key = (data / "server.key").read_bytes()
     cert = (data / "server.crt").read_bytes()
 
@@ -206,7 +211,7 @@ def cmd_operator_cert(args: argparse.Namespace) -> int:
         raise ValidationError("--role", args.role, f"must be one of {', '.join(pki.ROLES_OPERATOR)}")
     lifetime = parse_duration(args.lifetime, "--lifetime", maximum=MAX_OPERATOR_LIFETIME)
     ca = CertificateAuthority.load(args.data_dir / "ca")
-    store = open_existing_store(args.data_dir)
+    store, _signer = open_existing_store(args.data_dir)
     try:
         out = write_operator_credentials(ca, store, args.out, args.name, args.role, lifetime)
     finally:
@@ -215,18 +220,26 @@ def cmd_operator_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def open_existing_store(data: Path) -> SQLiteStore:
-    """The controller's database, which ``init`` made: never create a new, empty one by accident."""
+def open_existing_store(data: Path) -> tuple[SQLiteStore, AuditSigner]:
+    """The controller's database, which ``init`` made (never a new, empty one by accident), signing."""
     path = data / "controller.db"
     if not path.is_file():
         raise VeilnetError(f"{path} does not exist: is {data} a controller data directory (veilnet-controller init)?")
-    return SQLiteStore(path)
+    return open_signed_store(data)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Read-only. The public key and head default to the data directory's; copies kept elsewhere prove more."""
     from .audit_verify import verify_file
 
-    ok, message = verify_file(args.data_dir / "controller.db")
+    public_key = load_public_key(args.public_key or args.data_dir / PUBLIC_KEY_FILE)
+    head_path: Path = args.head or args.data_dir / HEAD_FILE
+    if args.head is not None and not head_path.is_file():
+        raise VeilnetError(f"--head {head_path}: no such file")
+    head = read_head(head_path)
+    ok, message = verify_file(args.data_dir / "controller.db", public_key, head, f"the signed head in {head_path}")
+    if ok and head is None:
+        message += f"; no signed head ({head_path}): entries removed from the end would go unnoticed"
     print(("ok: " if ok else "TAMPERED: ") + message)
     return EXIT_OK if ok else EXIT_FAILURE
 
@@ -275,7 +288,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server-name", action="append", help="DNS name or IP agents and veilctl dial (repeatable)")
     p.add_argument("--lifetime", default="365d")
     p.set_defaults(func=cmd_server_cert)
-    p = add("audit-verify", "check the audit log's hash chain (read-only)")
+    p = add("audit-verify", "check the audit log's hash chain and signatures (read-only)")
+    p.add_argument("--public-key", type=Path, help=f"the audit public key (default DATA_DIR/{PUBLIC_KEY_FILE}); "
+                                                   "better a copy kept away from the controller")
+    p.add_argument("--head", type=Path, help=f"a signed head to check truncation against (default "
+                                             f"DATA_DIR/{HEAD_FILE}), e.g. one shipped elsewhere")
     p.set_defaults(func=cmd_audit_verify)
     p = add("ca-hash", "print the CA hash agents pin with --ca-hash")
     p.set_defaults(func=cmd_ca_hash)

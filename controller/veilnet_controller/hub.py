@@ -86,6 +86,16 @@ class AttachedReport:
         return name if isinstance(name, str) else ""
 
 
+MAX_AUDITED_ATTACHMENTS = 1000  # per report; "count" says how many there were
+
+
+def _attachment_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an attached endpoint other hosts will trust (not its local netns and interface names)."""
+    if not isinstance(raw, dict):
+        return {"invalid": str(raw)[:200]}
+    return {k: raw[k] for k in ("name", "segment", "mac", "ipv4", "ipv6", "labels") if k in raw}
+
+
 def empty_state(node: str) -> dict[str, Any]:
     """The target of a node with a session but no compiled state: in no network, keeps only its address."""
     return {"node": node, "transport_address": "", "segments": [], "endpoints": [], "peers": [], "policies": []}
@@ -360,17 +370,22 @@ class Hub:
                 self.log.warning("attached_endpoint_rejected", node=node, endpoint=report.name_at(position),
                                  field=field_path, reason=reason)
 
-    def _report_attached(self, node: str, raws: list[dict[str, Any]]) -> bool:
-        """Record ``node``'s reported attachments (persisted even when empty or without a spec).
+    def _report_attached(self, session: Session, raws: list[dict[str, Any]]) -> bool:
+        """Record the session's node's reported attachments (persisted even when empty or without a spec).
 
         Only that node's endpoints are re-validated: its old claims are released, its new endpoints checked
         against the table; then refused endpoints of other nodes are retried if claims were freed.
         True if an accepted set changed (a recompile is due).
         """
+        node = session.node
         current = self.reports.get(node)
         if (current.raws if current is not None else []) == raws:
             return False
         self.store.set_attached_endpoints(node, raws)
+        # What a node claims for its containers (addresses, labels that policies trust) is on the record.
+        self.store.append_audit(node, "node", "node.attach", node, None,
+                                {"endpoints": [_attachment_summary(r) for r in raws[:MAX_AUDITED_ATTACHMENTS]],
+                                 "count": len(raws)}, actor_serial=session.serial)
         report = AttachedReport.parse(node, raws) if raws else None
         if report is None:
             self.reports.pop(node, None)
@@ -465,11 +480,10 @@ class Hub:
         rt.capabilities = tuple(hello.capabilities)
         changed = False
         if key and self.public_keys.get(node) != key:
-            self.public_keys[node] = key
-            self.store.set_wireguard_key(node, key, list(hello.capabilities))
+            self._register_key(session, key, list(hello.capabilities), "hello")
             changed = True
         # The hello's list is authoritative: an empty one clears what the node attached before.
-        changed |= self._report_attached(node, [wire.endpoint_from_proto(e) for e in hello.attached_endpoints])
+        changed |= self._report_attached(session, [wire.endpoint_from_proto(e) for e in hello.attached_endpoints])
         session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
         if changed:
             self.request_recompile()
@@ -506,13 +520,23 @@ class Hub:
     def key_update(self, session: Session, key: str) -> None:
         self._check_key(session.node, key)
         if self.public_keys.get(session.node) != key:
-            self.public_keys[session.node] = key
-            self.store.set_wireguard_key(session.node, key, list(self.runtime[session.node].capabilities))
+            self._register_key(session, key, list(self.runtime[session.node].capabilities), "key_update")
             self.log.info("wireguard_key_rotated", node=session.node)
             self.request_recompile()
 
+    def _register_key(self, session: Session, key: str, capabilities: list[str], via: str) -> None:
+        """A node's WireGuard key is what every peer will trust for it: stored, and audited with the
+        certificate that presented it."""
+        previous = self.public_keys.get(session.node)
+        self.public_keys[session.node] = key
+        self.store.set_wireguard_key(session.node, key, capabilities)
+        action = "node.key-register" if previous is None else "node.key-change"
+        self.store.append_audit(session.node, "node", action, session.node, None,
+                                {"public_key": key, "previous": previous or "", "via": via},
+                                actor_serial=session.serial)
+
     def endpoints_reported(self, session: Session, raws: list[dict[str, Any]]) -> None:
-        if self._report_attached(session.node, raws):
+        if self._report_attached(session, raws):
             self.request_recompile()
 
     def command(self, node: str, kind: int) -> bool:

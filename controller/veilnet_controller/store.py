@@ -11,11 +11,11 @@ Two security properties are enforced here rather than by callers, because they m
   backup) cannot be used to join a node, and consuming a token is a single write transaction so that two
   concurrent joins with the same token cannot both succeed.
 * The audit log is append-only and tamper-evident: every entry carries the SHA-256 of its predecessor's
-  hash and its own canonical contents, SQL triggers refuse UPDATE and DELETE, and ``verify_audit_chain``
-  recomputes the chain. Someone with write access to the file can still drop the triggers, but cannot edit,
-  remove or reorder a past entry without ``verify_audit`` naming the first broken one. (Truncating the
-  newest entries is only detectable against a head hash recorded elsewhere, which is why the verification
-  message reports the head.)
+  hash and its own canonical contents, SQL triggers refuse UPDATE and DELETE, and with an audit signer (the
+  controller's Ed25519 key, kept outside this database: see ``audit``) every entry's hash is signed. Someone
+  with write access to the file can drop the triggers and even re-chain the hashes, but cannot sign: the
+  verifier (``audit.verify_rows``) names the first entry that is wrong. Entries removed from the end are
+  detected against a signed head kept elsewhere (``audit-head.json``, the journal).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class OperatorCertificateRecord:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One audit-log entry. ``hash`` = ``entry_hash(previous_hash, ...)`` over the other fields."""
+    """One audit-log entry. ``hash`` = ``entry_hash(previous_hash, ...)`` over the other fields;
+    ``signature``: the audit key's signature of (sequence, hash), empty for an unsigned (format 1) entry."""
 
     sequence: int
     time: datetime
@@ -118,6 +119,16 @@ class AuditRecord:
     detail: Mapping[str, Any]
     hash: str
     previous_hash: str
+    actor_serial: str = ""
+    signature: str = ""
+
+
+class AuditSigning(Protocol):
+    """What the store needs from the audit key holder (``audit.AuditSigner``)."""
+
+    def sign(self, sequence: int, digest: str) -> str: ...
+
+    def published(self, record: AuditRecord) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,12 +169,16 @@ def entry_hash(
     target: str,
     revision: int | None,
     detail: Mapping[str, Any],
+    *,
+    actor_serial: str | None = None,
 ) -> str:
     """SHA-256 hex of ``previous_hash + "\\n" + canonical JSON of the entry``.
 
     Chaining in the previous hash is what makes deleting or reordering entries detectable, not just editing.
+    ``actor_serial`` None: format 1 (unsigned entries, as written before signing existed); a string: format 2,
+    which also covers the serial of the certificate that acted.
     """
-    body = {
+    body: dict[str, Any] = {
         "sequence": sequence,
         "time": format_time(time),
         "actor": actor,
@@ -173,70 +188,15 @@ def entry_hash(
         "revision": revision,
         "detail": dict(detail),
     }
+    if actor_serial is not None:
+        body["actor_serial"] = actor_serial
+        body["format"] = 2
     return hashlib.sha256(f"{previous_hash}\n{canonical_json(body)}".encode()).hexdigest()
 
 
 def token_hash(token: str) -> str:
     """What is stored for a join token; the token itself never reaches the database."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def verify_audit_chain(conn: sqlite3.Connection) -> tuple[bool, str]:
-    """Recompute the audit chain over every row, in sequence order, using only SELECTs.
-
-    Returns ``(True, "N entries, head <hash>")`` or ``(False, "entry S: <what is wrong>")`` for the first bad
-    entry. Checks, in order: the sequence continues without a gap (catches deleted rows), ``previous_hash``
-    equals the preceding entry's hash (catches a row whose hash was recomputed after an edit), and the stored
-    hash matches the recomputed one (catches an edited field). Used by ``SQLiteStore.verify_audit`` and by
-    ``audit_verify.verify_file`` on a read-only connection, so both give the same verdict.
-    """
-    expected_sequence = 1
-    previous = GENESIS_HASH
-    count = 0
-    # One SELECT is one read snapshot, so concurrent appends cannot make a consistent log look broken.
-    cursor = conn.execute(
-        "SELECT sequence, time, actor, role, action, target, revision, detail, hash, previous_hash"
-        " FROM audit ORDER BY sequence"
-    )
-    for row in cursor:
-        sequence = int(row[0])
-        if sequence != expected_sequence:
-            cursor.close()
-            return False, f"entry {sequence}: gap in sequence (expected {expected_sequence}, found {sequence})"
-        stored_hash = str(row[8])
-        stored_previous = str(row[9])
-        if stored_previous != previous:
-            cursor.close()
-            return False, (
-                f"entry {sequence}: broken link to previous (previous_hash {stored_previous}, "
-                f"but entry {sequence - 1} has hash {previous})"
-            )
-        try:
-            time = parse_time(str(row[1]))
-            detail = json.loads(str(row[7]))
-            if not isinstance(detail, dict):
-                raise ValueError("detail is not a JSON object")
-            computed = entry_hash(
-                stored_previous,
-                sequence,
-                time,
-                str(row[2]),
-                str(row[3]),
-                str(row[4]),
-                str(row[5]),
-                None if row[6] is None else int(row[6]),
-                detail,
-            )
-        except (ValueError, TypeError) as exc:
-            cursor.close()
-            return False, f"entry {sequence}: unreadable entry ({exc})"
-        if computed != stored_hash:
-            cursor.close()
-            return False, f"entry {sequence}: hash mismatch (stored {stored_hash}, computed {computed})"
-        previous = stored_hash
-        expected_sequence += 1
-        count += 1
-    return True, f"{count} entries, head {previous}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,12 +258,23 @@ class Store(Protocol):
     def attached_endpoints(self) -> dict[str, list[dict[str, Any]]]: ...
 
     def append_audit(
-        self, actor: str, role: str, action: str, target: str, revision: int | None, detail: Mapping[str, Any]
+        self,
+        actor: str,
+        role: str,
+        action: str,
+        target: str,
+        revision: int | None,
+        detail: Mapping[str, Any],
+        *,
+        actor_serial: str = "",
     ) -> AuditRecord: ...
 
     def audit(self, limit: int = 100) -> tuple[list[AuditRecord], int]: ...
 
-    def verify_audit(self) -> tuple[bool, str]: ...
+    def audit_hash(self, sequence: int) -> str | None: ...
+
+    def verify_audit(self, public_key: Ed25519PublicKey | None = None, head: SignedHead | None = None,
+                     head_source: str = "the signed head") -> tuple[bool, str]: ...
 
     def close(self) -> None: ...
 
@@ -375,7 +346,9 @@ _SCHEMA: tuple[str, ...] = (
         revision INTEGER,
         detail TEXT NOT NULL,
         hash TEXT NOT NULL,
-        previous_hash TEXT NOT NULL
+        previous_hash TEXT NOT NULL,
+        actor_serial TEXT NOT NULL DEFAULT '',
+        signature TEXT NOT NULL DEFAULT ''
     )""",
     # Created on every open with IF NOT EXISTS, so a dropped trigger comes back at the next start.
     """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -392,6 +365,8 @@ _SCHEMA: tuple[str, ...] = (
 # columns of tables that already existed.
 _MIGRATE_1_TO_2: tuple[str, ...] = (
     "ALTER TABLE certificates ADD COLUMN retire_at TEXT",
+    "ALTER TABLE audit ADD COLUMN actor_serial TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE audit ADD COLUMN signature TEXT NOT NULL DEFAULT ''",
 )
 
 _OPERATOR_COLUMNS = "serial, name, role, not_after, issued_at, issued_by, revoked_at, revoke_reason"
@@ -400,7 +375,9 @@ _NODE_COLUMNS = (
     " revoked_at, revoke_reason"
 )
 _REVISION_COLUMNS = "number, spec_text, author, created_at, message, rolled_back_from"
-_AUDIT_COLUMNS = "sequence, time, actor, role, action, target, revision, detail, hash, previous_hash"
+_AUDIT_COLUMNS = (
+    "sequence, time, actor, role, action, target, revision, detail, hash, previous_hash, actor_serial, signature"
+)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -468,6 +445,8 @@ def _audit_from_row(row: Sequence[Any]) -> AuditRecord:
         detail=MappingProxyType(json.loads(str(row[7]))),
         hash=str(row[8]),
         previous_hash=str(row[9]),
+        actor_serial=str(row[10]),
+        signature=str(row[11]),
     )
 
 
@@ -498,8 +477,11 @@ class SQLiteStore:
     another process that has the same file open.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, audit: AuditSigning | None = None) -> None:
+        """``audit``: signs every audit entry. Without it entries are unsigned, which verification accepts only
+        before a signed entry (and a log that is already signed refuses unsigned appends)."""
         self.path = path
+        self._audit = audit
         self._lock = threading.Lock()
         _create_private_file(path)
         try:
@@ -884,32 +866,68 @@ class SQLiteStore:
     # -- audit log ------------------------------------------------------------------------------------------
 
     def append_audit(
-        self, actor: str, role: str, action: str, target: str, revision: int | None, detail: Mapping[str, Any]
+        self,
+        actor: str,
+        role: str,
+        action: str,
+        target: str,
+        revision: int | None,
+        detail: Mapping[str, Any],
+        *,
+        actor_serial: str = "",
     ) -> AuditRecord:
-        """Append one entry, chained to the current head, inside one write transaction.
+        """Append one entry, chained to the current head and signed, inside one write transaction.
 
-        ``detail`` is normalised through canonical JSON first (tuples become lists, keys become strings), so
-        the hash is computed over exactly what is stored and re-verifies after a round trip.
+        ``actor_serial``: the serial of the certificate that acted (empty for the anonymous and for local
+        commands). ``detail`` is normalised through canonical JSON first (tuples become lists, keys become
+        strings), so the hash is computed over exactly what is stored and re-verifies after a round trip.
+        Without a signer the entry is unsigned (format 1, no serial); a signed log refuses that.
         """
         try:
             normalised: dict[str, Any] = json.loads(canonical_json(dict(detail)))
         except (TypeError, ValueError) as exc:
             raise StoreError(f"audit detail is not JSON-serialisable: {exc}") from exc
         detail_text = canonical_json(normalised)
+        signer = self._audit
+        serial = actor_serial if signer is not None else ""
         with self._write() as conn:
-            row = conn.execute("SELECT sequence, hash FROM audit ORDER BY sequence DESC LIMIT 1").fetchone()
+            row = conn.execute(
+                "SELECT sequence, hash, signature FROM audit ORDER BY sequence DESC LIMIT 1"
+            ).fetchone()
             sequence, previous = (1, GENESIS_HASH) if row is None else (int(row[0]) + 1, str(row[1]))
+            if signer is None and row is not None and str(row[2]):
+                raise StoreError(f"audit log {self.path} is signed: appending needs the controller's audit key")
             # Taken inside the write lock, so entry times never go backwards across concurrent appenders
             # (modulo wall-clock steps).
             time = datetime.now(UTC)
-            digest = entry_hash(previous, sequence, time, actor, role, action, target, revision, normalised)
+            digest = entry_hash(previous, sequence, time, actor, role, action, target, revision, normalised,
+                                actor_serial=serial if signer is not None else None)
+            signature = signer.sign(sequence, digest) if signer is not None else ""
             conn.execute(
-                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sequence, format_time(time), actor, role, action, target, revision, detail_text, digest, previous),
+                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sequence, format_time(time), actor, role, action, target, revision, detail_text, digest, previous,
+                 serial, signature),
             )
-        return AuditRecord(
-            sequence, time, actor, role, action, target, revision, MappingProxyType(normalised), digest, previous
-        )
+        record = AuditRecord(sequence, time, actor, role, action, target, revision, MappingProxyType(normalised),
+                             digest, previous, serial, signature)
+        if signer is not None:
+            signer.published(record)
+        return record
+
+    def seal_unsigned_entries(self, key_id: str) -> AuditRecord | None:
+        """If the newest entry is unsigned (written before signing existed), append a signed entry at once:
+        its signature covers every earlier entry through the chain. None if there is nothing to seal."""
+        with self._read() as conn:
+            row = conn.execute("SELECT sequence, hash, signature FROM audit ORDER BY sequence DESC LIMIT 1").fetchone()
+        if row is None or str(row[2]):
+            return None
+        return self.append_audit("controller", "system", "audit.signing-enabled", "audit-log", None,
+                                 {"unsigned_entries": int(row[0]), "unsigned_head": str(row[1]), "key_id": key_id})
+
+    def audit_hash(self, sequence: int) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT hash FROM audit WHERE sequence = ?", (sequence,)).fetchone()
+        return None if row is None else str(row[0])
 
     def audit(self, limit: int = 100) -> tuple[list[AuditRecord], int]:
         """The newest ``limit`` entries in ascending sequence order, and the total number of entries."""
@@ -920,10 +938,18 @@ class SQLiteStore:
             total = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
         return [_audit_from_row(r) for r in reversed(rows)], total
 
-    def verify_audit(self) -> tuple[bool, str]:
-        """Recompute the whole chain; see ``verify_audit_chain``."""
-        with self._read() as conn:
-            return verify_audit_chain(conn)
+    def verify_audit(self, public_key: Ed25519PublicKey | None = None, head: SignedHead | None = None,
+                     head_source: str = "the signed head") -> tuple[bool, str]:
+        """Verify the whole log (``audit.verify_rows``); by default with this store's audit key and the newest
+        head it signed. Runs on its own read-only connection, not under the store's lock, so callers may run
+        it in a thread while the store keeps serving."""
+        from .audit import AuditSigner  # audit imports this module
+        from .audit_verify import verify_file
+
+        if public_key is None and isinstance(self._audit, AuditSigner):
+            public_key = self._audit.public_key
+            head = self._audit.head if head is None else head
+        return verify_file(self.path, public_key, head, head_source)
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError. Idempotent."""
@@ -934,6 +960,9 @@ class SQLiteStore:
 
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .audit import SignedHead
 
     def _implements_store(store: SQLiteStore) -> Store:
         """Lets mypy check that SQLiteStore satisfies the Store protocol."""

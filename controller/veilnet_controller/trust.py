@@ -27,6 +27,20 @@ def _when(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a certificate is not accepted: ``kind`` for machines (one of KINDS), ``message`` for the caller."""
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+KINDS = ("not-yet-valid", "expired", "revoked", "retired", "node-revoked", "unrecorded", "mismatch")
+
+
 @dataclass
 class CertificateTrust:
     revoked: set[str] = field(default_factory=set)
@@ -37,7 +51,7 @@ class CertificateTrust:
     """Nodes revoked (until they join again): any certificate naming one is refused, recorded or not."""
 
     def refusal(self, identity: pki.Identity, now: datetime,
-                operator_record: Callable[[str], OperatorCertificateRecord | None]) -> str | None:
+                operator_record: Callable[[str], OperatorCertificateRecord | None]) -> Refusal | None:
         """Why ``identity``'s certificate is not acceptable at ``now``, or None if it is.
 
         Operators are looked up by serial (``operator_record``, the store): only a certificate the controller
@@ -46,25 +60,26 @@ class CertificateTrust:
         """
         who = f"certificate {identity.serial} of {identity.spiffe_id}"
         if now < identity.not_before:
-            return f"{who} is not valid before {_when(identity.not_before)}"
+            return Refusal("not-yet-valid", f"{who} is not valid before {_when(identity.not_before)}")
         if now > identity.not_after:
-            return f"{who} expired at {_when(identity.not_after)}"
+            return Refusal("expired", f"{who} expired at {_when(identity.not_after)}")
         if identity.serial in self.revoked:
-            return f"{who} is revoked"
+            return Refusal("revoked", f"{who} is revoked")
         retire_at = self.retiring.get(identity.serial)
         if retire_at is not None and now >= retire_at:
-            return f"{who} was replaced by a renewal and retired at {_when(retire_at)}"
+            return Refusal("retired", f"{who} was replaced by a renewal and retired at {_when(retire_at)}")
         if identity.kind == "node" and identity.name in self.revoked_nodes:
-            return f"{who}: node {identity.name} is revoked"
+            return Refusal("node-revoked", f"{who}: node {identity.name} is revoked")
         if identity.kind == "operator":
             record = operator_record(identity.serial)
             if record is None:
-                return (f"{who} is not one this controller recorded issuing; "
-                        "get credentials from veilnet-controller operator-cert")
+                return Refusal("unrecorded", f"{who} is not one this controller recorded issuing; "
+                                             "get credentials from veilnet-controller operator-cert")
             if (record.name, record.role) != (identity.name, identity.role):
-                return f"{who} was recorded for {record.name} ({record.role}), not {identity.name} ({identity.role})"
+                return Refusal("mismatch", f"{who} was recorded for {record.name} ({record.role}), "
+                                           f"not {identity.name} ({identity.role})")
             if record.revoked_at is not None:
-                return f"{who} is revoked"
+                return Refusal("revoked", f"{who} is revoked")
         return None
 
     def deadline(self, identity: pki.Identity) -> datetime:

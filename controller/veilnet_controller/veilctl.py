@@ -10,7 +10,7 @@ Exit codes scripts can rely on::
     1  diff: differences found;          5  conflict (the spec changed meanwhile)
        apply --wait: not every node      6  controller unreachable / TLS failure
        applied in time; audit --verify:  7  other server error
-       chain broken
+       log broken (chain, signature or head)
     2  invalid input (the error names the field)
     3  not authenticated or not permitted
 """
@@ -259,12 +259,15 @@ def cmd_audit(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
     data: dict[str, Any] = {"total": resp.total, "entries": [
         {"sequence": e.sequence, "time": e.time, "actor": e.actor, "role": e.role, "action": e.action,
          "target": e.target, "revision": e.revision, "detail": json.loads(e.detail or "{}"), "hash": e.hash,
-         "previous_hash": e.previous_hash} for e in resp.entries]}
+         "previous_hash": e.previous_hash, "actor_serial": e.actor_serial, "signature": e.signature}
+        for e in resp.entries]}
     text = _table(["SEQ", "TIME", "WHO", "ACTION", "TARGET", "REV", "DETAIL"], rows)
     if args.verify:
         data["verified"] = resp.verified
         data["verify_error"] = resp.verify_error
-        text += "\n" + ("hash chain verified" if resp.verified else f"HASH CHAIN BROKEN: {resp.verify_error}")
+        data["verify_summary"] = resp.verify_summary
+        text += "\n" + (f"audit log verified (hash chain and signatures): {resp.verify_summary}" if resp.verified
+                        else f"AUDIT LOG BROKEN: {resp.verify_error}")
     _emit(args, data, text)
     return EXIT_DIFFERENT if args.verify and not resp.verified else EXIT_OK
 

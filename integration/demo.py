@@ -120,7 +120,7 @@ def run_demo(demo: Demo, iperf_seconds: int) -> None:
     demo.check("veilnet-controller serving", True,
                f"mutual TLS {ctl.control_endpoint}, join {ctl.bootstrap_endpoint}, CA {ctl.ca_hash[:23]}...")
 
-    heading("Joining three hosts with single-use tokens (CA pinned by hash)")
+    heading("Joining three hosts with single-use tokens (on standard input, CA pinned by hash)")
     for h in topo.hosts:
         host = lab.configure_host(h, resync_interval=2.0)
         token = ctl.token(h.name)

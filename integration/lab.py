@@ -607,10 +607,13 @@ class Host(_InNamespaces):
 
     def join(self, ctl: Any, token: str | None = None, ca_hash: str | None = None,
              check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``veilnet-agent join`` against the lab's controller; afterwards the agent runs in controller mode."""
+        """``veilnet-agent join`` against the lab's controller; afterwards the agent runs in controller mode.
+
+        The token goes on standard input (``--token-file -``), never on the command line."""
+        secret = token or ctl.token(self.name)
         res = self.run(self.agent_argv(
-            "join", "--controller", ctl.bootstrap_endpoint, f"--token={token or ctl.token(self.name)}",
-            "--ca-hash", ca_hash or ctl.ca_hash), check=False)
+            "join", "--controller", ctl.bootstrap_endpoint, "--token-file", "-",
+            "--ca-hash", ca_hash or ctl.ca_hash), check=False, input=secret + "\n")
         if check and res.returncode != 0:
             raise LabError(f"{self.name}: join failed: {res.stderr.strip()}")
         if res.returncode == 0:

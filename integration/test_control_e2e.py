@@ -320,6 +320,15 @@ def test_certificates_renew_at_two_thirds_of_their_life(ctl_lab: Lab) -> None:
     renewals = [e for e in lab.controller.events() if e.get("event") == "certificate_renewed"]
     assert {e["node"] for e in renewals} == set(lab.hosts)
     assert all(e["serial"] != e["previous"] for e in renewals)
+    # The replaced key does not stay on disk: one generation (a renewal in flight may briefly show two).
+    for name, host in lab.hosts.items():
+        wait_until(lambda h=host: len(list((h.state_dir / "identity").glob("gen-*"))) == 1, 10, 0.1,
+                   f"{name} keeps only its live key generation")
+    renewed = [e for e in json.loads(lab.controller.veilctl("-o", "json", "audit", "--limit", "10000",
+                                                             check=True).stdout)["entries"]
+               if e["action"] == "node.renew"]
+    assert {e["actor"] for e in renewed} == set(lab.hosts)
+    assert all(e["detail"]["renewed_with"] in e["detail"]["retires"] for e in renewed)
     assert all(n["state"] == "connected" for n in lab.controller.nodes().values())
     assert verdicts(lab) == ["ok", "timeout"]
 

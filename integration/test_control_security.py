@@ -20,8 +20,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import queue
 import secrets
+import shutil
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -35,13 +38,14 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from ctl import REPO_ROOT, ControllerProcess, _bin
+from ctl import REPO_ROOT, ControllerProcess, _bin, stop_process_group
 
 from veilnet.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
 from veilnet_agent import pki
+from veilnet_agent.enrollment import IdentityFiles, renew
 from veilnet_controller import authz
 from veilnet_controller.ca import CertificateAuthority
-from veilnet_controller.store import token_hash
+from veilnet_controller.store import SQLiteStore, entry_hash, parse_time, token_hash
 
 EXAMPLE_SPEC = REPO_ROOT / "examples" / "network.yaml"
 TRUST_DOMAIN = "veilnet.test"
@@ -80,10 +84,41 @@ def fresh_controller(tmp_path: Path) -> Iterator[ControllerProcess]:
         yield c
 
 
+class RecordingCA(CertificateAuthority):
+    """The controller's own CA, loaded in this process to mint test certificates (any role, any validity).
+
+    The controller accepts only operator certificates its store recorded, so the operator certificates minted
+    here are recorded in its database, exactly as ``veilnet-controller operator-cert`` does.
+    """
+
+    db: Path
+
+    def issue_operator(self, name: str, role: str, lifetime: timedelta, *, not_before: datetime | None = None,
+                       not_after: datetime | None = None) -> tuple[bytes, bytes]:
+        key, cert = super().issue_operator(name, role, lifetime, not_before=not_before, not_after=not_after)
+        record_operator(self.db, cert)
+        return key, cert
+
+
+def record_operator(db: Path, cert: bytes) -> None:
+    who = pki.identity_from_certificate(cert)
+    store = SQLiteStore(db)
+    try:
+        store.record_operator_certificate(who.name, who.role, who.serial, who.not_after, "test")
+    finally:
+        store.close()
+
+
+def recording_ca(c: ControllerProcess) -> RecordingCA:
+    ca = RecordingCA.load(c.data / "ca")
+    assert isinstance(ca, RecordingCA)
+    ca.db = c.data / "controller.db"
+    return ca
+
+
 @pytest.fixture(scope="module")
-def ca(controller: ControllerProcess) -> CertificateAuthority:
-    """The controller's own CA, loaded in this process to mint test certificates (any role, any validity)."""
-    return CertificateAuthority.load(controller.data / "ca")
+def ca(controller: ControllerProcess) -> RecordingCA:
+    return recording_ca(controller)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -184,11 +219,12 @@ def agent_config(workdir: Path, node: str) -> tuple[Path, Path]:
 
 def agent_join(c: ControllerProcess, node: str, token: str, ca_hash: str | None = None,
                ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``veilnet-agent join`` with the token on standard input."""
     config, identity = agent_config(c.workdir, node)
     res = subprocess.run(
         [_bin("veilnet-agent"), "join", "--config", str(config), "--controller", c.bootstrap_endpoint,
-         "--token", token, "--ca-hash", ca_hash or c.ca_hash],
-        capture_output=True, text=True, timeout=60)
+         "--token-file", "-", "--ca-hash", ca_hash or c.ca_hash],
+        capture_output=True, text=True, timeout=60, input=token + "\n")
     return res, identity
 
 
@@ -220,6 +256,16 @@ def admin_creds(c: ControllerProcess) -> Creds:
 def bootstrap_creds(c: ControllerProcess) -> Creds:
     """Server-authenticated TLS only, like a host that has no certificate yet."""
     return Creds(None, None, (c.data / "ca" / "ca.crt").read_bytes())
+
+
+def wait_until(cond: Callable[[], Any], what: str, timeout: float = CALL_TIMEOUT) -> Any:
+    """Poll ``cond`` until it is truthy (a condition, never a fixed sleep); TimeoutError names ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+    return value
 
 
 def assert_still_serving(c: ControllerProcess) -> None:
@@ -323,6 +369,104 @@ def test_join_refuses_malformed_ca_hash(controller: ControllerProcess, bad_hash:
     assert "join-badpin" not in c.nodes()
 
 
+@contextlib.contextmanager
+def silent_listener() -> Iterator[socket.socket]:
+    """A TCP listener that accepts and never answers: a controller that is slow to answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(CALL_TIMEOUT)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def process_texts(pid: int) -> dict[str, bytes]:
+    """Everything another local user can read about a process's arguments and environment (every thread)."""
+    texts = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for name in ("cmdline", "environ", "comm"):
+            with contextlib.suppress(OSError):
+                texts[f"{task.name}/{name}"] = (task / name).read_bytes()
+    return texts
+
+
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_the_join_token_never_appears_in_the_join_process_command_line(controller: ControllerProcess,
+                                                                       tmp_path: Path, via: str) -> None:
+    """Watch the real join process while it waits for a controller that does not answer."""
+    c = controller
+    token = c.token("argv-watch")
+    config, identity = agent_config(c.workdir, "argv-watch")
+    if via == "file":
+        token_file = tmp_path / "token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        source, stdin = str(token_file), subprocess.DEVNULL
+    else:
+        source, stdin = "-", subprocess.PIPE
+    with silent_listener() as listener:
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+        proc = subprocess.Popen([_bin("veilnet-agent"), "join", "--config", str(config), "--controller", endpoint,
+                                 "--token-file", source, "--ca-hash", c.ca_hash],
+                                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            if proc.stdin is not None:
+                proc.stdin.write(token.encode() + b"\n")
+                proc.stdin.close()
+            conn, _ = listener.accept()  # it has read the token and is dialling: the moment it is most exposed
+            with conn:
+                assert proc.poll() is None
+                texts = process_texts(proc.pid)
+                assert b"--token-file\0" + source.encode() in texts[f"{proc.pid}/cmdline"]  # the right process
+                leaked = [where for where, text in texts.items() if token.encode() in text]
+                assert leaked == [], f"the token is readable in /proc/{proc.pid}: {leaked}"
+        finally:
+            stop_process_group(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if proc.stderr is not None:
+                proc.stderr.close()
+    assert not identity.exists() or not any(identity.iterdir())
+    ok, _ = agent_join(c, "argv-watch", token)  # it never reached a controller: still unused
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_token_on_the_command_line_is_refused_and_not_spent(controller: ControllerProcess) -> None:
+    c = controller
+    token = c.token("argv-refused")
+    config, identity = agent_config(c.workdir, "argv-refused")
+    res = subprocess.run([_bin("veilnet-agent"), "join", "--config", str(config), "--controller",
+                          c.bootstrap_endpoint, "--token", token, "--ca-hash", c.ca_hash],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res
+    assert "--token: is not accepted" in res.stderr and "--token-file" in res.stderr, res.stderr
+    assert token not in res.stderr + res.stdout  # the refusal does not repeat the secret
+    assert not identity.exists()
+    ok, _ = agent_join(c, "argv-refused", token)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_token_file_others_can_read_is_warned_about(controller: ControllerProcess, tmp_path: Path) -> None:
+    c = controller
+    results = {}
+    for mode in (0o640, 0o600):
+        node = f"perm-{mode:o}"
+        token_file = tmp_path / node
+        token = c.token(node)
+        token_file.write_text(token + "\n")
+        token_file.chmod(mode)
+        config, _ = agent_config(c.workdir, node)
+        res = subprocess.run([_bin("veilnet-agent"), "join", "--config", str(config), "--controller",
+                              c.bootstrap_endpoint, "--token-file", str(token_file), "--ca-hash", c.ca_hash],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert token not in res.stderr + res.stdout
+        results[mode] = res.stderr
+    assert "warning:" in results[0o640] and "accessible by group or others (mode 0640)" in results[0o640]
+    assert "chmod 600" in results[0o640]
+    assert "warning" not in results[0o600]
+
+
 # --------------------------------------------------------------------------- 2. certificates on the control listener
 
 
@@ -363,6 +507,97 @@ def test_expired_certificates_are_refused(controller: ControllerProcess, ca: Cer
     assert_still_serving(c)
 
 
+def short_lived(seconds: float) -> dict[str, datetime]:
+    """A validity window that is open now and closes ``seconds`` from now."""
+    now = datetime.now(UTC)
+    return {"not_before": now - timedelta(minutes=1), "not_after": now + timedelta(seconds=seconds)}
+
+
+def wait_past(moment: datetime) -> None:
+    """Wait (on the clock, not a fixed sleep) until ``moment`` is in the past."""
+    while datetime.now(UTC) <= moment + timedelta(milliseconds=50):
+        time.sleep(0.05)
+
+
+def log_offset(c: ControllerProcess) -> int:
+    return c.log_path.stat().st_size
+
+
+def wait_for_event(c: ControllerProcess, since: int, event: str, **fields: Any) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        return next((e for e in c.events(since) if e.get("event") == event
+                     and all(e.get(k) == v for k, v in fields.items())), None)
+    return dict(wait_until(found, f"controller logged {event} {fields}"))
+
+
+def test_an_expired_certificate_is_refused_on_a_connection_opened_while_it_was_valid(
+        controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    """TLS checked the dates once, at the handshake; every later call on that connection is checked again."""
+    c = controller
+    window = short_lived(4)
+    admin = operator_creds(ca, "exp-admin", "admin", **window)
+    node = node_creds(ca, "exp-node", **window)
+    with channel(c.control_endpoint, admin) as admin_ch, channel(c.control_endpoint, node) as node_ch:
+        stub = admin_pb2_grpc.AdminStub(admin_ch)
+        renew = controller_pb2_grpc.ControllerStub(node_ch).Renew
+        token_request = admin_pb2.CreateJoinTokenRequest(node_name="exp-target", ttl_seconds=60)
+        renew_request = controller_pb2.RenewRequest(csr_pem=pki.make_csr(pki.generate_private_key(), "exp-node"))
+        assert status_of(stub.CreateJoinToken, token_request)[0] == grpc.StatusCode.OK  # control: works while valid
+        assert status_of(renew, renew_request)[0] == grpc.StatusCode.OK
+        wait_past(window["not_after"])
+        # Same channels, same TLS connections (a new handshake would fail as UNAVAILABLE, not UNAUTHENTICATED).
+        for call, request in ((stub.CreateJoinToken, token_request), (stub.ListNodes, admin_pb2.ListNodesRequest()),
+                              (renew, renew_request)):
+            code, details = status_of(call, request)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "expired at" in details, (code, details)
+    entries = audit_entries(c)
+    made = [e for e in entries if e["action"] == "token.create" and e["actor"] == "exp-admin"]
+    assert len(made) == 1  # only the call made while the certificate was valid
+    # The refusals are on the record, once per certificate and kind (not once per redial).
+    refused = [(e["actor"], e["actor_serial"], e["detail"]["kind"]) for e in entries if e["action"] == "refused"
+               and e["actor"] in ("exp-admin", "exp-node")]
+    assert sorted(refused) == [("exp-admin", serial_of(admin.cert), "expired"),
+                               ("exp-node", serial_of(node.cert), "expired")]
+    assert_still_serving(c)
+
+
+def test_a_sync_stream_ends_when_its_certificate_expires(controller: ControllerProcess,
+                                                         ca: CertificateAuthority) -> None:
+    """A timer at not_after ends the stream: the agent sends nothing after its hello, and is still cut off."""
+    c = controller
+    creds = node_creds(ca, "exp-stream", **short_lived(3))
+    not_after = pki.identity_from_certificate(creds.cert or b"").not_after  # whole seconds, as X.509 has it
+    with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
+        stream.hello(wireguard_public_key=_wg_key("exp-stream"))
+        assert stream.connected_as() == "exp-stream"
+        code, details = stream.end_status()  # DEADLINE_EXCEEDED (30 s) here: the stream outlived its certificate
+        ended = datetime.now(UTC)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "expired at" in details, (code, details)
+    assert ended > not_after
+    assert c.nodes()["exp-stream"]["state"] != "connected"
+
+
+def test_a_node_revoked_between_opening_its_stream_and_its_hello_gets_no_session(
+        controller: ControllerProcess) -> None:
+    """Deterministic: the stream is open and authenticated (the controller says so), then revoked, then hello."""
+    c = controller
+    res, identity = agent_join(c, "rev-race", c.token("rev-race"))
+    assert res.returncode == 0, res.stderr
+    creds = Creds.of_dir(identity, key="node.key", cert="node.crt")
+    serial = pki.identity_from_certificate(creds.cert or b"").serial
+    since = log_offset(c)
+    with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
+        wait_for_event(c, since, "sync_opened", node="rev-race", serial=serial)  # past authentication, no hello
+        revoke = c.veilctl("revoke", "rev-race", "--reason", "race")
+        assert revoke.returncode == 0, revoke.stderr
+        stream.hello(wireguard_public_key=_wg_key("rev-race"))
+        code, details = stream.end_status()
+        assert stream.connected_as() is None  # never accepted: no initial metadata, no snapshot
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
+    node = c.nodes()["rev-race"]
+    assert node["state"] == "revoked" and node["wireguard_public_key"] == "", node  # its key was never stored
+
+
 def test_client_without_certificate_is_refused(controller: ControllerProcess) -> None:
     c = controller
     no_cert = bootstrap_creds(c)
@@ -392,6 +627,11 @@ def test_revocation_ends_open_stream_and_refuses_the_certificate(controller: Con
         assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
         assert "revoked" in details
 
+        # The same connection, still open: refused at the next call.
+        code, details = status_of(controller_pb2_grpc.ControllerStub(ch).Renew, controller_pb2.RenewRequest(
+            csr_pem=pki.make_csr(pki.generate_private_key(), "rev-node")))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
+
     code, details = _renew(c, creds)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
     with channel(c.control_endpoint, creds) as ch, sync_stream(ch) as stream:
@@ -399,6 +639,106 @@ def test_revocation_ends_open_stream_and_refuses_the_certificate(controller: Con
         code, details = stream.end_status()
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, (code, details)
     assert c.nodes()["rev-node"]["state"] == "revoked"
+
+
+def serial_of(cert_pem: bytes | None) -> str:
+    return pki.identity_from_certificate(cert_pem or b"").serial
+
+
+def files_under(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def test_renewal_retires_the_replaced_certificate_after_the_grace_and_its_key_leaves_the_disk(
+        tmp_path: Path) -> None:
+    """The agent's own renew(): the new pair goes live, the old key is deleted, the old certificate keeps an
+    open stream only for the grace period (3 s here) and is refused after it, on every connection."""
+    with ControllerProcess(tmp_path / "grace", trust_domain=TRUST_DOMAIN,
+                           serve_args=("--renewal-grace", "3s")).init() as c:
+        c.start()
+        res, identity_dir = agent_join(c, "renew-me", c.token("renew-me"))
+        assert res.returncode == 0, res.stderr
+        files = IdentityFiles(identity_dir)
+        old = Creds.of_dir(identity_dir, key="node.key", cert="node.crt")  # in memory: what a thief would keep
+        old_serial = serial_of(old.cert)
+        old_generation = Path(os.path.realpath(identity_dir / "current"))
+        with channel(c.control_endpoint, old) as old_ch, sync_stream(old_ch) as old_stream:
+            old_stream.hello()
+            assert old_stream.connected_as() == "renew-me"
+            with grpc.secure_channel(c.control_endpoint, files.channel_credentials()) as renew_ch:
+                new = renew(files, renew_ch)
+            assert new.serial != old_serial and files.certificate().serial == new.serial
+            assert not old_generation.exists(), sorted(p.name for p in identity_dir.iterdir())
+            assert all(old.key not in p.read_bytes() for p in files_under(identity_dir)), "the old key is on disk"
+
+            (entry,) = [e for e in audit_entries(c) if e["action"] == "node.renew"]
+            assert (entry["actor"], entry["detail"]["renewed_with"], entry["detail"]["serial"]) == (
+                "renew-me", old_serial, new.serial)
+            retire_at = datetime.fromisoformat(entry["detail"]["retires"][old_serial].replace("Z", "+00:00"))
+            code, details = old_stream.end_status()  # the stream survives the grace, then the timer ends it
+            ended = datetime.now(UTC)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "replaced by a renewal" in details, (code, details)
+        assert ended >= retire_at
+        code, details = _renew(c, old)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and f"{old_serial} of" in details and "retired at" in details
+        with channel(c.control_endpoint, Creds.of_dir(identity_dir, key="node.key", cert="node.crt")) as ch, \
+                sync_stream(ch) as stream:
+            stream.hello()
+            assert stream.connected_as() == "renew-me"  # the new pair works
+        c.stop()
+        db = sqlite3.connect(c.data / "controller.db")
+        try:
+            rows = dict(db.execute("SELECT serial, retire_at FROM certificates WHERE node = 'renew-me'").fetchall())
+        finally:
+            db.close()
+        assert rows[new.serial] is None and rows[old_serial] is not None  # retirement survives a restart
+
+
+def test_a_revoked_operator_is_refused_on_open_and_new_connections(controller: ControllerProcess) -> None:
+    c = controller
+    bob_dir = c.operator("ops-bob", "admin")  # offline operator-cert: recorded (and audited) in the store
+    bob = Creds.of_dir(bob_dir)
+    issued = [e for e in audit_entries(c) if e["action"] == "operator.issue" and e["target"] == "ops-bob"]
+    assert issued and issued[-1]["detail"]["serial"] == serial_of(bob.cert) and issued[-1]["role"] == "local"
+    netadmin = c.operator("ops-net", "network-admin")
+    with channel(c.control_endpoint, bob) as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        assert status_of(stub.ListNodes, admin_pb2.ListNodesRequest())[0] == grpc.StatusCode.OK
+
+        denied = c.veilctl("revoke", "--operator", "ops-bob", credentials=netadmin)
+        assert denied.returncode == 3 and "'network-admin' may not call RevokeOperator" in denied.stderr, denied
+        res = c.veilctl("revoke", "--operator", "ops-bob", "--reason", "left the team")
+        assert res.returncode == 0 and "revoked operator ops-bob: 1 certificate(s)" in res.stdout, res
+
+        # The connection bob opened before is still open: refused at its next call.
+        for call, request in ((stub.ListNodes, admin_pb2.ListNodesRequest()),
+                              (stub.CreateJoinToken, admin_pb2.CreateJoinTokenRequest(node_name="x"))):
+            code, details = status_of(call, request)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "is revoked" in details, (code, details)
+    assert _list_nodes(c, bob) == (grpc.StatusCode.UNAUTHENTICATED,
+                                   f"certificate {serial_of(bob.cert)} of spiffe://{TRUST_DOMAIN}/operator/ops-bob "
+                                   "is revoked")
+    again = c.veilctl("nodes", credentials=bob_dir)
+    assert again.returncode == 3 and "is revoked" in again.stderr
+    (entry,) = [e for e in audit_entries(c) if e["action"] == "operator.revoke" and e["target"] == "ops-bob"]
+    assert (entry["actor"], entry["role"], entry["detail"]) == (
+        "admin", "admin", {"reason": "left the team", "serials": [serial_of(bob.cert)]})
+    assert c.veilctl("revoke", "--operator", "ops-nobody").returncode == 4
+    # Issued again later, the name works again (with the new certificate only).
+    fresh = Creds.of_dir(c.operator("ops-bob", "admin"))
+    assert _list_nodes(c, fresh)[0] == grpc.StatusCode.OK
+    assert _list_nodes(c, bob)[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_operator_certificate_the_controller_never_recorded_is_refused(controller: ControllerProcess) -> None:
+    """Signed by the real CA, in its validity, right role: still refused, because the store did not issue it."""
+    c = controller
+    unrecorded = CertificateAuthority.load(c.data / "ca")  # plain CA: mints without recording
+    key, cert = unrecorded.issue_operator("ghost", "admin", timedelta(hours=1))
+    code, details = _list_nodes(c, Creds(key, cert, unrecorded.certificate_pem))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "not one this controller recorded issuing" in details, details
+    record_operator(c.data / "controller.db", cert)  # what operator-cert does
+    assert _list_nodes(c, Creds(key, cert, unrecorded.certificate_pem))[0] == grpc.StatusCode.OK
 
 
 # --------------------------------------------------------------------------- 3. authorization matrix
@@ -430,6 +770,8 @@ def _call_method(ch: grpc.Channel, method: str, node_name: str) -> tuple[grpc.St
         "/veilnet.v1.Admin/CreateJoinToken": (admin.CreateJoinToken,
                                               admin_pb2.CreateJoinTokenRequest(node_name="mx-target", ttl_seconds=60)),
         "/veilnet.v1.Admin/RevokeNode": (admin.RevokeNode, admin_pb2.RevokeNodeRequest(node_name="mx-never-joined")),
+        "/veilnet.v1.Admin/RevokeOperator": (admin.RevokeOperator,
+                                             admin_pb2.RevokeOperatorRequest(name="mx-never-issued")),
         "/veilnet.v1.Admin/SendCommand": (admin.SendCommand,
                                           admin_pb2.SendCommandRequest(node_name="mx-never-joined", command="resync")),
     }
@@ -469,6 +811,7 @@ def test_authorization_matrix_over_every_rpc(controller: ControllerProcess, ca: 
     assert results[SYNC_METHOD, "node"][0] == grpc.StatusCode.OK
     assert results["/veilnet.v1.Admin/CreateJoinToken", "admin"][0] == grpc.StatusCode.OK
     assert results["/veilnet.v1.Admin/RevokeNode", "admin"][0] == grpc.StatusCode.NOT_FOUND
+    assert results["/veilnet.v1.Admin/RevokeOperator", "admin"][0] == grpc.StatusCode.NOT_FOUND
     assert results["/veilnet.v1.Admin/SendCommand", "network-admin"][0] == grpc.StatusCode.NOT_FOUND
     assert current_spec(c)["revision"] == revision_before
 
@@ -488,9 +831,10 @@ def test_viewer_cannot_apply(controller: ControllerProcess, tmp_path: Path) -> N
     raw["segments"][1]["vni"] = 201  # a real change: an allowed apply would make a new revision
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(raw))
+    viewer = c.operator("view-op", "viewer")
     audit_before = len(audit_entries(c))
 
-    res = c.veilctl("apply", "-f", str(changed), "-m", "viewer try", credentials=c.operator("view-op", "viewer"))
+    res = c.veilctl("apply", "-f", str(changed), "-m", "viewer try", credentials=viewer)
     assert res.returncode == 3, (res.returncode, res.stderr)
     assert "permission_denied" in res.stderr and "'viewer'" in res.stderr, res.stderr
 
@@ -499,7 +843,7 @@ def test_viewer_cannot_apply(controller: ControllerProcess, tmp_path: Path) -> N
     assert [(e["actor"], e["role"], e["action"], e["target"]) for e in audit_entries(c)[audit_before:]] == [
         ("view-op", "viewer", "denied", "/veilnet.v1.Admin/ApplySpec")]
     # The refusal was about the role, not the file: the viewer may read, and the file is a valid change.
-    diff = c.veilctl("diff", "-f", str(changed), credentials=c.operator("view-op", "viewer"))
+    diff = c.veilctl("diff", "-f", str(changed), credentials=viewer)
     assert diff.returncode == 1 and "201" in diff.stdout, (diff.returncode, diff.stdout, diff.stderr)
 
 
@@ -613,49 +957,158 @@ def test_sync_protocol_violations(controller: ControllerProcess, ca: Certificate
     assert_still_serving(c)
 
 
+def _wg_key(seed: str) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.sha256(seed.encode()).digest()).decode()
+
+
+def _stored_key(c: ControllerProcess, node: str) -> str | None:
+    return c.nodes().get(node, {}).get("wireguard_public_key")
+
+
+def test_another_nodes_key_with_a_trailing_newline_is_refused_and_never_stored(
+        controller: ControllerProcess, ca: CertificateAuthority) -> None:
+    """Uniqueness is checked on the canonical key: "K\n" is K, so it is another node's key (or no key at all)."""
+    c = controller
+    owner_key = _wg_key("canon-owner")
+    with channel(c.control_endpoint, node_creds(ca, "canon-owner")) as ch, sync_stream(ch) as owner:
+        owner.hello(wireguard_public_key=owner_key)
+        assert owner.connected_as() == "canon-owner"
+        wait_until(lambda: _stored_key(c, "canon-owner") == owner_key, "the owner's key is registered")
+
+        # In a hello.
+        with channel(c.control_endpoint, node_creds(ca, "canon-thief")) as ch2, sync_stream(ch2) as thief:
+            thief.hello(wireguard_public_key=owner_key + "\n")
+            code, details = thief.end_status()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "hello.wireguard_public_key" in details, details
+        assert _stored_key(c, "canon-thief") is None
+
+        # In a key_update after a good hello.
+        thief_key = _wg_key("canon-thief-2")
+        with channel(c.control_endpoint, node_creds(ca, "canon-thief-2")) as ch3, sync_stream(ch3) as thief:
+            thief.hello(wireguard_public_key=thief_key)
+            assert thief.connected_as() == "canon-thief-2"
+            thief.send(controller_pb2.AgentMessage(
+                key_update=controller_pb2.KeyUpdate(wireguard_public_key=owner_key + "\n")))
+            code, details = thief.end_status()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "key_update.wireguard_public_key" in details, details
+        assert _stored_key(c, "canon-thief-2") == thief_key
+        assert _stored_key(c, "canon-owner") == owner_key
+        assert not owner.call.done()  # the owner's stream was never disturbed
+    assert_still_serving(c)
+
+
 # --------------------------------------------------------------------------- 5. audit log
 
 
-def _audit_verify_offline(c: ControllerProcess) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_bin("veilnet-controller"), "audit-verify", "--data-dir", str(c.data)],
+def _tamper(db_path: Path, *statements: str, rechain: bool = True) -> None:
+    """What someone with write access to the database file (not the audit key) can do: drop the triggers, run
+    ``statements``, then renumber and recompute every hash with the chaining scheme, which is no secret.
+    Signatures cannot be recomputed without the key; they are kept as they were."""
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("DROP TRIGGER IF EXISTS audit_no_update")
+        db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+        for statement in statements:
+            db.execute(statement)
+        if rechain:
+            previous = "0" * 64
+            cursor = db.execute("SELECT sequence, time, actor, role, action, target, revision, detail, actor_serial,"
+                                " signature FROM audit ORDER BY sequence")
+            for number, row in enumerate(cursor.fetchall(), start=1):
+                digest = entry_hash(previous, number, parse_time(row[1]), row[2], row[3], row[4], row[5], row[6],
+                                    json.loads(row[7]), actor_serial=row[8] if row[9] else None)
+                db.execute("UPDATE audit SET sequence = ?, hash = ?, previous_hash = ? WHERE sequence = ?",
+                           (number, digest, previous, row[0]))
+                previous = digest
+    finally:
+        db.close()
+
+
+def _audit_verify(c: ControllerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_bin("veilnet-controller"), "audit-verify", "--data-dir", str(c.data), *args],
                           capture_output=True, text=True, timeout=60)
 
 
-def test_audit_log_tampering_is_detected(fresh_controller: ControllerProcess, tmp_path: Path) -> None:
-    c = fresh_controller
+def _filled_controller(c: ControllerProcess, tmp_path: Path) -> list[dict[str, Any]]:
     c.veilctl("apply", "-f", str(EXAMPLE_SPEC), "-m", "first", check=True)
     c.token("host-a")
     second = tmp_path / "second.yaml"
     second.write_text(_mutated(lambda raw: raw["segments"][1].__setitem__("vni", 201)))
     c.veilctl("apply", "-f", str(second), "-m", "second", check=True)
     entries = audit_entries(c)
-    assert [e["action"] for e in entries] == ["spec.apply", "token.create", "spec.apply"]
+    assert [e["action"] for e in entries] == ["operator.issue", "spec.apply", "token.create", "spec.apply"]
+    assert all(e["signature"] for e in entries)
+    assert {e["actor_serial"] for e in entries[1:]} == {serial_of((c.operator("admin", "admin") / "client.crt")
+                                                                  .read_bytes())}
+    return entries
+
+
+def test_audit_rows_rewritten_behind_a_running_controller_are_detected(fresh_controller: ControllerProcess,
+                                                                       tmp_path: Path) -> None:
+    """An edited row with every hash recomputed: the chain is consistent again, the signature is not."""
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
     ok = c.veilctl("audit", "--verify")
-    assert ok.returncode == 0 and "hash chain verified" in ok.stdout, (ok.returncode, ok.stdout, ok.stderr)
-
-    c.stop()
-    offline = _audit_verify_offline(c)
-    assert offline.returncode == 0 and offline.stdout.startswith("ok: 3 entries"), offline.stdout
-
-    db = sqlite3.connect(c.data / "controller.db")
-    try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # the trigger guards the log...
-            db.execute("UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
-        db.rollback()
-        db.execute("DROP TRIGGER audit_no_update")  # ...until someone with the file removes it
-        db.execute("UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
-        db.commit()
-    finally:
-        db.close()
-
-    offline = _audit_verify_offline(c)
-    assert offline.returncode == 1, offline
-    assert "TAMPERED: entry 2: hash mismatch" in offline.stdout, offline.stdout
-
-    c.start()
+    assert ok.returncode == 0 and "audit log verified (hash chain and signatures): 4 entries" in ok.stdout, ok
+    _tamper(c.data / "controller.db", "UPDATE audit SET actor = 'mallory' WHERE sequence = 2")
     broken = c.veilctl("audit", "--verify")
     assert broken.returncode == 1, (broken.returncode, broken.stdout, broken.stderr)
-    assert "HASH CHAIN BROKEN: entry 2" in broken.stdout, broken.stdout
+    assert "AUDIT LOG BROKEN: entry 2: signature does not verify with audit key" in broken.stdout, broken.stdout
+    as_json = json.loads(c.veilctl("-o", "json", "audit", "--verify").stdout)
+    assert as_json["verified"] is False and as_json["verify_error"].startswith("entry 2: signature")
+
+
+def test_a_dropped_audit_row_rechained_the_old_way_is_detected(fresh_controller: ControllerProcess,
+                                                               tmp_path: Path) -> None:
+    """Exactly what the unkeyed chain accepted: a row deleted and the rest renumbered and re-hashed."""
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
+    c.stop()
+    assert _audit_verify(c).returncode == 0
+    _tamper(c.data / "controller.db", "DELETE FROM audit WHERE sequence = 3")  # the token.create
+    res = _audit_verify(c)
+    assert res.returncode == 1, res
+    assert res.stdout.startswith("TAMPERED: entry 3: signature does not verify with audit key"), res.stdout
+
+
+def test_a_truncated_audit_log_is_detected_against_a_shipped_head(fresh_controller: ControllerProcess,
+                                                                  tmp_path: Path) -> None:
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
+    c.stop()  # the controller writes its newest signed head when it stops
+    auditor = tmp_path / "auditor"  # copies an operator shipped off the controller host
+    auditor.mkdir()
+    shutil.copy(c.data / "audit.pub", auditor / "audit.pub")
+    shutil.copy(c.data / "audit-head.json", auditor / "head.json")
+    journal = [e for e in c.events() if e.get("event") == "audit_appended"]
+    assert journal and journal[-1]["sequence"] == 4  # the same head, in the journal
+
+    _tamper(c.data / "controller.db", "DELETE FROM audit WHERE sequence = 4", rechain=False)
+    (c.data / "audit-head.json").unlink()  # whoever cut the log removed the local head too
+    alone = _audit_verify(c, "--public-key", str(auditor / "audit.pub"))
+    assert alone.returncode == 0 and "would go unnoticed" in alone.stdout, alone.stdout  # it says what it can't see
+    res = _audit_verify(c, "--public-key", str(auditor / "audit.pub"), "--head", str(auditor / "head.json"))
+    assert res.returncode == 1, res
+    assert res.stdout.startswith(f"TAMPERED: entry 4: missing: the log ends at entry 3, but the signed head in "
+                                 f"{auditor / 'head.json'} records entry 4"), res.stdout
+
+
+def test_the_controller_will_not_start_on_a_log_cut_short_of_its_signed_head(fresh_controller: ControllerProcess,
+                                                                             tmp_path: Path) -> None:
+    """Appending to it would give new entries the missing numbers and bury the evidence."""
+    c = fresh_controller
+    _filled_controller(c, tmp_path)
+    c.stop()
+    _tamper(c.data / "controller.db", "DELETE FROM audit WHERE sequence = 4", rechain=False)
+    with pytest.raises(RuntimeError, match=r"controller exited \(1\)") as info:
+        c.start()
+    assert "does not reach its signed head: entry 4 is missing" in str(info.value), str(info.value)
+    assert "move" in str(info.value) and "aside" in str(info.value)
 
 
 # --------------------------------------------------------------------------- 6. tokens stored hashed

@@ -66,7 +66,7 @@ def test_stale_expected_revision_is_a_conflict(ctl: ControllerProcess, tmp_path:
 
 def test_not_found(ctl: ControllerProcess) -> None:
     for args in (("get", "--revision", "999"), ("rollback", "999"), ("revoke", "no-such-node"),
-                 ("command", "no-such-node", "resync")):
+                 ("revoke", "--operator", "no-such-operator"), ("command", "no-such-node", "resync")):
         res = ctl.veilctl(*args)
         assert res.returncode == 4, (args, res.returncode, res.stderr)
         assert "not_found" in res.stderr or "never joined" in res.stderr or "there is no" in res.stderr, res.stderr
@@ -83,6 +83,11 @@ def test_invalid_input_exits_two_naming_the_problem(ctl: ControllerProcess, tmp_
     assert res.returncode == 2 and "node_name" in res.stderr, res.stderr
     res = ctl.veilctl("token", "create", "host-z", "--ttl", str(30 * 86400))
     assert res.returncode == 2 and "ttl_seconds" in res.stderr, res.stderr
+    for args in (("revoke",), ("revoke", "host-a", "--operator", "alice")):
+        res = ctl.veilctl(*args)
+        assert res.returncode == 2 and "name a node (revoke NODE) or an operator" in res.stderr, (args, res.stderr)
+    res = ctl.veilctl("revoke", "--operator", "Not_A_Name")
+    assert res.returncode == 2 and "name:" in res.stderr, res.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("VEILCTL_")}
     res = subprocess.run([sys.executable, "-m", "veilnet_controller.veilctl", "nodes"], capture_output=True,
                          text=True, env=env)
@@ -107,5 +112,6 @@ def test_json_output_is_machine_readable(ctl: ControllerProcess) -> None:
     token = json.loads(ctl.veilctl("-o", "json", "token", "create", "host-a", check=True).stdout)
     assert token["token"].startswith("vnjoin_") and token["ca_hash"] == ctl.ca_hash
     audit = json.loads(ctl.veilctl("-o", "json", "audit", "--verify", check=True).stdout)
-    assert audit["verified"] is True and audit["entries"][0]["action"] == "spec.apply"
+    assert audit["verified"] is True
+    assert [e["action"] for e in audit["entries"]][:2] == ["operator.issue", "spec.apply"]  # init's admin first
     assert all(token["token"] not in json.dumps(e) for e in audit["entries"])  # never in the audit log

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet_agent import wire
-from veilnet_controller.hub import RECOMPILE_DELAY, Hub, KeyConflict
+from veilnet_controller.hub import RECOMPILE_DELAY, Hub, InvalidKey, KeyConflict
 from veilnet_controller.spec import AttachedClaims, parse_spec
 from veilnet_controller.store import SQLiteStore
 
@@ -120,6 +120,76 @@ def test_another_nodes_key_is_refused(hub: Hub) -> None:
             hub.key_update(b, wg_key("host-a"))
         assert hub.public_keys["host-b"] == wg_key("host-b")
     run(scenario())
+
+
+@pytest.mark.parametrize("spelling", ["{key}\n", "{key}\r\n", " {key}", "{key}=", "{body}\n="],
+                         ids=["trailing-lf", "trailing-crlf", "leading-space", "extra-padding", "inner-lf"])
+def test_another_spelling_of_a_key_is_refused_and_never_stored(hub: Hub, spelling: str) -> None:
+    """The uniqueness check compares strings: only the canonical spelling may ever be registered."""
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        key = wg_key("host-a")
+        hub.connect("host-a", "s", hello("host-a"))
+        other = spelling.format(key=key, body=key[:-1])
+        with pytest.raises(InvalidKey, match=r"canonical|base64"):
+            hub.connect("host-b", "s", cpb.Hello(), public_key=other)
+        with pytest.raises(InvalidKey):
+            hub.connect("host-b", "s", cpb.Hello(wireguard_public_key=other))
+        assert "host-b" not in hub.sessions and "host-b" not in hub.public_keys
+        b = hub.connect("host-b", "s", hello("host-b"))
+        with pytest.raises(InvalidKey):
+            hub.key_update(b, other)
+        assert hub.public_keys == {"host-a": key, "host-b": wg_key("host-b")}
+        assert {n.name: n.wireguard_public_key for n in hub.store.nodes()} == hub.public_keys
+    run(scenario())
+
+
+def audited(hub: Hub, *actions: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    entries, _ = hub.store.audit(10_000)
+    return [(e.action, e.actor, e.target, dict(e.detail)) for e in entries if e.action in actions]
+
+
+def test_key_registrations_and_changes_are_audited_with_the_certificate(tmp_path: Path) -> None:
+    from veilnet_controller.audit import open_signed_store
+
+    store, _signer = open_signed_store(tmp_path)  # signed: entries carry the actor's serial
+    hub = Hub(store)
+    hub.load()
+
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        a = hub.connect("host-a", "serial-a1", hello("host-a"))
+        hub.connect("host-a", "serial-a2", hello("host-a"))  # same key again: nothing new to record
+        hub.key_update(a, wg_key("host-a-rotated"))
+        hub.connect("host-a", "serial-a3", cpb.Hello(wireguard_public_key=wg_key("host-a-new-host")))
+    try:
+        run(scenario())
+        entries = [e for e in store.audit(100)[0] if e.action.startswith("node.key-")]
+        assert [(e.action, e.actor, e.actor_serial, e.detail["public_key"], e.detail["previous"], e.detail["via"])
+                for e in entries] == [
+            ("node.key-register", "host-a", "serial-a1", wg_key("host-a"), "", "hello"),
+            ("node.key-change", "host-a", "serial-a1", wg_key("host-a-rotated"), wg_key("host-a"), "key_update"),
+            ("node.key-change", "host-a", "serial-a3", wg_key("host-a-new-host"), wg_key("host-a-rotated"), "hello"),
+        ]
+        assert store.verify_audit()[0]
+    finally:
+        store.close()
+
+
+def test_attachment_reports_are_audited_when_they_change(hub: Hub) -> None:
+    async def scenario() -> None:
+        apply(hub, EXAMPLE)
+        raws = [att("a-x", "02:00:00:0a:00:31", "203.0.113.40", labels={"app": "web"}, ifname="eth0")]
+        b = hub.connect("host-a", "s", attached_hello("host-a", raws))
+        hub.endpoints_reported(b, raws)  # the same list again: no entry
+        hub.endpoints_reported(b, [])
+    run(scenario())
+    assert audited(hub, "node.attach") == [
+        ("node.attach", "host-a", "host-a", {"count": 1, "endpoints": [
+            {"name": "a-x", "segment": "blue", "mac": "02:00:00:0a:00:31", "ipv4": "203.0.113.40",
+             "labels": {"app": "web"}}]}),
+        ("node.attach", "host-a", "host-a", {"count": 0, "endpoints": []}),
+    ]
 
 
 def test_revocation_closes_the_session_and_removes_the_peer_everywhere(hub: Hub) -> None:

@@ -101,12 +101,23 @@ def test_modes(files: IdentityFiles, ca: CertificateAuthority) -> None:
         assert stat.S_IMODE((d / gen / "node.key").stat().st_mode) == 0o600
 
 
-def test_install_twice_swaps_and_keeps_the_previous_generation(files: IdentityFiles, ca: CertificateAuthority) -> None:
-    first_install(files, ca)
+def all_private_keys(files: IdentityFiles) -> list[bytes]:
+    """Every private key under the identity directory, whatever its name or generation."""
+    return [p.read_bytes() for p in files.directory.rglob("*")
+            if p.is_file() and not p.is_symlink() and b"PRIVATE KEY" in p.read_bytes()]
+
+
+def test_install_swaps_and_removes_the_replaced_key(files: IdentityFiles, ca: CertificateAuthority) -> None:
+    key1, _ = first_install(files, ca)
+    old_key_file = files.directory / "gen-1" / "node.key"
+    assert old_key_file.is_file()
     key2, cert2 = new_pair(ca)
     files.install(key2, cert2)
     assert current(files) == "gen-2"
-    assert generations(files) == ["gen-1", "gen-2"]
+    assert generations(files) == ["gen-2"]  # the replaced generation is gone...
+    assert not old_key_file.exists()
+    assert all_private_keys(files) == [pki.private_key_pem(key2)]  # ...and with it the only copy of key1
+    assert pki.private_key_pem(key1) not in all_private_keys(files)
     key_pem, cert_pem = files.read_pair()
     assert cert_pem == cert2
     assert_matching(key_pem, cert_pem)
@@ -114,13 +125,10 @@ def test_install_twice_swaps_and_keeps_the_previous_generation(files: IdentityFi
     # CA bundle and controller.json carried over into the new generation.
     assert (files.directory / "gen-2" / "ca.crt").read_bytes() == ca_pem(ca)
     assert (files.directory / "gen-2" / "controller.json").read_bytes() == CONTROLLER
-    # The previous pair is still intact and matching.
-    assert_matching((files.directory / "gen-1" / "node.key").read_bytes(),
-                    (files.directory / "gen-1" / "node.crt").read_bytes())
 
     files.install(*new_pair(ca))
     assert current(files) == "gen-3"
-    assert generations(files) == ["gen-2", "gen-3"]  # gen-1 is gone
+    assert generations(files) == ["gen-3"]
     assert not list(files.directory.glob(".*.tmp"))
 
 
@@ -140,11 +148,11 @@ def test_crash_before_the_swap_leaves_the_previous_pair_live(files: IdentityFile
     assert pki.load_private_key(after.key).private_numbers() == key1.private_numbers()
     assert after.certificate().serial == pki.identity_from_certificate(cert1).serial
 
-    # The next install ignores the orphan and cleans it up; gen-1 stays as the previous generation.
+    # The next install ignores the orphan and removes it along with gen-1, which it replaces.
     key3, cert3 = new_pair(ca)
     after.install(key3, cert3)
     assert current(files) == "gen-3"
-    assert generations(files) == ["gen-1", "gen-3"]
+    assert generations(files) == ["gen-3"]
     assert after.read_pair()[1] == cert3
 
 
@@ -247,4 +255,4 @@ def test_concurrent_reads_never_mix_generations(files: IdentityFiles, ca: Certif
     assert len({cert for _, cert in reads}) > 1  # the reader really did see swaps
     assert files.read_pair()[1] == pairs[-1][1]
     assert current(files) == "gen-51"
-    assert generations(files) == ["gen-50", "gen-51"]
+    assert generations(files) == ["gen-51"]

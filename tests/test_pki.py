@@ -22,7 +22,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from veilnet_agent import pki
 from veilnet_agent.pki import Identity, PkiError
-from veilnet_controller.ca import CertificateAuthority, certificate_pem
+from veilnet_controller.ca import (
+    MAX_NODE_LIFETIME,
+    MAX_OPERATOR_LIFETIME,
+    MAX_SERVER_LIFETIME,
+    CertificateAuthority,
+    certificate_pem,
+)
 
 TD = "veilnet.test"
 HOUR = timedelta(hours=1)
@@ -231,6 +237,36 @@ def test_bad_node_name_and_lifetime_rejected(ca: CertificateAuthority) -> None:
         ca.sign_node_csr(csr, "Node_A", HOUR)
     with pytest.raises(PkiError, match="lifetime must be positive"):
         ca.sign_node_csr(csr, "node-a", timedelta(0))
+
+
+def test_lifetimes_are_bounded_per_kind(ca: CertificateAuthority) -> None:
+    """Whatever a caller asks for, the CA issues node, operator and server certificates only so long."""
+    csr = pki.make_csr(pki.generate_private_key(), "x")
+    day = timedelta(days=1)
+    at_most = pki.identity_from_certificate(ca.sign_node_csr(csr, "node-a", MAX_NODE_LIFETIME))
+    assert at_most.not_after - at_most.not_before <= MAX_NODE_LIFETIME + timedelta(seconds=60)
+    with pytest.raises(PkiError, match=r"node certificate lifetime 31 days, 0:00:00 is longer than the 30 days"):
+        ca.sign_node_csr(csr, "node-a", MAX_NODE_LIFETIME + day)
+    with pytest.raises(PkiError, match=r"node certificate lifetime .* is longer than"):
+        ca.issue_node("node-a", MAX_NODE_LIFETIME + day)
+    ca.issue_operator("op", "viewer", MAX_OPERATOR_LIFETIME)
+    with pytest.raises(PkiError, match=r"operator certificate lifetime .* is longer than the 90 days"):
+        ca.issue_operator("op", "viewer", MAX_OPERATOR_LIFETIME + day)
+    with pytest.raises(PkiError, match=r"server certificate lifetime .* is longer than"):
+        ca.issue_server(["localhost"], MAX_SERVER_LIFETIME + day)
+    # An explicit window cannot get around it either.
+    now = datetime.now(UTC)
+    with pytest.raises(PkiError, match=r"operator certificate validity .* is longer than"):
+        ca.issue_operator("op", "admin", HOUR, not_before=now, not_after=now + MAX_OPERATOR_LIFETIME + day)
+
+
+def test_nothing_outlives_the_ca(tmp_path: Path) -> None:
+    short = CertificateAuthority.create(tmp_path / "short-ca", TD, lifetime=timedelta(days=20))
+    with pytest.raises(PkiError, match="after the CA itself"):
+        short.issue_operator("op", "admin", timedelta(days=30))
+    with pytest.raises(PkiError, match="after the CA itself"):
+        short.sign_node_csr(pki.make_csr(pki.generate_private_key(), "x"), "node-a", timedelta(days=25))
+    short.issue_node("node-a", timedelta(days=19))
 
 
 # --- identities ----------------------------------------------------------------------------------

@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     add("teardown", "remove every kernel object this agent owns")
     p = add("join", "join a controller: get this host's certificate with a single-use token")
     p.add_argument("--controller", required=True, help="HOST:PORT of the controller's bootstrap listener")
-    p.add_argument("--token", required=True, help="from veilctl token create")
+    secret = p.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--token-file", metavar="PATH",
+                        help="file holding the token from veilctl token create (mode 0600), or '-' for standard "
+                             "input (prompted without echo on a terminal)")
+    secret.add_argument("--token", help=argparse.SUPPRESS)  # refused with an explanation: see cmd_join
     p.add_argument("--ca-hash", required=True, help="sha256:... of the controller's CA (pinned; no trust on first use)")
     add("status", "show the running agent's status (local API)")
     p = add("attach", "attach a container endpoint (local API)")
@@ -150,10 +154,17 @@ def cmd_teardown(config: AgentConfig) -> int:
     return EXIT_FAILURE if result.failed else EXIT_OK
 
 
-def cmd_join(config: AgentConfig, controller: str, token: str, ca_hash: str) -> int:
-    from .enrollment import IdentityFiles, join
+def cmd_join(config: AgentConfig, args: argparse.Namespace) -> int:
+    from .enrollment import IdentityFiles, join, read_join_token
 
-    identity = join(IdentityFiles(config.identity_dir), config.node_name, controller, token, ca_hash)
+    if args.token is not None:
+        # Never echo it: the point is that it should not be anywhere but the controller's hash table.
+        raise ValidationError("--token", "(not shown)",
+                              "is not accepted: a token on the command line is readable by every local user in "
+                              "/proc/<pid>/cmdline while join runs, and stays in shell history; "
+                              "use --token-file PATH (mode 0600) or --token-file - (standard input)")
+    token = read_join_token(args.token_file, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    identity = join(IdentityFiles(config.identity_dir), config.node_name, args.controller, token, args.ca_hash)
     print(f"joined as {identity.spiffe_id}; certificate valid until {identity.not_after.isoformat()}")
     print("start the agent: systemctl start veilnet-agent")
     return EXIT_OK
@@ -232,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "teardown":
             return cmd_teardown(config)
         if args.command == "join":
-            return cmd_join(config, args.controller, args.token, args.ca_hash)
+            return cmd_join(config, args)
         if args.command == "status":
             return cmd_status(config)
         if args.command == "attach":

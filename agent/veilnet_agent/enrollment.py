@@ -14,9 +14,12 @@ Files in ``state_dir/identity`` (directory 0700)::
 Key and certificate must always match, or TLS fails and only a new join token helps. So they
 are never replaced one file at a time: ``IdentityFiles.install`` writes and fsyncs a whole new
 generation, then swaps ``current`` with one atomic rename. A crash before the swap leaves the
-old generation live (the new directory is ignored, then pruned); after it, the new one. The
-previous generation is kept, older ones deleted. Readers resolve ``current`` once and take every
-file from that one directory, so a concurrent swap can never pair an old key with a new certificate.
+old generation live (the new directory is ignored, then pruned); after it, the new one. Once the
+swap is durable every other generation is deleted: the key a renewal (or a new join) replaced is
+retired by the controller after a short grace period and has no business staying on disk. Readers
+resolve ``current`` once and take every file from that one directory, so a concurrent swap can
+never pair an old key with a new certificate (a reader whose directory was just deleted reads
+again from the new one).
 
 No trust on first use: before sending anything, ``join`` opens a TLS
 connection to the bootstrap listener, takes the chain the server presents,
@@ -28,6 +31,7 @@ root for the real, verified gRPC connection that carries the token.
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import os
 import re
@@ -35,11 +39,14 @@ import secrets
 import shutil
 import socket
 import ssl
-from collections.abc import Iterator
+import stat
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 from cryptography import x509
@@ -53,6 +60,7 @@ from . import pki
 from .errors import ValidationError, VeilnetError
 
 JOIN_TIMEOUT = 15.0
+MAX_TOKEN_TEXT = 1024  # a token is 50 characters; anything much longer is the wrong file
 _CA_HASH_PREFIX = "sha256:"
 _KEY = "node.key"
 _CERT = "node.crt"
@@ -201,11 +209,10 @@ class IdentityFiles:
                 ca_pem = live_ca if ca_pem is None else ca_pem
                 controller = live_controller if controller is None else controller
             _check_generation(key, certificate_pem, ca_pem)
-            previous = self._live_generation()
             generation = self._write_generation(key, certificate_pem, ca_pem, controller)
             self._activate(generation)
             self._link_top_level()
-            self._prune(keep={generation.name} | ({previous} if previous else set()))
+            self._prune(keep={generation.name})  # the replaced key goes now, not one renewal later
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -216,12 +223,6 @@ class IdentityFiles:
             yield
         finally:
             os.close(fd)  # releases the lock
-
-    def _live_generation(self) -> str | None:
-        try:
-            return os.path.basename(os.readlink(self.directory / _CURRENT))
-        except OSError:
-            return None
 
     def _generations(self) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -290,9 +291,15 @@ class IdentityFiles:
             _fsync_dir(self.directory)
 
     def _prune(self, keep: set[str]) -> None:
-        """Delete all but the live and the previous generation, and leftovers of crashed writes."""
+        """Delete every generation but ``keep`` (the live one), and leftovers of crashed writes.
+
+        The private key is unlinked first: if removing the rest fails (ignored; the next install tries again),
+        the key at least is gone.
+        """
         for name in self._generations():
             if name not in keep:
+                with suppress(FileNotFoundError):
+                    (self.directory / name / _KEY).unlink()
                 shutil.rmtree(self.directory / name, ignore_errors=True)
         for entry in self.directory.glob(".*.tmp"):
             with suppress(OSError):
@@ -359,6 +366,46 @@ def _rpc_error(exc: grpc.RpcError, what: str) -> EnrollmentError:
     code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return EnrollmentError(f"{what} refused: {code}: {details}")
+
+
+def read_join_token(source: str, warn: Callable[[str], None], stdin: TextIO | None = None) -> str:
+    """The join token from the file ``source``, or from standard input for ``-`` (prompted without echo on a
+    terminal). Secrets belong in files and pipes, never in argv: /proc/<pid>/cmdline is world-readable.
+
+    A regular file that group or others may access is used, with a ``warn``ing: whoever could read it could
+    also have joined as this node while the token was unused.
+    """
+    what = "standard input" if source == "-" else source
+    if source == "-":
+        stream = sys.stdin if stdin is None else stdin
+        if stream.isatty():
+            text = getpass.getpass("join token: ", stream=sys.stderr)
+        else:
+            text = stream.read(MAX_TOKEN_TEXT + 1)
+    else:
+        try:
+            fd = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ValidationError("--token-file", source, f"cannot be read: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)  # the file we read, not whatever the path names a moment later
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                warn(f"{source} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}): anyone who "
+                     f"read it could have joined as this node; keep join tokens in 0600 files (chmod 600 {source})")
+            data = b""
+            while len(data) <= MAX_TOKEN_TEXT and (chunk := os.read(fd, MAX_TOKEN_TEXT + 1 - len(data))):
+                data += chunk
+        finally:
+            os.close(fd)
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValidationError("--token-file", source, "must hold one join token (vnjoin_...), not binary data") \
+                from None
+    token = text.strip()
+    if not token or len(text) > MAX_TOKEN_TEXT or any(c.isspace() for c in token):
+        raise ValidationError("--token-file", what, "must hold exactly one join token (vnjoin_...) on one line")
+    return token
 
 
 def join(files: IdentityFiles, node: str, endpoint: str, token: str, ca_hash: str) -> pki.Identity:

@@ -29,6 +29,7 @@ MATRIX: Final[dict[str, frozenset[str]]] = {
     "/veilnet.v1.Admin/SendCommand": WRITE,
     "/veilnet.v1.Admin/CreateJoinToken": ADMIN,
     "/veilnet.v1.Admin/RevokeNode": ADMIN,
+    "/veilnet.v1.Admin/RevokeOperator": ADMIN,
 }
 
 ALL_ROLES: Final = ("admin", "network-admin", "viewer", "node")

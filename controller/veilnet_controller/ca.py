@@ -28,6 +28,11 @@ KEY_FILE = "ca.key"
 CERT_FILE = "ca.crt"
 TRUST_DOMAIN_FILE = "trust_domain"
 CLOCK_SKEW = timedelta(seconds=60)
+# The longest certificate the CA issues of each kind, whatever the caller asks: a leaked key is good for at
+# most this long even if nobody revokes it. Node certificates renew themselves at two thirds of their life.
+MAX_NODE_LIFETIME = timedelta(days=30)
+MAX_OPERATOR_LIFETIME = timedelta(days=90)
+MAX_SERVER_LIFETIME = timedelta(days=825)
 _EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _MIN_RSA_BITS = 2048
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -68,9 +73,11 @@ def _key_usage(key: CertificatePublicKeyTypes) -> x509.KeyUsage:
     )
 
 
-def _check_lifetime(lifetime: timedelta) -> None:
+def _check_lifetime(lifetime: timedelta, maximum: timedelta | None = None, what: str = "certificate") -> None:
     if lifetime <= timedelta(0):
-        raise PkiError(f"certificate lifetime must be positive, got {lifetime}")
+        raise PkiError(f"{what} lifetime must be positive, got {lifetime}")
+    if maximum is not None and lifetime > maximum:
+        raise PkiError(f"{what} lifetime {lifetime} is longer than the {maximum} this CA issues")
 
 
 class CertificateAuthority:
@@ -173,15 +180,26 @@ class CertificateAuthority:
         return builder.sign(self._key, hashes.SHA256())
 
     def _window(
-        self, lifetime: timedelta, not_before: datetime | None, not_after: datetime | None
+        self,
+        lifetime: timedelta,
+        not_before: datetime | None,
+        not_after: datetime | None,
+        maximum: timedelta,
+        what: str,
     ) -> tuple[datetime, datetime]:
-        _check_lifetime(lifetime)
+        _check_lifetime(lifetime, maximum, what)
         now = datetime.now(UTC)
         # Backdated for clock skew, but never by more than a tenth of the lifetime (short-lived test certificates).
         start = not_before if not_before is not None else now - min(CLOCK_SKEW, lifetime / 10)
         end = not_after if not_after is not None else now + lifetime
         if end <= start:
-            raise PkiError(f"certificate would expire ({end}) before it is valid ({start})")
+            raise PkiError(f"{what} would expire ({end}) before it is valid ({start})")
+        if end - start > maximum + CLOCK_SKEW:
+            raise PkiError(f"{what} validity {start} .. {end} is longer than the {maximum} this CA issues")
+        ca_end = self.certificate.not_valid_after_utc
+        if end > ca_end:
+            raise PkiError(f"{what} would expire at {end}, after the CA itself ({ca_end}): "
+                           f"a certificate cannot outlive its issuer")
         return start, end
 
     def sign_node_csr(self, csr_pem: bytes, node: str, lifetime: timedelta) -> x509.Certificate:
@@ -194,7 +212,8 @@ class CertificateAuthority:
             raise PkiError("CSR signature is invalid: the requester does not hold the key")
         public_key = csr.public_key()
         _check_public_key(public_key)
-        return self._node_cert(public_key, node, *self._window(lifetime, None, None))
+        return self._node_cert(public_key, node, *self._window(lifetime, None, None, MAX_NODE_LIFETIME,
+                                                               "node certificate"))
 
     def _node_cert(
         self, public_key: CertificatePublicKeyTypes, node: str, not_before: datetime, not_after: datetime
@@ -213,7 +232,7 @@ class CertificateAuthority:
         not_after: datetime | None = None,
     ) -> tuple[bytes, bytes]:
         """Key and node certificate in one step, for tests and benchmarks: (key PEM, cert PEM)."""
-        start, end = self._window(lifetime, not_before, not_after)
+        start, end = self._window(lifetime, not_before, not_after, MAX_NODE_LIFETIME, "node certificate")
         key = pki.generate_private_key()
         cert = self._node_cert(key.public_key(), name, start, end)
         return pki.private_key_pem(key), certificate_pem(cert)
@@ -231,7 +250,7 @@ class CertificateAuthority:
         if role not in pki.ROLES_OPERATOR:
             raise PkiError(f"unknown operator role {role!r}: want one of {pki.ROLES_OPERATOR}")
         uri = pki.operator_spiffe_id(self.trust_domain, name)
-        start, end = self._window(lifetime, not_before, not_after)
+        start, end = self._window(lifetime, not_before, not_after, MAX_OPERATOR_LIFETIME, "operator certificate")
         key = pki.generate_private_key()
         subject = x509.Name(
             [x509.NameAttribute(NameOID.COMMON_NAME, name), x509.NameAttribute(NameOID.ORGANIZATION_NAME, role)]
@@ -254,7 +273,7 @@ class CertificateAuthority:
                 san.append(x509.DNSName(host.lower()))
         if len(hosts[0]) > 64:
             raise PkiError(f"first server host {hosts[0]!r} is the CN and must be at most 64 characters")
-        start, end = self._window(lifetime, None, None)
+        start, end = self._window(lifetime, None, None, MAX_SERVER_LIFETIME, "server certificate")
         key = pki.generate_private_key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
         cert = self._sign(key.public_key(), subject, san, ExtendedKeyUsageOID.SERVER_AUTH, start, end)

@@ -4,7 +4,10 @@ Data directory layout (mode 0700)::
 
     ca/ca.key ca/ca.crt ca/trust_domain   the host CA (the key never leaves this directory)
     server.key server.crt                 the controller's TLS certificate
-    controller.db                         SQLite: revisions, nodes, token hashes, audit log (0600)
+    controller.db                         SQLite: revisions, nodes, certificates, token hashes, audit log (0600)
+    audit.key audit.pub                   the Ed25519 key signing the audit log (0600; never in the database)
+                                          and its public key (0644: give auditors a copy)
+    audit-head.json                       the newest signed audit head (ship copies elsewhere)
     operators/<name>/{client.key,client.crt,ca.crt}   operator credentials issued here
 """
 
@@ -12,37 +15,77 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import re
 import signal
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
+
+import structlog
 
 from veilnet_agent import logs, pki
 from veilnet_agent.errors import ValidationError, VeilnetError
 
 from . import __version__
-from .ca import CertificateAuthority
+from .audit import HEAD_FILE, PUBLIC_KEY_FILE, AuditSigner, load_public_key, open_signed_store, read_head
+from .ca import MAX_NODE_LIFETIME, MAX_OPERATOR_LIFETIME, MAX_SERVER_LIFETIME, CertificateAuthority
+from .store import SQLiteStore, Store
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
+LOCAL_ROLE = "local"  # audit role of commands run with the data directory rather than through the API
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"(\d{1,12})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_NODE_LIFETIME = timedelta(seconds=10)  # renewal at two thirds must leave time to reconnect
+MAX_RENEWAL_GRACE = timedelta(hours=1)
 
 
-def parse_duration(text: str, what: str) -> timedelta:
-    m = _DURATION.match(text.strip())
-    if not m or int(m.group(1)) == 0:
+def _describe(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in ("d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def parse_duration(text: str, what: str, *, minimum: timedelta = timedelta(seconds=1),
+                   maximum: timedelta | None = None) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d``; ValidationError naming ``what`` if malformed or out of bounds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
         raise ValidationError(what, text, "must be a duration like 90s, 30m, 24h or 7d")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if maximum is not None and seconds > maximum.total_seconds():
+        raise ValidationError(what, text, f"must be at most {_describe(maximum)}")
+    if seconds < minimum.total_seconds():
+        raise ValidationError(what, text, f"must be at least {_describe(minimum)}")
+    return timedelta(seconds=seconds)
 
 
-def write_operator_credentials(ca: CertificateAuthority, out: Path, name: str, role: str,
+def local_actor() -> tuple[str, dict[str, str]]:
+    """Who runs a command with the data directory (not through the API): the OS user, and sudo's caller."""
+    detail = {"host": socket.gethostname()}
+    if os.environ.get("SUDO_USER"):
+        detail["sudo_user"] = os.environ["SUDO_USER"]
+    return getpass.getuser(), detail
+
+
+def write_operator_credentials(ca: CertificateAuthority, store: Store, out: Path, name: str, role: str,
                                lifetime: timedelta) -> Path:
+    """Issue an operator credential into ``out``; recorded (and audited) first: the controller accepts only
+    operator certificates it recorded, and revokes them by name."""
     key_pem, cert_pem = ca.issue_operator(name, role, lifetime)
+    issued = pki.identity_from_certificate(cert_pem, ca.trust_domain)
+    actor, detail = local_actor()
+    store.record_operator_certificate(name, role, issued.serial, issued.not_after, f"{actor} (operator-cert)")
+    store.append_audit(actor, LOCAL_ROLE, "operator.issue", name, None,
+                       {**detail, "role": role, "serial": issued.serial,
+                        "not_after": issued.not_after.isoformat(), "out": str(out)})
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     pki.write_private_key(out / "client.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(out / "client.crt", cert_pem)
@@ -50,8 +93,31 @@ def write_operator_credentials(ca: CertificateAuthority, out: Path, name: str, r
     return out
 
 
+def import_operator_credentials(ca: CertificateAuthority, store: Store, directory: Path) -> list[str]:
+    """Record operator certificates under ``directory`` (``init``'s admin, ``operator-cert --out`` there) that
+    were issued before the store kept operator serials, so they keep working; returns the names imported."""
+    imported = []
+    for path in sorted(directory.glob("*/client.crt")):
+        try:
+            cert = pki.load_certificate(path.read_bytes())
+            pki.verify_issued_by(cert, ca.certificate)
+            who = pki.identity_from_certificate(cert, ca.trust_domain)
+        except (OSError, pki.PkiError):
+            continue  # not one of ours: nothing to record
+        if who.kind != "operator" or store.operator_certificate(who.serial) is not None:
+            continue
+        actor, detail = local_actor()
+        store.record_operator_certificate(who.name, who.role, who.serial, who.not_after, f"imported from {path}")
+        store.append_audit(actor, LOCAL_ROLE, "operator.import", who.name, None,
+                           {**detail, "role": who.role, "serial": who.serial,
+                            "not_after": who.not_after.isoformat(), "path": str(path)})
+        imported.append(who.name)
+    return imported
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     data: Path = args.data_dir
+    admin_lifetime = parse_duration(args.admin_lifetime, "--admin-lifetime", maximum=MAX_OPERATOR_LIFETIME)
     if (data / "ca" / "ca.key").exists():
         raise VeilnetError(f"{data} already holds a CA; refusing to overwrite it")
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -61,14 +127,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     key_pem, cert_pem = ca.issue_server(names, timedelta(days=365))
     pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(data / "server.crt", cert_pem)
-    admin_dir = write_operator_credentials(ca, data / "operators" / "admin", "admin", "admin",
-                                           parse_duration(args.admin_lifetime, "--admin-lifetime"))
-    from .store import SQLiteStore
-
-    SQLiteStore(data / "controller.db").close()
+    store, signer = open_signed_store(data)  # makes audit.key / audit.pub
+    try:
+        admin_dir = write_operator_credentials(ca, store, data / "operators" / "admin", "admin", "admin",
+                                               admin_lifetime)
+    finally:
+        store.close()
     print(f"trust domain: {args.trust_domain}")
     print(f"server names: {', '.join(names)}")
     print(f"admin credentials: {admin_dir}")
+    print(f"audit key: {signer.key_id} (copy {data / PUBLIC_KEY_FILE} somewhere safe: auditors verify with it)")
     print(f"ca hash: {ca.ca_hash}")
     return EXIT_OK
 
@@ -85,21 +153,27 @@ def _default_advertise(listen: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .hub import Hub
     from .server import ServerSettings, Services, serve
-    from .store import SQLiteStore
 
     data: Path = args.data_dir
-    ca = CertificateAuthority.load(data / "ca")
-    store = SQLiteStore(data / "controller.db")
-    hub = Hub(store)
-    hub.load()
-    settings = ServerSettings(
+    settings = ServerSettings(  # every flag checked before anything is opened
         control_listen=args.listen,
         bootstrap_listen=args.bootstrap_listen,
         control_endpoint=args.advertise or _default_advertise(args.listen),
-        certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime"),
+        certificate_lifetime=parse_duration(args.certificate_lifetime, "--certificate-lifetime",
+                                            minimum=MIN_NODE_LIFETIME, maximum=MAX_NODE_LIFETIME),
         join_failures_per_minute=args.join_failures_per_minute,
+        renewal_grace=parse_duration(args.renewal_grace, "--renewal-grace", maximum=MAX_RENEWAL_GRACE),
     )
-    services = Services(ca, store, hub, settings)
+    ca = CertificateAuthority.load(data / "ca")
+    store, signer = open_signed_store(data)
+    imported = import_operator_credentials(ca, store, data / "operators")
+    if imported:
+        structlog.get_logger("veilnet.controller").warning(
+            "operator_certificates_imported", operators=imported,
+            note="issued before operator serials were recorded; other such credentials must be issued again")
+    hub = Hub(store)
+    hub.load()
+    services = Services(ca, store, hub, settings, audit=signer)
     key = (data / "server.key").read_bytes()
     cert = (data / "server.crt").read_bytes()
 
@@ -125,7 +199,7 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
     data: Path = args.data_dir
     ca = CertificateAuthority.load(data / "ca")
     names = args.server_name or ["localhost", "127.0.0.1"]
-    key_pem, cert_pem = ca.issue_server(names, parse_duration(args.lifetime, "--lifetime"))
+    key_pem, cert_pem = ca.issue_server(names, parse_duration(args.lifetime, "--lifetime", maximum=MAX_SERVER_LIFETIME))
     pki.write_private_key(data / "server.key", pki.load_private_key_pem(key_pem))
     pki.write_public_file(data / "server.crt", cert_pem)
     print(f"server certificate for {', '.join(names)} written; restart veilnet-controller to use it")
@@ -133,18 +207,39 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_operator_cert(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.load(args.data_dir / "ca")
     if args.role not in pki.ROLES_OPERATOR:
         raise ValidationError("--role", args.role, f"must be one of {', '.join(pki.ROLES_OPERATOR)}")
-    out = write_operator_credentials(ca, args.out, args.name, args.role, parse_duration(args.lifetime, "--lifetime"))
+    lifetime = parse_duration(args.lifetime, "--lifetime", maximum=MAX_OPERATOR_LIFETIME)
+    ca = CertificateAuthority.load(args.data_dir / "ca")
+    store, _signer = open_existing_store(args.data_dir)
+    try:
+        out = write_operator_credentials(ca, store, args.out, args.name, args.role, lifetime)
+    finally:
+        store.close()
     print(f"{args.role} credentials for {args.name}: {out}")
     return EXIT_OK
 
 
+def open_existing_store(data: Path) -> tuple[SQLiteStore, AuditSigner]:
+    """The controller's database, which ``init`` made (never a new, empty one by accident), signing."""
+    path = data / "controller.db"
+    if not path.is_file():
+        raise VeilnetError(f"{path} does not exist: is {data} a controller data directory (veilnet-controller init)?")
+    return open_signed_store(data)
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Read-only. The public key and head default to the data directory's; copies kept elsewhere prove more."""
     from .audit_verify import verify_file
 
-    ok, message = verify_file(args.data_dir / "controller.db")
+    public_key = load_public_key(args.public_key or args.data_dir / PUBLIC_KEY_FILE)
+    head_path: Path = args.head or args.data_dir / HEAD_FILE
+    if args.head is not None and not head_path.is_file():
+        raise VeilnetError(f"--head {head_path}: no such file")
+    head = read_head(head_path)
+    ok, message = verify_file(args.data_dir / "controller.db", public_key, head, f"the signed head in {head_path}")
+    if ok and head is None:
+        message += f"; no signed head ({head_path}): entries removed from the end would go unnoticed"
     print(("ok: " if ok else "TAMPERED: ") + message)
     return EXIT_OK if ok else EXIT_FAILURE
 
@@ -177,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="HOST:PORT agents dial after joining (default: --listen; for a wildcard "
                                        "listen, the host the agent joined through with --listen's port)")
     p.add_argument("--certificate-lifetime", default="24h", help="node certificate lifetime")
+    p.add_argument("--renewal-grace", default="60s",
+                   help="how long a renewed node's previous certificate keeps working (at most 1h)")
     p.add_argument("--join-failures-per-minute", type=int, default=20,
                    help="failed joins allowed per source address and minute before Join is refused for a while "
                         "(0: no limit)")
@@ -191,7 +288,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server-name", action="append", help="DNS name or IP agents and veilctl dial (repeatable)")
     p.add_argument("--lifetime", default="365d")
     p.set_defaults(func=cmd_server_cert)
-    p = add("audit-verify", "check the audit log's hash chain (read-only)")
+    p = add("audit-verify", "check the audit log's hash chain and signatures (read-only)")
+    p.add_argument("--public-key", type=Path, help=f"the audit public key (default DATA_DIR/{PUBLIC_KEY_FILE}); "
+                                                   "better a copy kept away from the controller")
+    p.add_argument("--head", type=Path, help=f"a signed head to check truncation against (default "
+                                             f"DATA_DIR/{HEAD_FILE}), e.g. one shipped elsewhere")
     p.set_defaults(func=cmd_audit_verify)
     p = add("ca-hash", "print the CA hash agents pin with --ca-hash")
     p.set_defaults(func=cmd_ca_hash)

@@ -21,9 +21,12 @@ changes.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +40,7 @@ from veilnet_agent.errors import ValidationError
 from .compile import compile_nodes
 from .spec import AttachedClaims, EndpointSpec, NetworkSpec, parse_attached_endpoint, parse_spec_text
 from .store import Store
+from .trust import CertificateTrust
 
 RECOMPILE_DELAY = 0.05  # seconds: coalesce bursts (1,000 agents saying hello) into one compile
 
@@ -82,6 +86,16 @@ class AttachedReport:
         return name if isinstance(name, str) else ""
 
 
+MAX_AUDITED_ATTACHMENTS = 1000  # per report; "count" says how many there were
+
+
+def _attachment_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an attached endpoint other hosts will trust (not its local netns and interface names)."""
+    if not isinstance(raw, dict):
+        return {"invalid": str(raw)[:200]}
+    return {k: raw[k] for k in ("name", "segment", "mac", "ipv4", "ipv6", "labels") if k in raw}
+
+
 def empty_state(node: str) -> dict[str, Any]:
     """The target of a node with a session but no compiled state: in no network, keeps only its address."""
     return {"node": node, "transport_address": "", "segments": [], "endpoints": [], "peers": [], "policies": []}
@@ -94,6 +108,25 @@ def _is_empty_state(state: dict[str, Any] | None) -> bool:
 
 class KeyConflict(Exception):
     """A node presented a WireGuard public key another node already holds."""
+
+
+class InvalidKey(Exception):
+    """A WireGuard public key that is not the canonical base64 spelling of 32 bytes."""
+
+
+def canonical_wireguard_key(key: str) -> str:
+    """``key`` if it is exactly the standard base64 of 32 bytes (no whitespace, no newline), else InvalidKey.
+
+    The uniqueness check compares strings, so two spellings of one key (a trailing newline, say) must never
+    both get in: the server passes the validator's canonical value, and the hub refuses anything else.
+    """
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise InvalidKey(f"not base64 (got {key!r})") from None
+    if len(raw) != 32 or base64.b64encode(raw).decode("ascii") != key:
+        raise InvalidKey(f"not the canonical base64 of a 32-byte key (got {key!r})")
+    return key
 
 
 class Session:
@@ -111,10 +144,21 @@ class Session:
         self.memo: wire.Memo | None = None  # protos of the shared parts of the target's compile
         self.wake = asyncio.Event()
         self.closed_reason: str | None = None
+        self.unauthenticated = False  # closed because its certificate is no longer acceptable
+        self.expiry: asyncio.TimerHandle | None = None  # fires when the certificate stops being acceptable
+        self.rearm: Callable[[], None] | None = None  # recomputes ``expiry`` (a renewal retired the serial)
 
-    def close(self, reason: str) -> None:
-        self.closed_reason = reason
+    def close(self, reason: str, *, unauthenticated: bool = False) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            self.unauthenticated = unauthenticated
+        self.cancel_expiry()
         self.wake.set()
+
+    def cancel_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
     def set_target(self, state: dict[str, Any] | None, revision: int, memo: wire.Memo | None = None) -> None:
         self.target = state
@@ -160,13 +204,20 @@ class Hub:
         self._acceptance: dict[tuple[str, str], int] = {}  # (node, endpoint name) -> when it was accepted
         self._acceptances = 0
         self._with_rejections: set[str] = set()  # nodes with refused endpoints (retried when claims are freed)
-        self.revoked_nodes: set[str] = set()
-        self.revoked_serials: set[str] = set()
+        self.trust = CertificateTrust()
         self._recompile_task: asyncio.Task[None] | None = None
         self.compile_seconds = 0.0
         self._compiled: dict[str, Any] = {}  # the last compile's shared parts, reused when unchanged
         self.proto_memo: wire.Memo = {}
         self.compiles = 0  # how many recompiles ran (coalescing shows here)
+
+    @property
+    def revoked_nodes(self) -> set[str]:
+        return self.trust.revoked_nodes
+
+    @property
+    def revoked_serials(self) -> set[str]:
+        return self.trust.revoked
 
     # ------------------------------------------------------------------ loading
 
@@ -182,7 +233,8 @@ class Hub:
             if node.revoked_at is not None:
                 self.revoked_nodes.add(node.name)
             self.runtime.setdefault(node.name, NodeRuntime()).capabilities = node.capabilities
-        self.revoked_serials = set(self.store.revoked_serials())
+        self.trust.revoked.update(self.store.revoked_serials())
+        self.trust.retiring.update(self.store.retiring_certificates())
         # Acceptance order is not persisted: after a restart, earlier node names win a conflict.
         self.reports = {node: AttachedReport.parse(node, raws)
                         for node, raws in self.store.attached_endpoints().items()}
@@ -318,17 +370,22 @@ class Hub:
                 self.log.warning("attached_endpoint_rejected", node=node, endpoint=report.name_at(position),
                                  field=field_path, reason=reason)
 
-    def _report_attached(self, node: str, raws: list[dict[str, Any]]) -> bool:
-        """Record ``node``'s reported attachments (persisted even when empty or without a spec).
+    def _report_attached(self, session: Session, raws: list[dict[str, Any]]) -> bool:
+        """Record the session's node's reported attachments (persisted even when empty or without a spec).
 
         Only that node's endpoints are re-validated: its old claims are released, its new endpoints checked
         against the table; then refused endpoints of other nodes are retried if claims were freed.
         True if an accepted set changed (a recompile is due).
         """
+        node = session.node
         current = self.reports.get(node)
         if (current.raws if current is not None else []) == raws:
             return False
         self.store.set_attached_endpoints(node, raws)
+        # What a node claims for its containers (addresses, labels that policies trust) is on the record.
+        self.store.append_audit(node, "node", "node.attach", node, None,
+                                {"endpoints": [_attachment_summary(r) for r in raws[:MAX_AUDITED_ATTACHMENTS]],
+                                 "count": len(raws)}, actor_serial=session.serial)
         report = AttachedReport.parse(node, raws) if raws else None
         if report is None:
             self.reports.pop(node, None)
@@ -400,14 +457,18 @@ class Hub:
         return next((n for n, k in self.public_keys.items() if k == key), None)
 
     def _check_key(self, node: str, key: str) -> None:
+        canonical_wireguard_key(key)
         holder = self.key_holder(key)
         if holder is not None and holder != node:
             # Accepting it would make two peers share a key everywhere (and let a node impersonate another).
             raise KeyConflict(f"WireGuard public key already registered to node {holder!r}")
 
-    def connect(self, node: str, serial: str, hello: cpb.Hello) -> Session:
-        if hello.wireguard_public_key:
-            self._check_key(node, hello.wireguard_public_key)
+    def connect(self, node: str, serial: str, hello: cpb.Hello, public_key: str | None = None) -> Session:
+        """Open ``node``'s session. ``public_key``: the hello's key as the server validated it (canonical);
+        None takes it from the hello. Either way a key that is not canonical or is another node's is refused."""
+        key = hello.wireguard_public_key if public_key is None else public_key
+        if key:
+            self._check_key(node, key)
         old = self.sessions.get(node)
         if old is not None:
             old.close("replaced by a newer stream from the same node")
@@ -418,13 +479,11 @@ class Hub:
         rt.applied_spec_revision = hello.applied_spec_revision
         rt.capabilities = tuple(hello.capabilities)
         changed = False
-        key = hello.wireguard_public_key
         if key and self.public_keys.get(node) != key:
-            self.public_keys[node] = key
-            self.store.set_wireguard_key(node, key, list(hello.capabilities))
+            self._register_key(session, key, list(hello.capabilities), "hello")
             changed = True
         # The hello's list is authoritative: an empty one clears what the node attached before.
-        changed |= self._report_attached(node, [wire.endpoint_from_proto(e) for e in hello.attached_endpoints])
+        changed |= self._report_attached(session, [wire.endpoint_from_proto(e) for e in hello.attached_endpoints])
         session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
         if changed:
             self.request_recompile()
@@ -461,13 +520,23 @@ class Hub:
     def key_update(self, session: Session, key: str) -> None:
         self._check_key(session.node, key)
         if self.public_keys.get(session.node) != key:
-            self.public_keys[session.node] = key
-            self.store.set_wireguard_key(session.node, key, list(self.runtime[session.node].capabilities))
+            self._register_key(session, key, list(self.runtime[session.node].capabilities), "key_update")
             self.log.info("wireguard_key_rotated", node=session.node)
             self.request_recompile()
 
+    def _register_key(self, session: Session, key: str, capabilities: list[str], via: str) -> None:
+        """A node's WireGuard key is what every peer will trust for it: stored, and audited with the
+        certificate that presented it."""
+        previous = self.public_keys.get(session.node)
+        self.public_keys[session.node] = key
+        self.store.set_wireguard_key(session.node, key, capabilities)
+        action = "node.key-register" if previous is None else "node.key-change"
+        self.store.append_audit(session.node, "node", action, session.node, None,
+                                {"public_key": key, "previous": previous or "", "via": via},
+                                actor_serial=session.serial)
+
     def endpoints_reported(self, session: Session, raws: list[dict[str, Any]]) -> None:
-        if self._report_attached(session.node, raws):
+        if self._report_attached(session, raws):
             self.request_recompile()
 
     def command(self, node: str, kind: int) -> bool:
@@ -486,9 +555,16 @@ class Hub:
         self.revoked_nodes.add(node)
         session = self.sessions.get(node)
         if session is not None:
-            session.close("certificate revoked")
+            session.close("certificate revoked", unauthenticated=True)
         self.recompile_now()
         return session is not None
+
+    def retire(self, serials: dict[str, datetime]) -> None:
+        """Certificates replaced by a renewal: accepted until the given time, then refused (streams end then)."""
+        self.trust.retiring.update(serials)
+        for session in self.sessions.values():
+            if session.serial in serials and session.rearm is not None:
+                session.rearm()
 
     def node_rejoined(self, node: str, old_serials: list[str]) -> None:
         """``node`` joined again (a replaced or cloned host): its earlier certificates stop working.

@@ -11,11 +11,11 @@ Two security properties are enforced here rather than by callers, because they m
   backup) cannot be used to join a node, and consuming a token is a single write transaction so that two
   concurrent joins with the same token cannot both succeed.
 * The audit log is append-only and tamper-evident: every entry carries the SHA-256 of its predecessor's
-  hash and its own canonical contents, SQL triggers refuse UPDATE and DELETE, and ``verify_audit_chain``
-  recomputes the chain. Someone with write access to the file can still drop the triggers, but cannot edit,
-  remove or reorder a past entry without ``verify_audit`` naming the first broken one. (Truncating the
-  newest entries is only detectable against a head hash recorded elsewhere, which is why the verification
-  message reports the head.)
+  hash and its own canonical contents, SQL triggers refuse UPDATE and DELETE, and with an audit signer (the
+  controller's Ed25519 key, kept outside this database: see ``audit``) every entry's hash is signed. Someone
+  with write access to the file can drop the triggers and even re-chain the hashes, but cannot sign: the
+  verifier (``audit.verify_rows``) names the first entry that is wrong. Entries removed from the end are
+  detected against a signed head kept elsewhere (``audit-head.json``, the journal).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from veilnet_agent.errors import VeilnetError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS_HASH = "0" * 64
 """``previous_hash`` of the first audit entry: there is nothing before it to link to."""
 
@@ -91,8 +91,23 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class OperatorCertificateRecord:
+    """An operator certificate the controller issued (or imported): only recorded ones are accepted."""
+
+    serial: str
+    name: str
+    role: str
+    not_after: datetime
+    issued_at: datetime
+    issued_by: str
+    revoked_at: datetime | None
+    revoke_reason: str
+
+
+@dataclass(frozen=True)
 class AuditRecord:
-    """One audit-log entry. ``hash`` = ``entry_hash(previous_hash, ...)`` over the other fields."""
+    """One audit-log entry. ``hash`` = ``entry_hash(previous_hash, ...)`` over the other fields;
+    ``signature``: the audit key's signature of (sequence, hash), empty for an unsigned (format 1) entry."""
 
     sequence: int
     time: datetime
@@ -104,6 +119,16 @@ class AuditRecord:
     detail: Mapping[str, Any]
     hash: str
     previous_hash: str
+    actor_serial: str = ""
+    signature: str = ""
+
+
+class AuditSigning(Protocol):
+    """What the store needs from the audit key holder (``audit.AuditSigner``)."""
+
+    def sign(self, sequence: int, digest: str) -> str: ...
+
+    def published(self, record: AuditRecord) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,12 +169,16 @@ def entry_hash(
     target: str,
     revision: int | None,
     detail: Mapping[str, Any],
+    *,
+    actor_serial: str | None = None,
 ) -> str:
     """SHA-256 hex of ``previous_hash + "\\n" + canonical JSON of the entry``.
 
     Chaining in the previous hash is what makes deleting or reordering entries detectable, not just editing.
+    ``actor_serial`` None: format 1 (unsigned entries, as written before signing existed); a string: format 2,
+    which also covers the serial of the certificate that acted.
     """
-    body = {
+    body: dict[str, Any] = {
         "sequence": sequence,
         "time": format_time(time),
         "actor": actor,
@@ -159,70 +188,15 @@ def entry_hash(
         "revision": revision,
         "detail": dict(detail),
     }
+    if actor_serial is not None:
+        body["actor_serial"] = actor_serial
+        body["format"] = 2
     return hashlib.sha256(f"{previous_hash}\n{canonical_json(body)}".encode()).hexdigest()
 
 
 def token_hash(token: str) -> str:
     """What is stored for a join token; the token itself never reaches the database."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def verify_audit_chain(conn: sqlite3.Connection) -> tuple[bool, str]:
-    """Recompute the audit chain over every row, in sequence order, using only SELECTs.
-
-    Returns ``(True, "N entries, head <hash>")`` or ``(False, "entry S: <what is wrong>")`` for the first bad
-    entry. Checks, in order: the sequence continues without a gap (catches deleted rows), ``previous_hash``
-    equals the preceding entry's hash (catches a row whose hash was recomputed after an edit), and the stored
-    hash matches the recomputed one (catches an edited field). Used by ``SQLiteStore.verify_audit`` and by
-    ``audit_verify.verify_file`` on a read-only connection, so both give the same verdict.
-    """
-    expected_sequence = 1
-    previous = GENESIS_HASH
-    count = 0
-    # One SELECT is one read snapshot, so concurrent appends cannot make a consistent log look broken.
-    cursor = conn.execute(
-        "SELECT sequence, time, actor, role, action, target, revision, detail, hash, previous_hash"
-        " FROM audit ORDER BY sequence"
-    )
-    for row in cursor:
-        sequence = int(row[0])
-        if sequence != expected_sequence:
-            cursor.close()
-            return False, f"entry {sequence}: gap in sequence (expected {expected_sequence}, found {sequence})"
-        stored_hash = str(row[8])
-        stored_previous = str(row[9])
-        if stored_previous != previous:
-            cursor.close()
-            return False, (
-                f"entry {sequence}: broken link to previous (previous_hash {stored_previous}, "
-                f"but entry {sequence - 1} has hash {previous})"
-            )
-        try:
-            time = parse_time(str(row[1]))
-            detail = json.loads(str(row[7]))
-            if not isinstance(detail, dict):
-                raise ValueError("detail is not a JSON object")
-            computed = entry_hash(
-                stored_previous,
-                sequence,
-                time,
-                str(row[2]),
-                str(row[3]),
-                str(row[4]),
-                str(row[5]),
-                None if row[6] is None else int(row[6]),
-                detail,
-            )
-        except (ValueError, TypeError) as exc:
-            cursor.close()
-            return False, f"entry {sequence}: unreadable entry ({exc})"
-        if computed != stored_hash:
-            cursor.close()
-            return False, f"entry {sequence}: hash mismatch (stored {stored_hash}, computed {computed})"
-        previous = stored_hash
-        expected_sequence += 1
-        count += 1
-    return True, f"{count} entries, head {previous}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,21 +235,46 @@ class Store(Protocol):
 
     def revoke_node(self, node: str, reason: str, now: datetime | None = None) -> list[str]: ...
 
-    def is_serial_revoked(self, serial: str) -> bool: ...
+    def retire_certificates(self, node: str, keep: str, at: datetime) -> dict[str, datetime]: ...
+
+    def retiring_certificates(self) -> dict[str, datetime]: ...
+
+    def is_serial_revoked(self, serial: str, now: datetime | None = None) -> bool: ...
 
     def revoked_serials(self) -> frozenset[str]: ...
+
+    def record_operator_certificate(
+        self, name: str, role: str, serial: str, not_after: datetime, issued_by: str
+    ) -> bool: ...
+
+    def operator_certificate(self, serial: str) -> OperatorCertificateRecord | None: ...
+
+    def operator_certificates(self, name: str | None = None) -> list[OperatorCertificateRecord]: ...
+
+    def revoke_operator(self, name: str, reason: str, now: datetime | None = None) -> list[str]: ...
 
     def set_attached_endpoints(self, node: str, endpoints: Sequence[Mapping[str, Any]]) -> None: ...
 
     def attached_endpoints(self) -> dict[str, list[dict[str, Any]]]: ...
 
     def append_audit(
-        self, actor: str, role: str, action: str, target: str, revision: int | None, detail: Mapping[str, Any]
+        self,
+        actor: str,
+        role: str,
+        action: str,
+        target: str,
+        revision: int | None,
+        detail: Mapping[str, Any],
+        *,
+        actor_serial: str = "",
     ) -> AuditRecord: ...
 
     def audit(self, limit: int = 100) -> tuple[list[AuditRecord], int]: ...
 
-    def verify_audit(self) -> tuple[bool, str]: ...
+    def audit_hash(self, sequence: int) -> str | None: ...
+
+    def verify_audit(self, public_key: Ed25519PublicKey | None = None, head: SignedHead | None = None,
+                     head_source: str = "the signed head") -> tuple[bool, str]: ...
 
     def close(self) -> None: ...
 
@@ -318,9 +317,21 @@ _SCHEMA: tuple[str, ...] = (
         node TEXT NOT NULL REFERENCES nodes(name),
         not_after TEXT NOT NULL,
         issued_at TEXT NOT NULL,
-        revoked_at TEXT
+        revoked_at TEXT,
+        retire_at TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS certificates_node ON certificates(node)",
+    """CREATE TABLE IF NOT EXISTS operator_certificates (
+        serial TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        issued_by TEXT NOT NULL,
+        revoked_at TEXT,
+        revoke_reason TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX IF NOT EXISTS operator_certificates_name ON operator_certificates(name)",
     """CREATE TABLE IF NOT EXISTS attached_endpoints (
         node TEXT PRIMARY KEY,
         endpoints TEXT NOT NULL
@@ -335,7 +346,9 @@ _SCHEMA: tuple[str, ...] = (
         revision INTEGER,
         detail TEXT NOT NULL,
         hash TEXT NOT NULL,
-        previous_hash TEXT NOT NULL
+        previous_hash TEXT NOT NULL,
+        actor_serial TEXT NOT NULL DEFAULT '',
+        signature TEXT NOT NULL DEFAULT ''
     )""",
     # Created on every open with IF NOT EXISTS, so a dropped trigger comes back at the next start.
     """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -348,12 +361,23 @@ _SCHEMA: tuple[str, ...] = (
     END""",
 )
 
+# Schema version 1 -> 2, run after _SCHEMA (whose CREATE ... IF NOT EXISTS made the new tables): the new
+# columns of tables that already existed.
+_MIGRATE_1_TO_2: tuple[str, ...] = (
+    "ALTER TABLE certificates ADD COLUMN retire_at TEXT",
+    "ALTER TABLE audit ADD COLUMN actor_serial TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE audit ADD COLUMN signature TEXT NOT NULL DEFAULT ''",
+)
+
+_OPERATOR_COLUMNS = "serial, name, role, not_after, issued_at, issued_by, revoked_at, revoke_reason"
 _NODE_COLUMNS = (
     "name, joined_at, wireguard_public_key, capabilities, certificate_serial, certificate_not_after,"
     " revoked_at, revoke_reason"
 )
 _REVISION_COLUMNS = "number, spec_text, author, created_at, message, rolled_back_from"
-_AUDIT_COLUMNS = "sequence, time, actor, role, action, target, revision, detail, hash, previous_hash"
+_AUDIT_COLUMNS = (
+    "sequence, time, actor, role, action, target, revision, detail, hash, previous_hash, actor_serial, signature"
+)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -396,6 +420,19 @@ def _node_from_row(row: Sequence[Any]) -> NodeRecord:
     )
 
 
+def _operator_from_row(row: Sequence[Any]) -> OperatorCertificateRecord:
+    return OperatorCertificateRecord(
+        serial=str(row[0]),
+        name=str(row[1]),
+        role=str(row[2]),
+        not_after=parse_time(str(row[3])),
+        issued_at=parse_time(str(row[4])),
+        issued_by=str(row[5]),
+        revoked_at=_opt_time(row[6]),
+        revoke_reason=str(row[7]),
+    )
+
+
 def _audit_from_row(row: Sequence[Any]) -> AuditRecord:
     return AuditRecord(
         sequence=int(row[0]),
@@ -408,6 +445,8 @@ def _audit_from_row(row: Sequence[Any]) -> AuditRecord:
         detail=MappingProxyType(json.loads(str(row[7]))),
         hash=str(row[8]),
         previous_hash=str(row[9]),
+        actor_serial=str(row[10]),
+        signature=str(row[11]),
     )
 
 
@@ -438,8 +477,11 @@ class SQLiteStore:
     another process that has the same file open.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, audit: AuditSigning | None = None) -> None:
+        """``audit``: signs every audit entry. Without it entries are unsigned, which verification accepts only
+        before a signed entry (and a log that is already signed refuses unsigned appends)."""
         self.path = path
+        self._audit = audit
         self._lock = threading.Lock()
         _create_private_file(path)
         try:
@@ -467,6 +509,10 @@ class SQLiteStore:
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) == 1:  # same transaction: migrated completely or not at all
+                for statement in _MIGRATE_1_TO_2:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(
                     f"store {self.path} has schema version {row[0]}; this controller supports {SCHEMA_VERSION}"
@@ -683,18 +729,115 @@ class SQLiteStore:
             conn.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (moment, node))
         return serials
 
-    def is_serial_revoked(self, serial: str) -> bool:
-        """True only for a recorded serial that has been revoked (unknown serials are not ours to judge)."""
+    def retire_certificates(self, node: str, keep: str, at: datetime) -> dict[str, datetime]:
+        """After a renewal: every other unrevoked certificate of ``node`` stops being accepted at ``at``.
+
+        A certificate already retiring keeps its earlier time (renewing twice never extends a grace period).
+        Returns each retiring serial with its effective time.
+        """
+        when = format_time(at)
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE certificates SET retire_at = CASE WHEN retire_at IS NULL OR retire_at > ? THEN ?"
+                " ELSE retire_at END WHERE node = ? AND serial != ? AND revoked_at IS NULL",
+                (when, when, node, keep),
+            )
+            rows = conn.execute(
+                "SELECT serial, retire_at FROM certificates WHERE node = ? AND serial != ? AND revoked_at IS NULL",
+                (node, keep),
+            ).fetchall()
+        return {str(r[0]): parse_time(str(r[1])) for r in rows}
+
+    def retiring_certificates(self) -> dict[str, datetime]:
+        """Serials replaced by a renewal and not revoked otherwise, with the time they stop being accepted."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT serial, retire_at FROM certificates WHERE retire_at IS NOT NULL AND revoked_at IS NULL"
+            ).fetchall()
+        return {str(r[0]): parse_time(str(r[1])) for r in rows}
+
+    def is_serial_revoked(self, serial: str, now: datetime | None = None) -> bool:
+        """True for a recorded serial that is revoked or retired by ``now`` (unknown serials are not ours to judge)."""
+        moment = format_time(_now(now))
         with self._read() as conn:
             row = conn.execute(
-                "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL", (serial,)
+                "SELECT 1 FROM certificates WHERE serial = ? AND (revoked_at IS NOT NULL OR retire_at <= ?)"
+                " UNION ALL SELECT 1 FROM operator_certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+                (serial, moment, serial),
             ).fetchone()
         return row is not None
 
     def revoked_serials(self) -> frozenset[str]:
+        """Every revoked serial, node and operator (retiring ones: ``retiring_certificates``)."""
         with self._read() as conn:
-            rows = conn.execute("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL").fetchall()
+            rows = conn.execute(
+                "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL"
+                " UNION SELECT serial FROM operator_certificates WHERE revoked_at IS NOT NULL"
+            ).fetchall()
         return frozenset(str(r[0]) for r in rows)
+
+    # -- operator certificates ------------------------------------------------------------------------------
+
+    def record_operator_certificate(
+        self, name: str, role: str, serial: str, not_after: datetime, issued_by: str
+    ) -> bool:
+        """Remember an operator certificate; only recorded ones are accepted. False if already recorded
+        (same name and role); a serial recorded for someone else is an error."""
+        if not name or not role or not serial:
+            raise StoreError("operator certificate needs a name, a role and a serial")
+        with self._write() as conn:
+            row = conn.execute("SELECT name, role FROM operator_certificates WHERE serial = ?", (serial,)).fetchone()
+            if row is not None:
+                if (str(row[0]), str(row[1])) != (name, role):
+                    raise StoreError(f"certificate serial {serial} is already recorded for {row[0]} ({row[1]})")
+                return False
+            conn.execute(
+                f"INSERT INTO operator_certificates ({_OPERATOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, '')",
+                (serial, name, role, format_time(not_after), format_time(datetime.now(UTC)), issued_by),
+            )
+        return True
+
+    def operator_certificate(self, serial: str) -> OperatorCertificateRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_OPERATOR_COLUMNS} FROM operator_certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+        return None if row is None else _operator_from_row(row)
+
+    def operator_certificates(self, name: str | None = None) -> list[OperatorCertificateRecord]:
+        """Recorded operator certificates (of ``name``, or all), oldest first."""
+        with self._read() as conn:
+            if name is None:
+                rows = conn.execute(
+                    f"SELECT {_OPERATOR_COLUMNS} FROM operator_certificates ORDER BY issued_at, rowid"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_OPERATOR_COLUMNS} FROM operator_certificates WHERE name = ? ORDER BY issued_at, rowid",
+                    (name,),
+                ).fetchall()
+        return [_operator_from_row(r) for r in rows]
+
+    def revoke_operator(self, name: str, reason: str, now: datetime | None = None) -> list[str]:
+        """Revoke every certificate recorded for operator ``name`` not already revoked; returns those serials.
+
+        StoreError if no certificate was ever recorded for ``name`` (a typo must not look like a success).
+        """
+        moment = format_time(_now(now))
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM operator_certificates WHERE name = ?", (name,)).fetchone() is None:
+                raise StoreError(f"unknown operator {name!r}: no certificate was recorded for it")
+            rows = conn.execute(
+                "SELECT serial FROM operator_certificates WHERE name = ? AND revoked_at IS NULL"
+                " ORDER BY issued_at, rowid",
+                (name,),
+            ).fetchall()
+            conn.execute(
+                "UPDATE operator_certificates SET revoked_at = ?, revoke_reason = ?"
+                " WHERE name = ? AND revoked_at IS NULL",
+                (moment, reason, name),
+            )
+        return [str(r[0]) for r in rows]
 
     # -- attached endpoints ---------------------------------------------------------------------------------
 
@@ -723,32 +866,68 @@ class SQLiteStore:
     # -- audit log ------------------------------------------------------------------------------------------
 
     def append_audit(
-        self, actor: str, role: str, action: str, target: str, revision: int | None, detail: Mapping[str, Any]
+        self,
+        actor: str,
+        role: str,
+        action: str,
+        target: str,
+        revision: int | None,
+        detail: Mapping[str, Any],
+        *,
+        actor_serial: str = "",
     ) -> AuditRecord:
-        """Append one entry, chained to the current head, inside one write transaction.
+        """Append one entry, chained to the current head and signed, inside one write transaction.
 
-        ``detail`` is normalised through canonical JSON first (tuples become lists, keys become strings), so
-        the hash is computed over exactly what is stored and re-verifies after a round trip.
+        ``actor_serial``: the serial of the certificate that acted (empty for the anonymous and for local
+        commands). ``detail`` is normalised through canonical JSON first (tuples become lists, keys become
+        strings), so the hash is computed over exactly what is stored and re-verifies after a round trip.
+        Without a signer the entry is unsigned (format 1, no serial); a signed log refuses that.
         """
         try:
             normalised: dict[str, Any] = json.loads(canonical_json(dict(detail)))
         except (TypeError, ValueError) as exc:
             raise StoreError(f"audit detail is not JSON-serialisable: {exc}") from exc
         detail_text = canonical_json(normalised)
+        signer = self._audit
+        serial = actor_serial if signer is not None else ""
         with self._write() as conn:
-            row = conn.execute("SELECT sequence, hash FROM audit ORDER BY sequence DESC LIMIT 1").fetchone()
+            row = conn.execute(
+                "SELECT sequence, hash, signature FROM audit ORDER BY sequence DESC LIMIT 1"
+            ).fetchone()
             sequence, previous = (1, GENESIS_HASH) if row is None else (int(row[0]) + 1, str(row[1]))
+            if signer is None and row is not None and str(row[2]):
+                raise StoreError(f"audit log {self.path} is signed: appending needs the controller's audit key")
             # Taken inside the write lock, so entry times never go backwards across concurrent appenders
             # (modulo wall-clock steps).
             time = datetime.now(UTC)
-            digest = entry_hash(previous, sequence, time, actor, role, action, target, revision, normalised)
+            digest = entry_hash(previous, sequence, time, actor, role, action, target, revision, normalised,
+                                actor_serial=serial if signer is not None else None)
+            signature = signer.sign(sequence, digest) if signer is not None else ""
             conn.execute(
-                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sequence, format_time(time), actor, role, action, target, revision, detail_text, digest, previous),
+                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sequence, format_time(time), actor, role, action, target, revision, detail_text, digest, previous,
+                 serial, signature),
             )
-        return AuditRecord(
-            sequence, time, actor, role, action, target, revision, MappingProxyType(normalised), digest, previous
-        )
+        record = AuditRecord(sequence, time, actor, role, action, target, revision, MappingProxyType(normalised),
+                             digest, previous, serial, signature)
+        if signer is not None:
+            signer.published(record)
+        return record
+
+    def seal_unsigned_entries(self, key_id: str) -> AuditRecord | None:
+        """If the newest entry is unsigned (written before signing existed), append a signed entry at once:
+        its signature covers every earlier entry through the chain. None if there is nothing to seal."""
+        with self._read() as conn:
+            row = conn.execute("SELECT sequence, hash, signature FROM audit ORDER BY sequence DESC LIMIT 1").fetchone()
+        if row is None or str(row[2]):
+            return None
+        return self.append_audit("controller", "system", "audit.signing-enabled", "audit-log", None,
+                                 {"unsigned_entries": int(row[0]), "unsigned_head": str(row[1]), "key_id": key_id})
+
+    def audit_hash(self, sequence: int) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT hash FROM audit WHERE sequence = ?", (sequence,)).fetchone()
+        return None if row is None else str(row[0])
 
     def audit(self, limit: int = 100) -> tuple[list[AuditRecord], int]:
         """The newest ``limit`` entries in ascending sequence order, and the total number of entries."""
@@ -759,10 +938,18 @@ class SQLiteStore:
             total = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
         return [_audit_from_row(r) for r in reversed(rows)], total
 
-    def verify_audit(self) -> tuple[bool, str]:
-        """Recompute the whole chain; see ``verify_audit_chain``."""
-        with self._read() as conn:
-            return verify_audit_chain(conn)
+    def verify_audit(self, public_key: Ed25519PublicKey | None = None, head: SignedHead | None = None,
+                     head_source: str = "the signed head") -> tuple[bool, str]:
+        """Verify the whole log (``audit.verify_rows``); by default with this store's audit key and the newest
+        head it signed. Runs on its own read-only connection, not under the store's lock, so callers may run
+        it in a thread while the store keeps serving."""
+        from .audit import AuditSigner  # audit imports this module
+        from .audit_verify import verify_file
+
+        if public_key is None and isinstance(self._audit, AuditSigner):
+            public_key = self._audit.public_key
+            head = self._audit.head if head is None else head
+        return verify_file(self.path, public_key, head, head_source)
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError. Idempotent."""
@@ -773,6 +960,9 @@ class SQLiteStore:
 
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .audit import SignedHead
 
     def _implements_store(store: SQLiteStore) -> Store:
         """Lets mypy check that SQLiteStore satisfies the Store protocol."""

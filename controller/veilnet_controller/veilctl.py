@@ -10,7 +10,7 @@ Exit codes scripts can rely on::
     1  diff: differences found;          5  conflict (the spec changed meanwhile)
        apply --wait: not every node      6  controller unreachable / TLS failure
        applied in time; audit --verify:  7  other server error
-       chain broken
+       log broken (chain, signature or head)
     2  invalid input (the error names the field)
     3  not authenticated or not permitted
 """
@@ -229,12 +229,20 @@ def cmd_token_create(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -
                                 timeout=args.timeout)
     _emit(args, {"token": resp.token, "expires_at": resp.expires_at, "ca_hash": resp.ca_hash},
           f"token: {resp.token}\nexpires: {resp.expires_at}\nca hash: {resp.ca_hash}\n"
-          f"on {args.node}: veilnet-agent join --controller <HOST:BOOTSTRAP-PORT> --token {resp.token} "
-          f"--ca-hash {resp.ca_hash}")
+          f"on {args.node}: veilnet-agent join --controller <HOST:BOOTSTRAP-PORT> --ca-hash {resp.ca_hash} "
+          "--token-file -   (paste the token when asked; or --token-file FILE, mode 0600)")
     return EXIT_OK
 
 
 def cmd_revoke(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
+    if (args.node is None) == (args.operator is None):
+        raise UsageError("revoke: name a node (revoke NODE) or an operator (revoke --operator NAME), not both")
+    if args.operator is not None:
+        op = stub.RevokeOperator(apb.RevokeOperatorRequest(name=args.operator, reason=args.reason or ""),
+                                 timeout=args.timeout)
+        _emit(args, {"operator": args.operator, "certificates_revoked": op.certificates_revoked},
+              f"revoked operator {args.operator}: {op.certificates_revoked} certificate(s)")
+        return EXIT_OK
     resp = stub.RevokeNode(apb.RevokeNodeRequest(node_name=args.node, reason=args.reason or ""),
                            timeout=args.timeout)
     _emit(args, {"certificates_revoked": resp.certificates_revoked, "was_connected": resp.was_connected},
@@ -251,12 +259,15 @@ def cmd_audit(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
     data: dict[str, Any] = {"total": resp.total, "entries": [
         {"sequence": e.sequence, "time": e.time, "actor": e.actor, "role": e.role, "action": e.action,
          "target": e.target, "revision": e.revision, "detail": json.loads(e.detail or "{}"), "hash": e.hash,
-         "previous_hash": e.previous_hash} for e in resp.entries]}
+         "previous_hash": e.previous_hash, "actor_serial": e.actor_serial, "signature": e.signature}
+        for e in resp.entries]}
     text = _table(["SEQ", "TIME", "WHO", "ACTION", "TARGET", "REV", "DETAIL"], rows)
     if args.verify:
         data["verified"] = resp.verified
         data["verify_error"] = resp.verify_error
-        text += "\n" + ("hash chain verified" if resp.verified else f"HASH CHAIN BROKEN: {resp.verify_error}")
+        data["verify_summary"] = resp.verify_summary
+        text += "\n" + (f"audit log verified (hash chain and signatures): {resp.verify_summary}" if resp.verified
+                        else f"AUDIT LOG BROKEN: {resp.verify_error}")
     _emit(args, data, text)
     return EXIT_DIFFERENT if args.verify and not resp.verified else EXIT_OK
 
@@ -308,8 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=("create",))
     sp.add_argument("node")
     sp.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
-    sp = add("revoke", cmd_revoke, "revoke a node: disconnect it and remove it from every peer")
-    sp.add_argument("node")
+    sp = add("revoke", cmd_revoke, "revoke a node (disconnect it, remove it from every peer) or an operator")
+    sp.add_argument("node", nargs="?", help="the node to revoke")
+    sp.add_argument("--operator", metavar="NAME", help="revoke every certificate of this operator instead")
     sp.add_argument("--reason")
     sp = add("command", cmd_command, "ask a connected node to resync, rotate-keys or renew-certificate")
     sp.add_argument("node")

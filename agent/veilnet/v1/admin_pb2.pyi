@@ -174,6 +174,20 @@ class RevokeNodeResponse(_message.Message):
     was_connected: bool
     def __init__(self, certificates_revoked: _Optional[int] = ..., was_connected: _Optional[bool] = ...) -> None: ...
 
+class RevokeOperatorRequest(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeOperatorResponse(_message.Message):
+    __slots__ = ("certificates_revoked",)
+    CERTIFICATES_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    certificates_revoked: int
+    def __init__(self, certificates_revoked: _Optional[int] = ...) -> None: ...
+
 class ReadAuditRequest(_message.Message):
     __slots__ = ("limit", "verify")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -183,7 +197,7 @@ class ReadAuditRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., verify: _Optional[bool] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("sequence", "time", "actor", "role", "action", "target", "revision", "detail", "hash", "previous_hash")
+    __slots__ = ("sequence", "time", "actor", "role", "action", "target", "revision", "detail", "hash", "previous_hash", "actor_serial", "signature")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +208,8 @@ class AuditEntry(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_HASH_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time: str
     actor: str
@@ -204,19 +220,23 @@ class AuditEntry(_message.Message):
     detail: str
     hash: str
     previous_hash: str
-    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[str] = ..., actor: _Optional[str] = ..., role: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., revision: _Optional[int] = ..., detail: _Optional[str] = ..., hash: _Optional[str] = ..., previous_hash: _Optional[str] = ...) -> None: ...
+    actor_serial: str
+    signature: str
+    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[str] = ..., actor: _Optional[str] = ..., role: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., revision: _Optional[int] = ..., detail: _Optional[str] = ..., hash: _Optional[str] = ..., previous_hash: _Optional[str] = ..., actor_serial: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class ReadAuditResponse(_message.Message):
-    __slots__ = ("entries", "verified", "verify_error", "total")
+    __slots__ = ("entries", "verified", "verify_error", "total", "verify_summary")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     VERIFY_ERROR_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     verified: bool
     verify_error: str
     total: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., verified: _Optional[bool] = ..., verify_error: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+    verify_summary: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., verified: _Optional[bool] = ..., verify_error: _Optional[str] = ..., total: _Optional[int] = ..., verify_summary: _Optional[str] = ...) -> None: ...
 
 class SendCommandRequest(_message.Message):
     __slots__ = ("node_name", "command")

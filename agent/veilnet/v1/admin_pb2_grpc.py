@@ -74,6 +74,11 @@ class AdminStub:
                 request_serializer=veilnet_dot_v1_dot_admin__pb2.RevokeNodeRequest.SerializeToString,
                 response_deserializer=veilnet_dot_v1_dot_admin__pb2.RevokeNodeResponse.FromString,
                 _registered_method=True)
+        self.RevokeOperator = channel.unary_unary(
+                '/veilnet.v1.Admin/RevokeOperator',
+                request_serializer=veilnet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
+                response_deserializer=veilnet_dot_v1_dot_admin__pb2.RevokeOperatorResponse.FromString,
+                _registered_method=True)
         self.ReadAudit = channel.unary_unary(
                 '/veilnet.v1.Admin/ReadAudit',
                 request_serializer=veilnet_dot_v1_dot_admin__pb2.ReadAuditRequest.SerializeToString,
@@ -137,6 +142,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -191,6 +202,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeNode,
                     request_deserializer=veilnet_dot_v1_dot_admin__pb2.RevokeNodeRequest.FromString,
                     response_serializer=veilnet_dot_v1_dot_admin__pb2.RevokeNodeResponse.SerializeToString,
+            ),
+            'RevokeOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperator,
+                    request_deserializer=veilnet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.FromString,
+                    response_serializer=veilnet_dot_v1_dot_admin__pb2.RevokeOperatorResponse.SerializeToString,
             ),
             'ReadAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadAudit,
@@ -419,6 +435,33 @@ class Admin:
             '/veilnet.v1.Admin/RevokeNode',
             veilnet_dot_v1_dot_admin__pb2.RevokeNodeRequest.SerializeToString,
             veilnet_dot_v1_dot_admin__pb2.RevokeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilnet.v1.Admin/RevokeOperator',
+            veilnet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
+            veilnet_dot_v1_dot_admin__pb2.RevokeOperatorResponse.FromString,
             options,
             channel_credentials,
             insecure,

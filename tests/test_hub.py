@@ -475,3 +475,28 @@ def test_incremental_claims_match_a_full_revalidation(hub: Hub) -> None:
             assert isinstance(fresh, AttachedClaims) and fresh is not table
             assert (fresh.names, fresh.claims, fresh.slots, fresh.count) == held
     run(scenario())
+
+
+def test_a_stored_spec_or_key_the_validators_now_refuse_does_not_stop_the_controller(tmp_path: Path) -> None:
+    """Revisions and keys stored by an older, laxer version: the controller starts with nothing to say (agents
+    keep their last state), says why, and the next valid apply works."""
+    store = SQLiteStore(tmp_path / "c.db")
+    bad = copy.deepcopy(EXAMPLE)
+    bad["segments"][0]["name"] = "blue\n"  # accepted once by `re.match(...$)`
+    store.add_revision(yaml.safe_dump(bad), "old-version", "")
+    store.set_wireguard_key("host-a", wg_key("host-a") + "\n", [])
+    store.set_wireguard_key("host-b", wg_key("host-b"), [])
+    hub = Hub(store)
+    with capture_logs() as logs:
+        hub.load()
+    assert hub.spec is None and hub.spec_revision == 1
+    assert set(hub.public_keys) == {"host-b"}
+    assert {e["event"] for e in logs} >= {"stored_spec_refused", "stored_key_refused"}
+
+    async def scenario() -> None:
+        session = hub.connect("host-c", "serial-c", hello("host-c"))
+        assert drain(session) == []  # nothing to say: the agent keeps what it has
+        assert apply(hub, EXAMPLE) == 2
+        assert [m.update.WhichOneof("body") for m in drain(session)] == ["snapshot"]
+
+    run(scenario())

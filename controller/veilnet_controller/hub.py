@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import wire
+from veilnet_agent import validate, wire
 from veilnet_agent.errors import ValidationError
 
 from .compile import compile_nodes
@@ -225,11 +225,23 @@ class Hub:
         """Rebuild everything from the store (controller start)."""
         record = self.store.revision()
         if record is not None:
-            self.spec = parse_spec_text(record.spec_text)
             self.spec_revision = record.number
+            try:
+                self.spec = parse_spec_text(record.spec_text)
+            except ValidationError as exc:
+                # Stored by an older version that accepted what is refused now. Start anyway, with nothing to
+                # say: agents keep enforcing their last state until an operator applies a corrected spec.
+                self.log.error("stored_spec_refused", revision=record.number, field=exc.field,
+                               reason=exc.reason, value=str(exc.value),
+                               note="agents keep their last state; apply a corrected spec")
         for node in self.store.nodes():
             if node.wireguard_public_key:
-                self.public_keys[node.name] = node.wireguard_public_key
+                try:
+                    self.public_keys[node.name] = validate.wg_public_key(node.wireguard_public_key,
+                                                                         f"stored key of {node.name}")
+                except ValidationError as exc:  # as above: the node registers its key again on its next hello
+                    self.log.error("stored_key_refused", node=node.name, reason=exc.reason,
+                                   note="the node is no peer until it reconnects")
             if node.revoked_at is not None:
                 self.revoked_nodes.add(node.name)
             self.runtime.setdefault(node.name, NodeRuntime()).capabilities = node.capabilities

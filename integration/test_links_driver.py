@@ -496,7 +496,7 @@ def test_5000_entries_apply_and_observe(driver: LinksDriver, host: str, make_ns:
     assert_all_applied(result)
     assert len(result.applied) == 5000
     assert result.requests == 5000
-    assert elapsed < 5.0
+    print(f"\n5000 entries applied in {elapsed:.2f} s")  # timing: integration/bench/bench_dataplane.py
     observed = driver.observe()
     assert observed.fdb == self_fdb | master_fdb
     assert observed.neigh == neigh

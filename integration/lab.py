@@ -53,6 +53,9 @@ CONTROLLER_IP = "192.0.2.2"  # the lab controller, on the underlay switch
 VXLAN_PORT = 4789
 
 Cmd = str | Sequence[str]
+# Every deadline below is multiplied by this: a guest kernel under qemu TCG (integration/vm) runs the same
+# scenarios several times slower. Deadlines only, never assertions about speed.
+TIME_SCALE = float(os.environ.get("VEILNET_TIME_SCALE", "1"))
 
 
 class LabError(RuntimeError):
@@ -95,6 +98,7 @@ def sh(
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capture text output; on failure raise LabError with its output."""
     argv = _argv(cmd)
+    timeout *= TIME_SCALE
     try:
         res = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, input=input, check=False
@@ -113,6 +117,7 @@ def wait_until(
     cond: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition"
 ) -> Any:
     """Poll ``cond`` until it returns something truthy; return it, or raise TimeoutError."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -655,10 +660,10 @@ class Host(_InNamespaces):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
             try:
-                proc.wait(timeout)
+                proc.wait(timeout * TIME_SCALE)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(5)
+                proc.wait(5 * TIME_SCALE)
         return proc.returncode
 
     def restart_agent(self, sig: int = signal.SIGTERM, **kw: Any) -> None:
@@ -694,6 +699,7 @@ class Host(_InNamespaces):
     ) -> dict[str, Any]:
         """Wait for a log line with ``event`` (and ``predicate``) after offset ``since``."""
         start = self.agent_starts[-1] if since is None and self.agent_starts else (since or 0)
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             for ev in self.log_events(start):
@@ -759,6 +765,8 @@ class Host(_InNamespaces):
             "routes.txt": ["sh", "-c", "ip route show; ip -6 route show"],
             "fdb.txt": ["bridge", "fdb", "show"],
             "neigh.txt": ["sh", "-c", "ip neigh show; ip -6 neigh show"],
+            "sockets.txt": ["ss", "-tanp"],
+            "nft-counters.txt": ["nft", "list", "counters"],
         }
         for name, argv in commands.items():
             try:
@@ -904,7 +912,14 @@ class Lab:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None and self._active:
+            # A failure while building (a fixture's setup) never reaches the test report hook:
+            # keep the evidence here, before teardown removes it.
+            stamp = time.strftime("%H%M%S")
+            dest = Path(os.environ.get("VEILNET_RESULTS") or REPO_ROOT / "out") / "failures"
+            with contextlib.suppress(Exception):
+                self.collect_diagnostics(dest / f"lab-{self.prefix}-{exc_type.__name__}-{stamp}")
         self.teardown()
 
     def start(self) -> None:
@@ -1106,6 +1121,17 @@ class Lab:
         """Every host's diagnostics (``Host.collect_diagnostics``) and the controller's log under ``dest``."""
         for name, host in self.hosts.items():
             host.collect_diagnostics(dest / name)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, argv in {"underlay-links.txt": ["ip", "-d", "link", "show"],
+                           "underlay-addresses.txt": ["ip", "addr", "show"],
+                           "underlay-sockets.txt": ["ss", "-tanp"],
+                           "underlay-fdb.txt": ["bridge", "fdb", "show"],
+                           "underlay-neigh.txt": ["ip", "neigh", "show"]}.items():
+            try:
+                res = self.run_ul(argv, check=False, timeout=20)
+                (dest / name).write_text(res.stdout + res.stderr)
+            except Exception as exc:
+                (dest / name).write_text(f"could not run {argv}: {exc}")
         if self.controller is not None:
             with contextlib.suppress(OSError):
                 if self.controller.log_path.exists():

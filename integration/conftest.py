@@ -61,7 +61,14 @@ def _missing_requirements() -> str | None:
     return None
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected what was not asked for
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("VEILNET_REALKERNEL") != "1" and any("realkernel" in item.keywords for item in items):
+        # A real-kernel test on a kernel without the modules would fail for the wrong reason, or be skipped.
+        raise pytest.UsageError(
+            "real-kernel tests selected outside the VM; run them with integration/vm/run -- "
+            '.venv/bin/python -m pytest -m realkernel integration/, or deselect them with -m "not realkernel"'
+        )
     reason = _missing_requirements()
     if reason is None or not any("root" in item.keywords for item in items):
         return

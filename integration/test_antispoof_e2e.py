@@ -234,6 +234,7 @@ def neigh_lladdr(lab: Lab, endpoint: str, ip: str) -> str | None:
 # --------------------------------------------------------------------------- local endpoints
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_spoofed_ipv4_source_is_dropped_counted_and_reported(sp: tuple[Lab, dict[str, Receiver]]) -> None:
     """a-atk (app=batch) claims a-web's address to reach b-api:9000, which only app=web may."""
     lab, rx = sp
@@ -386,6 +387,7 @@ def test_own_neighbour_discovery_and_link_local_traffic_still_flow(sp: tuple[Lab
     assert lab.endpoint("a-db").wait_ping(b_db.ipv4, 5) and a_db.ipv4
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_legitimate_traffic_is_never_counted_as_spoofing(sp: tuple[Lab, dict[str, Receiver]]) -> None:
     """A new endpoint coming up (duplicate address detection, MLD, router solicitations, its gateway's
     reports), neighbour discovery after a flush, pings in both families and link-local traffic: none of it
@@ -438,6 +440,7 @@ def test_peer_cannot_inject_frames_for_a_segment_it_does_not_share(sp: tuple[Lab
     assert event["check"] == "segment not shared with the peer", event
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_peer_cannot_speak_for_another_hosts_endpoints(sp: tuple[Lab, dict[str, Receiver]]) -> None:
     """host-c claims a-web (host-a's workload, allowed to reach api) in frames it sends to b-api."""
     lab, rx = sp

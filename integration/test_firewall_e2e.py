@@ -500,6 +500,7 @@ def iperf(lab: Lab, client: str, server: str, port: int, seconds: int = 10, mbit
 # --------------------------------------------------------------------------- 1. allow and deny
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_policy_allows_listed_flows_and_drops_the_rest(fw: Lab) -> None:
     lab = fw
     hosts = lab.hosts

@@ -163,6 +163,7 @@ def test_lab_self_test() -> None:
     self_test(PREFIX + "st")
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_same_segment_cross_host_pings(overlay: Lab) -> None:
     lab = overlay
     for src, dst in [("a-web", "b-web"), ("a-web", "c-web"), ("b-web", "c-web"),
@@ -183,6 +184,7 @@ def test_same_segment_cross_host_pings(overlay: Lab) -> None:
         assert f"via {seg.ipv4_gateway}" in routes, routes
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_segments_are_isolated(overlay: Lab, tmp_path: Path) -> None:
     lab = overlay
     for host in lab.hosts.values():
@@ -213,6 +215,7 @@ def test_segments_are_isolated(overlay: Lab, tmp_path: Path) -> None:
         assert not leaked, f"echo requests from blue reached {name}:\n" + "\n".join(leaked)
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_underlay_carries_only_wireguard(overlay: Lab, tmp_path: Path) -> None:
     lab = overlay
     a = lab.host("host-a")
@@ -236,6 +239,7 @@ def test_underlay_carries_only_wireguard(overlay: Lab, tmp_path: Path) -> None:
     assert MARKER not in pcap.read_bytes(), "ping payload appeared in cleartext on ul0"
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_mtu_end_to_end_without_fragmentation(overlay: Lab) -> None:
     lab = overlay
     a, b = lab.host("host-a"), lab.host("host-b")
@@ -254,6 +258,7 @@ def test_mtu_end_to_end_without_fragmentation(overlay: Lab) -> None:
     assert after == before, f"hosts fragmented packets: {before} -> {after}"
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_state_change_applied_incrementally(overlay: Lab) -> None:
     lab = overlay
     orig = lab.topology
@@ -318,6 +323,7 @@ def test_state_change_applied_incrementally(overlay: Lab) -> None:
         assert lab.endpoint("a-db").wait_ping(removed.ipv4, 15), "b-db not restored"
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_restart_without_loss_adopts_data_plane(overlay: Lab, sig: signal.Signals) -> None:
     lab = overlay
@@ -492,6 +498,7 @@ def _endpoint_port(host: Host) -> str:
     return next(n for n, link in host.links().items() if n.startswith("vnep") and link.get("master") == "vnbr200")
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 @pytest.mark.parametrize("what", ["bridge", "endpoint-veth", "wireguard", "gateway-address"])
 def test_a_deleted_object_is_recreated_on_resync_and_traffic_resumes(overlay: Lab, what: str) -> None:
     """Drift repair of what carries green on host-a: its bridge (with the gateway and every port), a-db's veth

@@ -49,6 +49,7 @@ UNDERLAY_BRIDGE = "br0"
 UNDERLAY_PREFIXLEN_V4 = 24
 UNDERLAY_PREFIXLEN_V6 = 64
 WG_PORT = 51820
+UNDERLAY_BRIDGE_MAC = "02:00:00:00:00:fe"
 CONTROLLER_IP = "192.0.2.2"  # the lab controller, on the underlay switch
 VXLAN_PORT = 4789
 
@@ -933,7 +934,11 @@ class Lab:
             # The underlay switch itself speaks no IPv6 (no router solicitations on the wire).
             for conf in ("all", "default"):
                 self.run_ul(["sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"])
-            self.run_ul(["ip", "link", "add", UNDERLAY_BRIDGE, "type", "bridge"])
+            # A fixed MAC: a bridge without one takes its lowest port's, so it changed whenever a host was
+            # added, and hosts that had already resolved the controller (192.0.2.2, on this bridge) kept
+            # sending to the old MAC, which the bridge's IP stack drops as "other host" until the ARP entry
+            # expires (up to ~45 s of SYNs lost; seen as control_e2e setup timeouts in CI).
+            self.run_ul(["ip", "link", "add", UNDERLAY_BRIDGE, "address", UNDERLAY_BRIDGE_MAC, "type", "bridge"])
             self.run_ul(["ip", "link", "set", UNDERLAY_BRIDGE, "up"])
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.mnt_dir.mkdir(parents=True, exist_ok=True)
@@ -1394,6 +1399,9 @@ def self_test(prefix: str = "vnlst") -> None:
             lab.add_host("host-c", "192.0.2.13"),
         ]
         ep = lab.add_endpoint("x-ep")
+        bridge = json.loads(lab.run_ul(["ip", "-j", "link", "show", UNDERLAY_BRIDGE]).stdout)[0]
+        if bridge["address"] != UNDERLAY_BRIDGE_MAC:  # a MAC that moves as hosts join strands their ARP entries
+            raise LabError(f"underlay bridge MAC {bridge['address']}, not the fixed {UNDERLAY_BRIDGE_MAC}")
         for h in hosts:
             for other in hosts:
                 if other is not h:

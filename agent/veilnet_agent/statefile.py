@@ -74,9 +74,14 @@ class StateFileTracker:
             return self._full(raw)
         upserts = [(path, peer) for name, (path, peer) in by_name.items() if self._raw_peers.get(name) != peer]
         removes = [name for name in self._raw_peers if name not in by_name]
+        order = list(by_name)  # the file's order, which a full parse of it would give
         if not upserts and not removes:
-            return None
-        state = update_peers(self.state, upserts, removes)
+            if order == [p.name for p in self.state.peers]:
+                return None
+            # Only reordered: the same peers in the file's order (nothing to render or apply).
+            state = update_peers(self.state, [], [], order)
+            return PendingState(state, frozenset(), rest, {n: p for n, (_, p) in by_name.items()})
+        state = update_peers(self.state, upserts, removes, order)
         changed = frozenset(removes) | frozenset(peer["name"] for _, peer in upserts)
         return PendingState(state, changed, rest, {n: p for n, (_, p) in by_name.items()})
 

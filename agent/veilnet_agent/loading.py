@@ -294,7 +294,8 @@ def load_yaml_text(text: str, what: str, source: object, *, max_depth: int, max_
 
 # A bare token outside strings and comments (keys, numbers, booleans, dates), and an integer literal of TOML.
 _TOML_TOKEN = re.compile(r"[A-Za-z0-9_+\-.:]+")
-_TOML_INTEGER = re.compile(r"[+-]?(?:[0-9_]+|0x[0-9A-Fa-f_]+|0o[0-7_]+|0b[01_]+)")
+_TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)|0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|0o[0-7](?:_?[0-7])*"
+                           r"|0b[01](?:_?[01])*")  # TOML's grammar exactly: what else it refuses stays refused
 
 
 def _toml_long_integers(text: str) -> list[tuple[int, int]]:

@@ -222,3 +222,19 @@ def test_crashers_through_apply_spec_are_invalid_argument(tmp_path: Path, text: 
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
 
     run(scenario, tmp_path)
+
+
+def test_an_agents_error_texts_are_bounded_before_they_are_kept_and_logged(tmp_path: Path) -> None:
+    hub = Hub(SQLiteStore(tmp_path / "c.db"))
+    hub.load()
+
+    async def connect() -> Any:  # a new key asks for a recompile, on the running loop
+        return hub.connect("host-a", "serial-a", cpb.Hello(wireguard_public_key=wg_key("host-a")))
+
+    session = asyncio.run(connect())
+    with capture_logs() as logs:
+        hub.acknowledge(session, cpb.Ack(sequence=1, ok=False, error_field="f" * 1_000_000,
+                                         error_value="v" * 1_000_000, error_reason="r" * 1_000_000))
+    assert len(hub.runtime["host-a"].last_error) < 2000  # ListNodes shows it; it was a 3 MB string
+    (entry,) = [e for e in logs if e["event"] == "agent_rejected_state"]
+    assert all(len(entry[k]) < 1100 for k in ("field", "value", "reason"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,32 @@ def test_state_file_nesting_does_not_crash_the_process(tmp_path: Path) -> None:
     path.write_text("a: " + "[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValidationError, match="nested deeper than 64 levels"):
         read_state_file(path)
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("state.yaml", "a: " + "[" * 100_000 + "]" * 100_000),
+    ("state.yaml", "node: host-a\nnode: host-b\n"),
+    ("state.yaml", "x: !!int foo\n"),
+    ("state.json", '{"node": "\\ud800", "node": 1}'),
+])
+def test_veilnet_agent_check_exits_invalid_not_crashed(tmp_path: Path, name: str, text: str) -> None:
+    """The agent's own entry point in a process of its own: exit 2 and one error line (the deep file was a
+    SIGSEGV, exit -11, in the C loader; the others tracebacks)."""
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG)
+    state_file = tmp_path / name
+    state_file.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "veilnet_agent.cli", "check", "--config", str(config),
+                           "--state-file", str(state_file)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.startswith("error: state-file: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_huge_integer_in_json_that_falls_back_to_yaml_names_the_field() -> None:
+    # not JSON (a trailing comma), so read as YAML flow style: int() of 5,000 digits raised ValueError there
+    exc = spec_error(corpus("spec/json-huge-integer-falls-back-to-yaml.json").decode())
+    assert exc.field == "segments[0].vni" and exc.reason == "must be in 1..16777215", str(exc)
 
 
 def test_json_error_positions() -> None:

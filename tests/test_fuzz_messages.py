@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import copy
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -366,6 +368,7 @@ async def _controller_stream(store: SQLiteStore, messages: list[cpb.AgentMessage
 # --------------------------------------------------------------------------- every unary RPC
 
 _CA_DIR = tempfile.mkdtemp(prefix="veilnet-fuzz-ca-")
+atexit.register(shutil.rmtree, _CA_DIR, True)
 _CA: CertificateAuthority | None = None
 _KEY = pki.generate_private_key()
 CSRS = {name: pki.make_csr(_KEY, name) for name in ("host-c", "host-a", "x" * 63)}

@@ -109,8 +109,9 @@ def state_pair(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
             del peers[draw(st.integers(0, len(peers) - 1))]
         elif action == "change" and peers:
             at = draw(st.integers(0, len(peers) - 1))
-            peers[at] = peer_of(int(peers[at]["name"].split("-")[1]) if isinstance(peers[at].get("name"), str)
-                                and peers[at]["name"].startswith("peer-") else 0, 1)
+            name = peers[at].get("name") if isinstance(peers[at], dict) else None
+            number = name.removeprefix("peer-") if isinstance(name, str) else ""
+            peers[at] = peer_of(int(number) if number.isascii() and number.isdigit() else 0, 1)
         elif action == "break" and peers:
             at = draw(st.integers(0, len(peers) - 1))
             peers[at] = draw(mutated(peers[at], 2))

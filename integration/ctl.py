@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import json_lines, read_log
+from lab import TIME_SCALE, json_lines, read_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,7 +33,7 @@ def stop_process_group(proc: subprocess.Popen[Any] | None, sig: int = signal.SIG
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     try:
-        proc.wait(timeout)
+        proc.wait(timeout * TIME_SCALE)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -104,6 +104,7 @@ class ControllerProcess:
                             "--listen", self.control_endpoint, "--bootstrap-listen", self.bootstrap_endpoint,
                             "--certificate-lifetime", self.certificate_lifetime, *self.serve_args]),
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while not any(e.get("event") == "serving" for e in self.events(self.log_offset)):
             if self.proc.poll() is not None:
@@ -153,7 +154,8 @@ class ControllerProcess:
                 input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         argv = [_bin("veilctl"), "--controller", self.control_endpoint,
                 "--credentials", str(credentials or self.operator("admin", "admin")), *args]
-        res = subprocess.run(self._wrap(argv), capture_output=True, text=True, input=input, timeout=timeout)
+        res = subprocess.run(self._wrap(argv), capture_output=True, text=True, input=input,
+                             timeout=timeout * TIME_SCALE)
         if check and res.returncode != 0:
             raise RuntimeError(f"veilctl {' '.join(args)} failed ({res.returncode}): {res.stderr}{res.stdout}")
         return res

@@ -103,10 +103,19 @@ def arp(op: int, sender_mac: str, sender_ip: str, target_mac: str, target_ip: st
                        mac(target_mac), ip4(target_ip))
 
 
+def geneve_header(vni: int) -> bytes:
+    """Version 0, no options, not OAM, protocol Transparent Ethernet Bridging."""
+    return struct.pack("!BBHI", 0, 0, 0x6558, vni << 8)
+
+
 def build(spec: dict[str, Any]) -> bytes:
     kind = spec["kind"]
     src_mac, dst_mac = spec["src_mac"], spec.get("dst_mac", "ff:ff:ff:ff:ff:ff")
     data = spec.get("data", "veilnet-probe").encode()
+    encap = spec.get("encap")
+    if encap is not None:  # the datagram carries a whole inner frame: VXLAN or Geneve, sent in the clear
+        header = geneve_header(encap["vni"]) if encap["type"] == "geneve" else vxlan_header(encap["vni"])
+        data = header + build(encap["inner"])
     if kind == "udp4":
         return ethernet(dst_mac, src_mac, ETH_P_IP, ipv4_udp(spec["src"], spec["dst"], spec.get("sport", 40000),
                                                                spec["dport"], data))

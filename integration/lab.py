@@ -53,6 +53,9 @@ CONTROLLER_IP = "192.0.2.2"  # the lab controller, on the underlay switch
 VXLAN_PORT = 4789
 
 Cmd = str | Sequence[str]
+# Every deadline below is multiplied by this: a guest kernel under qemu TCG (integration/vm) runs the same
+# scenarios several times slower. Deadlines only, never assertions about speed.
+TIME_SCALE = float(os.environ.get("VEILNET_TIME_SCALE", "1"))
 
 
 class LabError(RuntimeError):
@@ -95,6 +98,7 @@ def sh(
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capture text output; on failure raise LabError with its output."""
     argv = _argv(cmd)
+    timeout *= TIME_SCALE
     try:
         res = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, input=input, check=False
@@ -113,6 +117,7 @@ def wait_until(
     cond: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition"
 ) -> Any:
     """Poll ``cond`` until it returns something truthy; return it, or raise TimeoutError."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -655,10 +660,10 @@ class Host(_InNamespaces):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
             try:
-                proc.wait(timeout)
+                proc.wait(timeout * TIME_SCALE)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(5)
+                proc.wait(5 * TIME_SCALE)
         return proc.returncode
 
     def restart_agent(self, sig: int = signal.SIGTERM, **kw: Any) -> None:
@@ -694,6 +699,7 @@ class Host(_InNamespaces):
     ) -> dict[str, Any]:
         """Wait for a log line with ``event`` (and ``predicate``) after offset ``since``."""
         start = self.agent_starts[-1] if since is None and self.agent_starts else (since or 0)
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             for ev in self.log_events(start):
@@ -711,19 +717,82 @@ class Host(_InNamespaces):
                 )
             time.sleep(0.1)
 
+    def wait_resyncs(self, since: int, count: int = 2, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Wait for ``count`` completed resyncs (``resynced`` events) logged after offset ``since``.
+
+        A resync logged after ``since`` may have started before it; the second one started after the first
+        ended, so ``count=2`` (the default) proves a whole resync ran after ``since``. The deadline covers
+        ``count + 1`` resync intervals at the configured rate and then some, for a loaded machine.
+        """
+        interval = float(self._config_value("resync_interval") or 2.0)
+        limit = timeout if timeout is not None else (count + 1) * interval + 20
+
+        def done() -> list[dict[str, Any]] | None:
+            found = [e for e in self.log_events(since) if e.get("event") == "resynced"]
+            if len(found) >= count:
+                return found
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"{self.name}: agent exited ({self.proc.returncode}) while waiting for resyncs")
+            return None
+
+        found: list[dict[str, Any]] = wait_until(done, limit, 0.1, f"{self.name}: {count} resyncs")
+        return found
+
+    def _config_value(self, key: str) -> str | None:
+        try:
+            text = self.config_path.read_text()
+        except FileNotFoundError:
+            return None
+        for line in text.splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() == key:
+                return value.strip().strip('"')
+        return None
+
+    def collect_diagnostics(self, dest: Path) -> None:
+        """Everything needed to understand a failure, into ``dest``: the agent log, the nft ruleset,
+        ``wg show`` (public keys only), links, addresses, FDB and neighbour entries. Never raises."""
+        dest.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            if self.log_path.exists():
+                shutil.copyfile(self.log_path, dest / "agent.log")
+        running = "running" if self.agent_running() else "NOT running"
+        commands = {
+            "nft-ruleset.txt": ["nft", "list", "ruleset"],
+            "wg-show.txt": ["wg", "show", "all"],
+            "links.txt": ["ip", "-d", "link", "show"],
+            "addresses.txt": ["ip", "addr", "show"],
+            "routes.txt": ["sh", "-c", "ip route show; ip -6 route show"],
+            "fdb.txt": ["bridge", "fdb", "show"],
+            "neigh.txt": ["sh", "-c", "ip neigh show; ip -6 neigh show"],
+            "sockets.txt": ["ss", "-tanp"],
+            "nft-counters.txt": ["nft", "list", "counters"],
+        }
+        for name, argv in commands.items():
+            try:
+                res = self.run(argv, check=False, timeout=20)
+                text = res.stdout + (f"\n(exit {res.returncode}) {res.stderr}" if res.returncode else "")
+            except Exception as exc:  # a vanished namespace must not hide the rest
+                text = f"could not run {argv}: {exc}"
+            (dest / name).write_text(f"# agent {running}\n{text}")
+
     # -- inspection (no private keys ever leave these)
     def wg_show(self, ifname: str = "vnwg0") -> str:
-        """``wg show`` output: public keys, endpoints, handshakes (the private key is hidden)."""
-        return self.run(["wg", "show", ifname], check=False).stdout
+        """``wg show`` output: public keys, endpoints, handshakes (the private key is hidden).
+
+        Raises LabError if ``wg`` fails (no such interface, no socket): "a key is absent" must never be
+        what a failed read looks like."""
+        return self.run(["wg", "show", ifname]).stdout
 
     def wg_peers(self, ifname: str = "vnwg0") -> dict[str, dict[str, str]]:
         """Public key -> {endpoints, allowed_ips, latest_handshakes}.
 
         Read with public-only ``wg show`` subcommands (never ``dump``, which prints the private key).
+        Raises LabError if ``wg`` fails, so a missing key means the interface has no such peer.
         """
         peers: dict[str, dict[str, str]] = {}
         for what in ("endpoints", "allowed-ips", "latest-handshakes"):
-            res = self.run(["wg", "show", ifname, what], check=False)
+            res = self.run(["wg", "show", ifname, what])
             for line in res.stdout.splitlines():
                 key, _, value = line.partition("\t")
                 if key:
@@ -843,7 +912,14 @@ class Lab:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None and self._active:
+            # A failure while building (a fixture's setup) never reaches the test report hook:
+            # keep the evidence here, before teardown removes it.
+            stamp = time.strftime("%H%M%S")
+            dest = Path(os.environ.get("VEILNET_RESULTS") or REPO_ROOT / "out") / "failures"
+            with contextlib.suppress(Exception):
+                self.collect_diagnostics(dest / f"lab-{self.prefix}-{exc_type.__name__}-{stamp}")
         self.teardown()
 
     def start(self) -> None:
@@ -1041,6 +1117,27 @@ class Lab:
                         if not self.endpoint(a.name).wait_ping(ip, timeout):
                             raise LabError(f"{a.name} cannot reach {b.name} at {ip}")
 
+    def collect_diagnostics(self, dest: Path) -> None:
+        """Every host's diagnostics (``Host.collect_diagnostics``) and the controller's log under ``dest``."""
+        for name, host in self.hosts.items():
+            host.collect_diagnostics(dest / name)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, argv in {"underlay-links.txt": ["ip", "-d", "link", "show"],
+                           "underlay-addresses.txt": ["ip", "addr", "show"],
+                           "underlay-sockets.txt": ["ss", "-tanp"],
+                           "underlay-fdb.txt": ["bridge", "fdb", "show"],
+                           "underlay-neigh.txt": ["ip", "neigh", "show"]}.items():
+            try:
+                res = self.run_ul(argv, check=False, timeout=20)
+                (dest / name).write_text(res.stdout + res.stderr)
+            except Exception as exc:
+                (dest / name).write_text(f"could not run {argv}: {exc}")
+        if self.controller is not None:
+            with contextlib.suppress(OSError):
+                if self.controller.log_path.exists():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(self.controller.log_path, dest / "controller.log")
+
     def logs(self, since: dict[str, int] | None = None) -> str:
         """Every host's agent log (for test failure reports)."""
         parts = []
@@ -1142,6 +1239,76 @@ def install_signal_handlers() -> None:
         signal.signal(s, _raise)
 
 
+class Pinger:
+    """A ping that runs until stopped, for "no packet lost while X happened" measurements.
+
+    ``ping -i INTERVAL`` without a count: the measurement window is not a guess of how long X takes.
+    The test waits for X to be over (an observable event), then for ``after`` more replies, then
+    stops it. Loss is read per sequence number: every request below the highest one answered must
+    have been answered (the last request in flight when ping is stopped is not a loss).
+    """
+
+    def __init__(self, endpoint: Endpoint, dst: str, interval: float = 0.02, deadline: float = 300) -> None:
+        import re
+        import threading
+
+        self._seq_re = re.compile(r"icmp_seq=(\d+)")
+        self.replies: set[int] = set()
+        self.lines: list[str] = []
+        self.proc = endpoint.popen(["ping", "-n", "-i", str(interval), "-W", "1", "-w", str(int(deadline)), dst],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            m = self._seq_re.search(line)
+            if m and " bytes from " in line:
+                self.replies.add(int(m.group(1)))
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def highest(self) -> int:
+        return max(self.replies, default=0)
+
+    def wait_replies(self, n: int, timeout: float = 30, what: str = "ping replies") -> int:
+        """Wait until ``n`` more replies than now have arrived; returns the new highest sequence number."""
+        target = len(self.replies) + n
+        wait_until(lambda: len(self.replies) >= target or not self.running(), timeout, 0.02, what)
+        if not self.running():
+            raise LabError(f"ping ended early:\n{self.output()}")
+        return self.highest()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+
+    def lost(self) -> list[int]:
+        """Sequence numbers sent and never answered, below the highest answered one."""
+        return [s for s in range(1, self.highest() + 1) if s not in self.replies]  # ping counts from 1
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-30:])
+
+    def __enter__(self) -> Pinger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+CAPTURES: list[Path] = []  # every pcap written by ``capture`` (the failure report keeps a test's own)
+
+
 @contextlib.contextmanager
 def capture(
     ns_cmd: Callable[[Cmd], list[str]],
@@ -1158,6 +1325,7 @@ def capture(
     if bpf:
         argv += [bpf]
     errlog = pcap.with_suffix(".err")
+    CAPTURES.append(pcap)
     with open(errlog, "wb") as err:
         proc = subprocess.Popen(ns_cmd(argv), stdout=subprocess.DEVNULL, stderr=err)
     try:
@@ -1179,10 +1347,33 @@ def capture(
 
 
 def read_pcap(pcap: Path, bpf: str = "") -> list[str]:
-    """Decoded one-line summaries of the packets in ``pcap`` matching ``bpf``."""
+    """Decoded one-line summaries of the packets in ``pcap`` matching ``bpf``.
+
+    Raises LabError when tcpdump cannot read the file (missing, truncated, a bad filter): an empty list
+    always means "no such packet was captured", never "the capture failed".
+    """
     argv = ["tcpdump", "-r", str(pcap), "-nn"] + ([bpf] if bpf else [])
-    res = sh(argv, check=False)
+    res = sh(argv)
     return [line for line in res.stdout.splitlines() if line.strip()]
+
+
+def wait_pcap(pcap: Path, cond: Callable[[list[str]], Any], timeout: float = 10, bpf: str = "",
+              what: str = "packet captured") -> list[str]:
+    """Poll a capture still being written until ``cond(lines)`` holds; return the lines.
+
+    The positive control of a negative check: once the control (sent after the probes, on the same
+    path) is in the file, anything the probes would have caused is in it too. A read of the live file
+    may fail on a packet written half-way: that poll counts as "not yet".
+    """
+    def poll() -> list[str] | None:
+        try:
+            lines = read_pcap(pcap, bpf)
+        except LabError:
+            return None
+        return lines if cond(lines) else None
+
+    found: list[str] = wait_until(poll, timeout, 0.05, f"{pcap.name}: {what}")
+    return found
 
 
 # --------------------------------------------------------------------------- self-test

@@ -28,6 +28,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from ctl import REPO_ROOT, ControllerProcess, _bin, stop_process_group
 
 from veilnet.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
@@ -57,6 +61,7 @@ SYNC_METHOD = "/veilnet.v1.Controller/Sync"
 READ_ONLY = frozenset(f"/veilnet.v1.Admin/{m}" for m in ("GetSpec", "History", "DiffSpec", "ListNodes", "ReadAudit"))
 GARBAGE = b"\xff" * 32  # field 31 with wire type 7: not parseable as any protobuf message
 KIB = 1024
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 MIB = 1024 * KIB
 
 _counter = itertools.count(1)
@@ -343,6 +348,64 @@ def test_join_refuses_unknown_token(controller: ControllerProcess) -> None:
     res, identity = agent_join(c, "join-unknown", secrets.token_urlsafe(32))
     assert_join_refused(res, identity, "PERMISSION_DENIED", "unknown join token")
     assert "join-unknown" not in c.nodes()
+
+
+def test_concurrent_joins_racing_for_one_token_let_exactly_one_win(controller: ControllerProcess) -> None:
+    """Eight real Join RPCs with the same token, each with its own key, released at once by a barrier."""
+    c = controller
+    node, racers = f"join-race-{next(_counter)}", 8
+    token = c.token(node)
+    csrs = [pki.make_csr(pki.generate_private_key(), node) for _ in range(racers)]
+    barrier = threading.Barrier(racers)
+    results: list[tuple[grpc.StatusCode, str, bytes]] = [(grpc.StatusCode.UNKNOWN, "not run", b"")] * racers
+
+    def race(i: int) -> None:
+        with channel(c.bootstrap_endpoint, bootstrap_creds(c)) as ch:
+            stub = controller_pb2_grpc.ControllerStub(ch)
+            grpc.channel_ready_future(ch).result(timeout=CALL_TIMEOUT)  # connected before the start signal
+            barrier.wait(timeout=CALL_TIMEOUT)
+            try:
+                resp = stub.Join(controller_pb2.JoinRequest(node_name=node, token=token, csr_pem=csrs[i]),
+                                 timeout=CALL_TIMEOUT)
+                results[i] = (grpc.StatusCode.OK, "", bytes(resp.certificate_pem))
+            except grpc.RpcError as exc:
+                results[i] = (exc.code(), exc.details() or "", b"")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(CALL_TIMEOUT * 2)
+    codes = [code for code, _, _ in results]
+    assert codes.count(grpc.StatusCode.OK) == 1, results
+    assert all(code == grpc.StatusCode.PERMISSION_DENIED and "already used" in detail
+               for code, detail, _ in results if code != grpc.StatusCode.OK), results
+    winner = next(i for i, (code, _, _) in enumerate(results) if code == grpc.StatusCode.OK)
+    cert = pki.load_certificate(results[winner][2])
+    csr = x509.load_pem_x509_csr(csrs[winner])
+    assert cert.public_key().public_bytes(*_SPKI) == csr.public_key().public_bytes(*_SPKI)  # the winner's own key
+    joins = [e for e in audit_entries(c) if e["target"] == node]
+    assert [e["action"] for e in joins].count("node.join") == 1, joins
+    assert c.nodes()[node]["state"] == "disconnected"
+
+
+def test_a_join_with_a_bad_csr_is_refused_and_does_not_spend_the_token(controller: ControllerProcess) -> None:
+    c = controller
+    node = f"join-badcsr-{next(_counter)}"
+    token = c.token(node)
+    weak = pki.make_csr(ec.generate_private_key(ec.SECP192R1()), node)  # a curve the CA does not accept
+    with channel(c.bootstrap_endpoint, bootstrap_creds(c)) as ch:
+        stub = controller_pb2_grpc.ControllerStub(ch)
+        for csr in (b"-----BEGIN CERTIFICATE REQUEST-----\nnot a csr\n-----END CERTIFICATE REQUEST-----\n",
+                    b"", weak):
+            code, detail = status_of(stub.Join, controller_pb2.JoinRequest(node_name=node, token=token, csr_pem=csr))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "csr_pem" in detail, (csr[:40], code, detail)
+    assert node not in c.nodes()
+    res, identity = agent_join(c, node, token)  # the same token still works
+    assert res.returncode == 0, res.stderr
+    assert (identity / "node.crt").is_file()
+    again, identity = agent_join(c, node, token)  # and is spent now: the refusals above really reached it
+    assert_join_refused(again, identity, "PERMISSION_DENIED", "join token already used")
 
 
 def test_join_with_wrong_ca_hash_is_refused_before_the_token_is_sent(controller: ControllerProcess) -> None:

@@ -197,6 +197,11 @@ def test_segment_and_endpoint_round_trip(driver: LinksDriver, host: str, make_ns
 
     details = {d["ifname"]: d for d in ip_json(host, "-d", "link", "show")}
     assert details[BRIDGE]["linkinfo"]["info_data"]["stp_state"] == 0
+    # The gateway (the same on every host) does no duplicate address detection and solicits no router:
+    # its DAD would flood the overlay and fail against the other hosts' gateways.
+    conf = {k: sh("ip", "netns", "exec", host, "cat", f"/proc/sys/net/ipv6/conf/{BRIDGE}/{k}").strip()
+            for k in ("accept_dad", "dad_transmits", "router_solicitations", "accept_ra")}
+    assert conf == {"accept_dad": "0", "dad_transmits": "0", "router_solicitations": "0", "accept_ra": "0"}
     vx = details[VXLAN]
     assert vx["linkinfo"]["info_data"]["id"] == VNI
     assert vx["linkinfo"]["info_data"]["local"] == "198.51.100.1"
@@ -496,7 +501,7 @@ def test_5000_entries_apply_and_observe(driver: LinksDriver, host: str, make_ns:
     assert_all_applied(result)
     assert len(result.applied) == 5000
     assert result.requests == 5000
-    assert elapsed < 5.0
+    print(f"\n5000 entries applied in {elapsed:.2f} s")  # timing: integration/bench/bench_dataplane.py
     observed = driver.observe()
     assert observed.fdb == self_fdb | master_fdb
     assert observed.neigh == neigh

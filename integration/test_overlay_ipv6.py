@@ -35,6 +35,7 @@ def _ping(lab: Lab, src: str, dst: str, *args: str) -> bool:
     return lab.endpoint(src).ping(dst, count=2, wait=1, args=("-i", "0.2", *args)).returncode == 0
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_ipv6_underlay_and_transport_carry_both_families(lab6: Lab, tmp_path: Path) -> None:
     a = lab6.host("host-a")
     peers = a.wg_peers()
@@ -57,6 +58,7 @@ def test_ipv6_underlay_and_transport_carry_both_families(lab6: Lab, tmp_path: Pa
     assert other == [], other
 
 
+@pytest.mark.vm  # also in the real-kernel suite (integration/vm): kernel WireGuard
 def test_ipv6_overheads_give_mtu_1350_without_fragmentation(lab6: Lab) -> None:
     a, b = lab6.host("host-a"), lab6.host("host-b")
     eth0 = json.loads(lab6.endpoint("a-web").run(["ip", "-j", "link", "show", "eth0"]).stdout)[0]

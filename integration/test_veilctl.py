@@ -27,6 +27,13 @@ def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerProcess]
         yield c
 
 
+@pytest.fixture(autouse=True)
+def base_spec(ctl: ControllerProcess) -> None:
+    """Every test starts with the example spec current (a test that applied a change does not leak it)."""
+    res = ctl.veilctl("apply", "-f", str(EXAMPLE), "-m", "base")
+    assert res.returncode == 0, res.stderr
+
+
 def changed_spec(tmp_path: Path, port: int) -> Path:
     spec = yaml.safe_load(EXAMPLE.read_text())
     next(p for p in spec["policies"] if p["name"] == "web-to-api")["ports"] = [port]

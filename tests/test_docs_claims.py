@@ -30,6 +30,27 @@ def test_the_threat_model_names_its_proofs() -> None:
     assert sum(doc == "threat-model.md" for doc, _, _ in _references()) >= 50
 
 
+def test_the_firewall_doc_and_the_readme_name_their_proofs() -> None:
+    assert sum(doc == "firewall.md" and test is not None for doc, _, test in _references()) >= 8
+    assert "docs/claims.md" in (ROOT / "README.md").read_text() or "docs/threat-model.md" in (
+        ROOT / "README.md").read_text()
+
+
+def test_every_claim_row_names_a_test() -> None:
+    """In docs/claims.md every table row (a claim) names at least one existing test."""
+    rows = [line for line in (ROOT / "docs" / "claims.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| claim ") and not set(line) <= set("|- ")]
+    assert len(rows) >= 40, len(rows)
+    bare = [row for row in rows if not any(test for _, test in REFERENCE.findall(row))]
+    assert not bare, f"claims without a test: {bare}"
+
+
+def test_every_proof_in_the_threat_model_and_firewall_doc_is_in_the_claims_table() -> None:
+    table = {(path, test) for doc, path, test in _references() if doc == "claims.md"}
+    named = {(path, test) for doc, path, test in _references() if doc == "firewall.md" and test}
+    assert named <= table, sorted(named - table)
+
+
 @pytest.mark.parametrize(("doc", "path", "test"), _references())
 def test_a_named_test_exists(doc: str, path: str, test: str | None) -> None:
     file = ROOT / path

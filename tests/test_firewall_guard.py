@@ -259,3 +259,29 @@ def test_a_peer_spoof_names_the_peer_the_vni_and_who_owns_the_claim() -> None:
     assert foreign["check"] == "segment not shared with the peer" and foreign["segment"] == "green"
     address = explain("peer_spoof", encapsulated(100, "02:00:00:0c:00:01", "203.0.113.20"))
     assert address["check"] == "source address" and address["owner"] == "peer host-b"
+
+
+def test_an_address_moving_from_a_local_endpoint_to_a_peer_stays_known() -> None:
+    """Within one state per-segment addresses are unique, but across a change two identities can hold the same
+    one: here a-web's address moves to a new endpoint of host-b. The element must stay in the kernel (an
+    earlier version deleted it when the old holder went after the new one came: the kernel then refused a
+    later delete of it, and the agent looped)."""
+    raw = v4_state()
+    state = parse_node_state(raw)
+    elements = GuardElements(state)
+    applied = {n: set(e) for n, e in elements.frozen().items()}
+    moved = copy.deepcopy(raw)
+    moved["endpoints"] = [e for e in moved["endpoints"] if e["name"] != "a-web"]
+    moved["peers"][0]["endpoints"].append({"segment": "blue", "mac": "02:00:00:0b:00:09", "ips": ["203.0.113.10"]})
+    for _ in range(2):  # and back, in both orders of processing
+        after = parse_node_state(moved)
+        adds, deletes = elements.update(after)
+        for name in deletes:
+            assert deletes[name] <= applied[name]
+            applied[name] -= deletes[name]
+        for name in adds:
+            assert not adds[name] & applied[name]
+            applied[name] |= adds[name]
+        assert {n: frozenset(e) for n, e in applied.items()} == GuardElements(after).frozen()
+        assert ((100, int(ipaddress.ip_address("203.0.113.10"))), "") in applied["sg_known_ip4"]
+        moved = raw

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet_agent import wire
-from veilnet_controller.hub import RECOMPILE_DELAY, Hub, InvalidKey, KeyConflict
+from veilnet_controller.hub import Hub, InvalidKey, KeyConflict
 from veilnet_controller.spec import AttachedClaims, parse_spec
 from veilnet_controller.store import SQLiteStore
 
@@ -48,6 +48,13 @@ def drain(session: Any) -> list[cpb.ControllerMessage]:
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
+
+
+async def recompiled(hub: Hub) -> None:
+    """Wait for the hub's pending coalesced recompile to have run (its own task), not for a guessed delay."""
+    task = hub._recompile_task
+    if task is not None:
+        await asyncio.wait_for(asyncio.shield(task), timeout=10)
 
 def test_sessions_get_a_snapshot_then_only_what_changed(hub: Hub) -> None:
     async def scenario() -> None:
@@ -98,7 +105,7 @@ def test_a_new_key_becomes_one_peer_upsert_elsewhere_after_one_coalesced_compile
         compiles = hub.compiles
         b = hub.connect("host-b", "s", hello("host-b"))
         c = hub.connect("host-c", "s", hello("host-c"))
-        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        await recompiled(hub)
         assert hub.compiles == compiles + 1  # two new keys, one coalesced compile
         (msg,) = drain(a)
         delta = wire.delta_from_proto(msg.update.delta)
@@ -196,7 +203,7 @@ def test_revocation_closes_the_session_and_removes_the_peer_everywhere(hub: Hub)
     async def scenario() -> None:
         apply(hub, EXAMPLE)
         sessions = {n: hub.connect(n, "serial-" + n, hello(n)) for n in ("host-a", "host-b", "host-c")}
-        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        await recompiled(hub)
         for s in sessions.values():
             drain(s)
         assert hub.revoke("host-c", ["serial-host-c"]) is True
@@ -275,7 +282,7 @@ def test_a_rejoined_node_loses_its_old_stream_and_certificates_but_stays_in_the_
     async def scenario() -> None:
         apply(hub, EXAMPLE)
         sessions = {n: hub.connect(n, "serial-" + n, hello(n)) for n in ("host-a", "host-b")}
-        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        await recompiled(hub)
         drain(sessions["host-b"])
         hub.node_rejoined("host-a", ["serial-host-a", "older"])
         assert sessions["host-a"].closed_reason == "replaced by a newer join"
@@ -337,7 +344,7 @@ def test_one_bad_attachment_is_dropped_alone_and_logged(hub: Hub) -> None:
             ("host-c", "c-green", "endpoints[5].segment", "node host-c does not carry this segment"),
         ]
         assert hub.store.attached_endpoints() == {"host-c": raws}  # the report is kept as it came
-        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        await recompiled(hub)
         assert {"02:00:00:cc:00:01", "02:00:00:cc:00:04"} <= peer_macs(hub, "host-a", "host-c")
     run(scenario())
 
@@ -416,12 +423,12 @@ def test_an_empty_hello_clears_what_the_node_attached_before(hub: Hub) -> None:
         apply(hub, EXAMPLE)
         hub.connect("host-a", "s", hello("host-a"))
         hub.connect("host-c", "s", attached_hello("host-c", [att("c-1", "02:00:00:cc:00:01", "203.0.113.40")]))
-        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        await recompiled(hub)
         assert "02:00:00:cc:00:01" in peer_macs(hub, "host-a", "host-c")
         compiles = hub.compiles
         hub.connect("host-c", "s2", hello("host-c"))  # restarted agent, nothing attached any more
         assert hub.store.attached_endpoints() == {} and "host-c" not in hub.attached
-        await asyncio.sleep(RECOMPILE_DELAY * 4)
+        await recompiled(hub)
         assert hub.compiles == compiles + 1
         assert "02:00:00:cc:00:01" not in peer_macs(hub, "host-a", "host-c")
     run(scenario())

@@ -45,6 +45,7 @@ change touches only its own elements (see :class:`GuardElements`).
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -241,13 +242,17 @@ class _Context:
 class GuardElements:
     """The anti-spoofing sets' contents, kept current per changed endpoint or peer.
 
-    Contributions are disjoint (keyed by port or peer transport address), so a
-    change adds and deletes exactly the changed identity's elements: O(changed),
-    with an identity check per unchanged peer.
+    Each endpoint and peer contributes its own elements; a change recomputes only
+    the changed identities' contributions: O(changed), with an identity check per
+    unchanged peer. Elements are counted, not assumed disjoint: within one state
+    they are (ports, transport addresses, per-segment MACs and addresses are
+    unique), but across a change two identities may hold the same one for a
+    moment (an address moving from an attached endpoint to a peer's), and it must
+    stay in the kernel as long as anyone holds it.
     """
 
     def __init__(self, state: NodeState) -> None:
-        self.sets: dict[str, set[GuardElement]] = {}
+        self._counts: dict[str, Counter[GuardElement]] = {}
         self._sources: dict[tuple[str, str], object] = {}
         self._parts: dict[tuple[str, str], Contribution] = {}
         self._context = _Context(state.segments)
@@ -272,24 +277,25 @@ class GuardElements:
         self._segments = self._context.by_name
         self._sources = self._sources_of(state)
         self._parts = {identity: self._part(identity, source) for identity, source in self._sources.items()}
-        self.sets = {name: set() for name in set_names()}
+        self._counts = {name: Counter() for name in set_names()}
         for part in self._parts.values():
             for name, elements in part.items():
-                self.sets[name].update(elements)
+                self._counts[name].update(elements)
 
     def frozen(self) -> dict[str, frozenset[GuardElement]]:
-        return {name: frozenset(elements) for name, elements in self.sets.items()}
+        return {name: frozenset(counts) for name, counts in self._counts.items()}
 
     def update(self, state: NodeState) -> GuardDelta:
         """Bring the sets to ``state``; return what changed."""
         if _Context(state.segments) != self._context:  # VNIs or gateway MACs changed: every part may change
-            before = self.frozen()
+            old_sets = self.frozen()
             self._rebuild(state)
-            after = self.frozen()
-            return ({n: set(after[n] - before[n]) for n in after}, {n: set(before[n] - after[n]) for n in before})
+            new_sets = self.frozen()
+            return ({n: set(new_sets[n] - old_sets[n]) for n in new_sets},
+                    {n: set(old_sets[n] - new_sets[n]) for n in old_sets})
         sources = self._sources_of(state)
-        adds: dict[str, set[GuardElement]] = {}
-        deletes: dict[str, set[GuardElement]] = {}
+        touched: dict[str, set[GuardElement]] = {}
+        was_present: dict[str, dict[GuardElement, bool]] = {}
         for identity in self._sources.keys() | sources.keys():
             old, new = self._sources.get(identity), sources.get(identity)
             if old is new or old == new:
@@ -299,14 +305,25 @@ class GuardElements:
             if new is not None:
                 self._parts[identity] = new_part
             for name in old_part.keys() | new_part.keys():
-                gone = old_part.get(name, frozenset()) - new_part.get(name, frozenset())
-                came = new_part.get(name, frozenset()) - old_part.get(name, frozenset())
-                if gone:
-                    self.sets[name] -= gone
-                    deletes.setdefault(name, set()).update(gone)
-                if came:
-                    self.sets[name] |= came
-                    adds.setdefault(name, set()).update(came)
+                counts = self._counts[name]
+                seen = was_present.setdefault(name, {})
+                for element in old_part.get(name, frozenset()) | new_part.get(name, frozenset()):
+                    seen.setdefault(element, counts[element] > 0)
+                counts.subtract(old_part.get(name, frozenset()))
+                counts.update(new_part.get(name, frozenset()))
+                touched.setdefault(name, set()).update(old_part.get(name, ()), new_part.get(name, ()))
+        adds: dict[str, set[GuardElement]] = {}
+        deletes: dict[str, set[GuardElement]] = {}
+        for name, elements in touched.items():
+            counts = self._counts[name]
+            for element in elements:
+                present = counts[element] > 0
+                if present and not was_present[name][element]:
+                    adds.setdefault(name, set()).add(element)
+                elif not present:
+                    del counts[element]
+                    if was_present[name][element]:
+                        deletes.setdefault(name, set()).add(element)
         self._sources = sources
         return adds, deletes
 

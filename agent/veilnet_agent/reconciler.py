@@ -119,6 +119,7 @@ class Outcome:
     drift: bool = False
     seconds: float = 0.0
     observed: bool = False
+    full: bool = False  # a resync: the kernel was read back in full
     firewall: FirewallOutcome | None = None
     failure: Failure | None = None  # None: the kernel is at the target
 
@@ -151,6 +152,7 @@ class Reconciler:
         self.handshakes: dict[str, int] = {}  # as of the last read-back
         self.wireguard_backend: str | None = None  # "kernel" or "userspace", once the interface was read back
         self.drift_repairs = 0  # full resyncs that found and repaired drift
+        self.resyncs = 0  # full passes completed (each logs a "resynced" event)
         self.failure: Failure | None = None  # as of the last pass: None when the kernel is at the target
         self._failing_since: float | None = None
         self._last_underlay_mtu: int | None = None  # the last MTU read from the underlay interface
@@ -254,7 +256,7 @@ class Reconciler:
 
     def _pass(self, *, full: bool, retry: bool) -> Outcome:
         started = time.perf_counter()
-        outcome = Outcome()
+        outcome = Outcome(full=full)
         if self.desired is None or self.rendered is None:
             return outcome
         try:
@@ -372,6 +374,12 @@ class Reconciler:
                 observed=outcome.observed,
                 seconds=round(outcome.seconds, 4),
             )
+        if outcome.full:
+            # One line per resync, also when nothing changed: the observable event that a full read-back
+            # and repair ran (tests wait for it instead of sleeping through resync intervals).
+            self.resyncs += 1
+            self.log.info("resynced", n=self.resyncs, ops=len(outcome.ops), drift=outcome.drift,
+                          ok=outcome.failure is None, seconds=round(outcome.seconds, 4))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

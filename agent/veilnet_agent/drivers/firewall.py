@@ -60,7 +60,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,11 +168,25 @@ class _Encoder:
             self._parts[part] = done
         return done
 
-    def key(self, key: tuple[KeyPart, ...]) -> Any:
+    def key(self, key: tuple[KeyPart, ...], verbatim: frozenset[int] = frozenset()) -> Any:
+        """``verbatim``: positions whose set type is a name (ifname) or MAC, passed as text after a check.
+
+        The set's declared type decides, not the part's Python type: elements read back from the kernel
+        are plain strings, and an interface name must never be taken for a host name to resolve.
+        """
+        if verbatim:
+            parts = [self._verbatim(p) if i in verbatim else self.part(p) for i, p in enumerate(key)]
+            return parts[0] if len(parts) == 1 else {"concat": parts}
         if len(key) == 1:
             return self.part(key[0])
         part = self.part
         return {"concat": [part(p) for p in key]}
+
+    @staticmethod
+    def _verbatim(part: KeyPart) -> str:
+        if not isinstance(part, str) or not (_IFNAME.match(part) or _MAC.match(part)):
+            raise DriverError(f"firewall element: bad interface name or MAC {part!r}")
+        return str(part)
 
     def verdict(self, verdict: str) -> Any:
         done = self._verdicts.get(verdict)
@@ -186,15 +200,22 @@ class _Encoder:
             self._verdicts[verdict] = done
         return done
 
-    def element(self, element: Element) -> Any:
+    def element(self, element: Element, verbatim: frozenset[int] = frozenset()) -> Any:
         key, verdict = element
         if verdict == "":
-            return self.key(key)
-        return [self.key(key), self.verdict(verdict)]
+            return self.key(key, verbatim)
+        return [self.key(key, verbatim), self.verdict(verdict)]
 
-    def object_element(self, element: Element) -> Any:
+    def object_element(self, element: Element, verbatim: frozenset[int] = frozenset()) -> Any:
         key, value = element
-        return [self.key(key), value]
+        return [self.key(key, verbatim), value]
+
+
+_VERBATIM_TYPES = frozenset({"ifname", "ether_addr"})
+
+
+def verbatim_positions(types: Sequence[str]) -> frozenset[int]:
+    return frozenset(i for i, t in enumerate(types) if t in _VERBATIM_TYPES)
 
 
 def element_commands(
@@ -203,29 +224,60 @@ def element_commands(
     keys_only: bool = False,
     value_kinds: Mapping[str, str] | None = None,
     families: Mapping[str, str] | None = None,
+    key_types: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Any]:
     """``{op: {"element": ...}}`` commands, one per non-empty map, in name order.
 
     ``value_kinds`` gives a map's value type (``"verdict"``, ``"counter"``,
     ...); the value of a map not named there is a verdict, ``""`` a set element.
     An object map's value (``"counter"``: ``counter name <key> map @m``) is the
-    object's name. ``families`` gives the table family of each set (default ``inet``).
+    object's name. ``families`` gives the table family of each set (default ``inet``), ``key_types`` the
+    types of its key's parts (names and MACs are passed verbatim, after a check).
     """
     enc = _Encoder()
     kinds = value_kinds or {}
     commands: list[Any] = []
     for name in sorted(elements):
         items = elements[name]
+        verbatim = verbatim_positions((key_types or {}).get(name, ()))
         if keys_only:
-            elem = [enc.key(k) for k, _ in items]
+            elem = [enc.key(k, verbatim) for k, _ in items]
         elif kinds.get(name, "verdict") not in ("verdict", ""):
-            elem = [enc.object_element(e) for e in items]
+            elem = [enc.object_element(e, verbatim) for e in items]
         else:
-            elem = [enc.element(e) for e in items]
+            elem = [enc.element(e, verbatim) for e in items]
         if elem:
             family = (families or {}).get(name, TABLE_FAMILY)
             commands.append({op: {"element": {"family": family, "table": TABLE_NAME, "name": name, "elem": elem}}})
     return commands
+
+
+def _types_of(declared: Any) -> tuple[str, ...]:
+    return (declared,) if isinstance(declared, str) else tuple(str(t) for t in declared)
+
+
+_EXPRESSION_TYPES = {("meta", "iifname"): "ifname", ("meta", "oifname"): "ifname",
+                     ("ip", "saddr"): "ipv4_addr", ("ip", "daddr"): "ipv4_addr", ("ip6", "saddr"): "ipv6_addr",
+                     ("ip6", "daddr"): "ipv6_addr", ("ether", "saddr"): "ether_addr",
+                     ("arp", "saddr ether"): "ether_addr", ("arp", "saddr ip"): "ipv4_addr"}
+
+
+def declared_key_types(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The part types of a set's key, from ``type`` or from the expressions of ``typeof``."""
+    if "typeof" not in body:
+        return _types_of(body.get("type", ()))
+    expr = body["typeof"]
+    parts = expr.get("concat", [expr])
+    types = []
+    for part in parts:
+        if "meta" in part:
+            types.append(_EXPRESSION_TYPES.get(("meta", part["meta"]["key"]), "integer"))
+        elif "payload" in part and "base" in part["payload"]:
+            types.append("integer")
+        else:
+            payload = part.get("payload", {})
+            types.append(_EXPRESSION_TYPES.get((payload.get("protocol"), payload.get("field")), "integer"))
+    return tuple(types)
 
 
 # --- decoding: nft JSON -> Element -------------------------------------------------
@@ -549,6 +601,7 @@ class FirewallDriver:
         self._lock = threading.Lock()
         self._value_kinds: dict[str, str] = {}  # managed map -> value type, from the last load or observe
         self._families: dict[str, str] = {}  # managed set -> table family, from the last load or observe
+        self._key_types: dict[str, tuple[str, ...]] = {}  # managed set -> its key's part types
         self.last_duration_s = 0.0  # of the last kernel call, for logs and benchmarks
 
     @staticmethod
@@ -626,6 +679,7 @@ class FirewallDriver:
         elements: dict[str, frozenset[Element]] = {}
         kinds: dict[str, str] = {}
         families: dict[str, str] = {}
+        key_types: dict[str, tuple[str, ...]] = {}
         total = 0
         for obj in objects:
             if "table" in obj:
@@ -641,6 +695,7 @@ class FirewallDriver:
                     elements[body["name"]] = decode_set(body)
                     kinds[body["name"]] = str(body.get("map", ""))
                     families[body["name"]] = str(body.get("family", TABLE_FAMILY))
+                    key_types[body["name"]] = _types_of(body.get("type", ()))
                     total += len(elements[body["name"]])
         shape = structure_shape(objects)
         del objects
@@ -650,6 +705,7 @@ class FirewallDriver:
         fingerprint = table_comment if table_comment is not None else rule_fingerprint
         self._value_kinds = kinds
         self._families = families
+        self._key_types = key_types
         return ObservedFirewall(present=True, fingerprint=fingerprint, elements=elements, shape=shape)
 
     def counters(self) -> dict[str, tuple[int, int]]:
@@ -694,11 +750,13 @@ class FirewallDriver:
         if not structure or "table" not in structure[0].get("add", {}):
             raise DriverError("firewall structure must start with {'add': {'table': ...}}")
         kinds: dict[str, str] = {}
+        key_types: dict[str, tuple[str, ...]] = {}
         for command in structure:
             _check_command(command)
             for kind, body in command.get("add", command.get("create", {})).items():
                 if kind in ("map", "set") and str(body.get("name", "")).startswith(MANAGED_PREFIXES):
                     kinds[body["name"]] = str(body.get("map", ""))
+                    key_types[body["name"]] = declared_key_types(body)
         where = set_tables(structure)
         for name in compiled.elements:
             if name not in where or not name.startswith(MANAGED_PREFIXES):
@@ -713,6 +771,7 @@ class FirewallDriver:
         try:
             sent = self._run_text(text, "full load", commands)
             self._value_kinds = kinds
+            self._key_types = key_types
             self._families = {name: w.split(" ", 1)[0] for name, w in where.items()}
             return sent
         finally:
@@ -727,9 +786,10 @@ class FirewallDriver:
         for name in (*add, *delete):
             if not name.startswith(MANAGED_PREFIXES):
                 raise DriverError(f"firewall element update outside the managed sets: {name!r}")
-        commands = element_commands("delete", delete, keys_only=True, families=self._families) + element_commands(
-            "add", add, value_kinds=self._value_kinds, families=self._families
-        )
+        commands = element_commands(
+            "delete", delete, keys_only=True, families=self._families, key_types=self._key_types
+        ) + element_commands("add", add, value_kinds=self._value_kinds, families=self._families,
+                             key_types=self._key_types)
         self._run_json(commands, "element update")
         return sum(len(v) for v in add.values()) + sum(len(v) for v in delete.values())
 

@@ -336,7 +336,12 @@ class LinksDriver:
             if link.ipv6 is False:
                 self._set_ipv6(staging.name, False)
             elif link.kind == "bridge":
-                self._conf6(staging.name, "addr_gen_mode", "0")  # the gateway's link-local: EUI-64 of its MAC
+                # The gateway is the same on every host (same MAC, so the same EUI-64 link-local address): its
+                # duplicate address detection would flood the overlay and fail against the other hosts, and it
+                # has no router to solicit. Its global addresses are added without DAD for the same reason.
+                for knob, value in (("addr_gen_mode", "0"), ("accept_dad", "0"), ("dad_transmits", "0"),
+                                    ("router_solicitations", "0"), ("accept_ra", "0")):
+                    self._conf6(staging.name, knob, value)
             # One message: the link never has its real name without its mark.
             self._call("link", "set", index=index, ifname=link.name, ifalias=link.alias, state="up")
             self._links_changed()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from . import loading
 from . import validate as v
 from .errors import ValidationError
 
@@ -148,13 +148,17 @@ def _group_name(raw: object) -> str:
     return text
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def load_config(path: Path) -> AgentConfig:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValidationError("config", str(path), f"cannot read: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValidationError("config", str(path), f"not valid TOML: {exc}") from None
-    return parse_config(data)
+    """Read, decode (UTF-8), parse (TOML, integer literals bounded) and validate the configuration file."""
+    data = loading.read_bytes(path, "config", MAX_CONFIG_BYTES)
+    return parse_config_text(data, str(path))
+
+
+def parse_config_text(data: bytes | str, source: str) -> AgentConfig:
+    """The configuration in ``data`` (TOML text or its bytes); errors name the key, or ``config`` and the
+    line and column of a decoding error."""
+    text = loading.decode_utf8(data, "config", source) if isinstance(data, bytes) else data
+    return parse_config(loading.load_toml_text(text, "config", source))

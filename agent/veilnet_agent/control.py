@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import random
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -119,7 +120,13 @@ class ControlClient:
     def _run(self) -> None:
         delays = backoff_delays(INITIAL_BACKOFF, self.max_backoff, random.Random())
         while not self._stop.is_set():
-            got_message = self._one_stream()
+            try:
+                got_message = self._one_stream()
+            except Exception as exc:  # this thread is the only one that dials: it must not end
+                self.log.error("control_stream_failed", error_id=secrets.token_hex(8), exc_info=exc,
+                               note="still enforcing the last applied state; dialling again after the backoff")
+                got_message, self._misbehaved = False, True
+                self.connected = False
             misbehaved, self._misbehaved = self._misbehaved, False
             if self._stop.is_set():
                 break
@@ -143,9 +150,13 @@ class ControlClient:
             return False
         # The hello is built and the queue opened in one step: a report the daemon sends before this finds
         # no queue but is in the hello; one sent after it is queued behind the hello. None is lost.
-        with self._lock:
-            outgoing.put(cpb.AgentMessage(hello=self.hello()))
-            self._outgoing = outgoing
+        try:
+            with self._lock:
+                outgoing.put(cpb.AgentMessage(hello=self.hello()))
+                self._outgoing = outgoing
+        except BaseException:
+            channel.close()
+            raise
 
         def requests() -> Iterator[cpb.AgentMessage]:
             while True:

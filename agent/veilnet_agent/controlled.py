@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -41,7 +42,8 @@ import grpc
 from veilnet.v1 import agent_pb2 as lpb
 from veilnet.v1 import controller_pb2 as cpb
 
-from . import __version__, naming, wire
+from . import __version__, loading, naming, wire
+from . import validate as v
 from .config import AgentConfig
 from .control import ControlClient, StreamEvent
 from .daemon import gc_paused, settle_heap
@@ -58,21 +60,36 @@ from .retry import RetrySchedule
 from .statefile import StateFileTracker
 
 POLL_SECONDS = 0.5
+MAX_OWN_FILE_BYTES = 256 * 1024 * 1024  # applied.json of a very large state
 RENEW_RETRY_SECONDS = 30.0
 HANDSHAKE_RECENT_SECONDS = 180  # WireGuard re-handshakes every 2 minutes while traffic flows
 
 Event = StreamEvent | LocalRequest
 
 
+def _error_id() -> str:
+    """A correlation id for an unexpected error: in the log with the traceback, and in what the caller is told."""
+    return secrets.token_hex(8)
+
+
 def _atomic_json(path: Path, data: object) -> None:
     atomic_write(path, json.dumps(data, separators=(",", ":")).encode(), 0o600)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+_ATTACHMENT_TEXT = ("name", "segment", "mac", "ipv4", "ipv6", "netns", "ifname")
+
+
+def _attachment_shape(entry: object) -> bool:
+    """Whether a restored attachment has the form of one (text fields, text labels): everything the hello
+    and the state merge rely on. Its values are validated with the state it joins."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return False
+    if any(k not in (*_ATTACHMENT_TEXT, "labels") for k in entry):
+        return False
+    if any(k in entry and not isinstance(entry[k], str) for k in _ATTACHMENT_TEXT):
+        return False
+    labels = entry.get("labels", {})
+    return isinstance(labels, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in labels.items())
 
 
 def _touches(op: Op, ifname: str) -> bool:
@@ -146,13 +163,18 @@ class ControlledDaemon:
     # ------------------------------------------------------------------ persistence
 
     def _restore(self) -> None:
-        attached = _read_json(self.dir / "attached.json")
+        attached = self._read_own("attached.json")
         if isinstance(attached, list):
-            self.attached = {e["name"]: e for e in attached if isinstance(e, dict) and isinstance(e.get("name"), str)}
-        applied = _read_json(self.dir / "applied.json")
+            self.attached = {e["name"]: e for e in attached if _attachment_shape(e)}
+            if len(self.attached) != len(attached):
+                self.log.error("attached_endpoints_unreadable", kept=len(self.attached), found=len(attached),
+                               note="entries that are no endpoint were left out")
+        applied = self._read_own("applied.json")
         if isinstance(applied, dict) and isinstance(applied.get("state"), dict):
             self.received = applied["state"]
-            revision = int(applied.get("spec_revision", 0))
+            revision = applied.get("spec_revision", 0)
+            if type(revision) is not int or not 0 <= revision < 2**63:
+                revision = 0
             try:
                 self._apply("restore", drop_unfit=True)
                 self.target_revision = revision  # applied (and reported) once the kernel holds it
@@ -160,6 +182,18 @@ class ControlledDaemon:
                               note="enforced until the controller says otherwise")
             except ValidationError as exc:
                 self.log.error("restored_state_rejected", field=exc.field, reason=exc.reason)
+
+    def _read_own(self, name: str) -> object:
+        """One of the agent's own files (JSON), through the shared loader; None if absent or unreadable (logged)."""
+        path = self.dir / name
+        if not path.exists():
+            return None
+        try:
+            return loading.load_json_text(loading.decode_utf8(
+                loading.read_bytes(path, name, MAX_OWN_FILE_BYTES), name, str(path)), name, str(path))
+        except ValidationError as exc:
+            self.log.error("state_file_unreadable", file=str(path), reason=exc.reason, note="not restored")
+            return None
 
     def _persist_applied(self) -> None:
         """The controller's last accepted state, applied or still being retried (restored on start)."""
@@ -315,6 +349,19 @@ class ControlledDaemon:
                            field=exc.field, value=str(exc.value), reason=exc.reason)
             self.client.send(cpb.AgentMessage(ack=ack))
             return
+        except Exception as exc:
+            # A message that makes the agent fail unexpectedly: said so (never acked ok), logged with an id,
+            # and the loop goes on. The kernel keeps what it had; the next update or resync tries again.
+            error_id = _error_id()
+            self.rejection = f"agent: update: internal error {error_id}"
+            self._unacked = None
+            ack.ok = False
+            ack.error_field, ack.error_value = "agent", f"update {update.sequence}"
+            ack.error_reason = f"internal error {error_id}: the agent logged the details under this id"
+            self.log.error("update_failed", sequence=update.sequence, spec_revision=update.spec_revision,
+                           error_id=error_id, exc_info=exc)
+            self.client.send(cpb.AgentMessage(ack=ack))
+            return
         self.rejection = ""
         self.target_sequence, self.target_revision = update.sequence, update.spec_revision
         ack.kernel_operations = self._kernel_operations(outcome)
@@ -401,6 +448,8 @@ class ControlledDaemon:
         elif command.kind == cpb.Command.RENEW_CERTIFICATE:
             self.log.info("command", kind="renew-certificate")
             self.next_renewal = datetime.now(UTC)
+        else:
+            self.log.warning("command_unknown", kind=int(command.kind), note="ignored (a newer controller?)")
 
     # ------------------------------------------------------------------ local API
 
@@ -420,21 +469,25 @@ class ControlledDaemon:
             request.reply.set_exception(exc)
         except ValidationError as exc:
             request.reply.set_exception(LocalApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
-        except Exception as exc:  # answer the caller whatever happens; the loop goes on
-            self.log.exception("local_api_failed", kind=request.kind)
-            request.reply.set_exception(LocalApiError(grpc.StatusCode.INTERNAL, str(exc)))
+        except Exception as exc:  # answer the caller whatever happens (never with the exception); the loop goes on
+            error_id = _error_id()
+            self.log.error("local_api_failed", kind=request.kind, error_id=error_id, exc_info=exc)
+            request.reply.set_exception(LocalApiError(
+                grpc.StatusCode.INTERNAL, f"internal error {error_id}: the agent logged the details under this id"))
 
     def _attach(self, endpoint: Mapping[str, Any]) -> None:
         name = endpoint.get("name")
         if not isinstance(name, str) or not name:
             raise LocalApiError(grpc.StatusCode.INVALID_ARGUMENT, "endpoint.name: required")
+        name = v.name(name, "endpoint.name")  # before it is quoted in any answer
         if self.received is None:
             raise LocalApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                 "no state from the controller yet: this node's segments are unknown")
-        reserved = [k for k in endpoint.get("labels") or {} if k.startswith("node.")]
+        labels = endpoint.get("labels") or {}
+        reserved = [k for k in labels if k.startswith("node.")]
         if reserved:
-            raise LocalApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"endpoint.labels.{reserved[0]}: the prefix node. is reserved for the node's labels")
+            raise ValidationError(v.key_path("endpoint.labels", reserved[0]), labels[reserved[0]],
+                                  "the prefix node. is reserved for the node's labels")
         if name in self.attached or any(e.get("name") == name for e in self.received.get("endpoints") or ()):
             raise LocalApiError(grpc.StatusCode.ALREADY_EXISTS, f"endpoint {name!r} already exists")
         before = self.attached
@@ -448,6 +501,7 @@ class ControlledDaemon:
         self._commit_attached({**before, name: dict(endpoint)})
 
     def _detach(self, name: str) -> None:
+        name = v.name(name, "name")  # before it is quoted in any answer
         if name not in self.attached:
             raise LocalApiError(grpc.StatusCode.NOT_FOUND, f"no endpoint {name!r} was attached through this API")
         remaining = {k: e for k, e in self.attached.items() if k != name}
@@ -531,8 +585,9 @@ class ControlledDaemon:
         the data plane keeps running and the next event or resync tries again."""
         try:
             handler(*args, **kwargs)
-        except Exception:
-            self.log.exception("event_failed", handler=getattr(handler, "__name__", str(handler)))
+        except Exception as exc:
+            self.log.error("event_failed", handler=getattr(handler, "__name__", str(handler)), error_id=_error_id(),
+                           exc_info=exc)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:

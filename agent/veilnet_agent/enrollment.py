@@ -308,7 +308,9 @@ class IdentityFiles:
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     host, sep, port_text = endpoint.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # ASCII digits only, and at most 5 of them before int(): str.isdigit() also takes '²', which int() refuses
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) \
+            or not 0 < int(port_text) < 65536:
         raise ValidationError("--controller", endpoint, "must be HOST:PORT")
     return host.strip("[]"), int(port_text)
 

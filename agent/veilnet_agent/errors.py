@@ -11,6 +11,8 @@ from typing import Any
 # goes to logs, acknowledgements and operators' terminals.
 MAX_SHOWN = 200
 MAX_FIELD = 300
+# The reason is the project's own words, but it may quote a parser's description of the problem.
+MAX_REASON = 600
 CUT = "..."
 # Integers above this many bits (~4,200 digits) are described by their size, not written: Python
 # refuses to write more than sys.get_int_max_str_digits() digits (4,300 by default), and the
@@ -116,7 +118,7 @@ class ValidationError(VeilnetError):
     ``value`` the value that was rejected: the value itself when it is a scalar
     short enough to quote whole, else a ``ShownValue`` holding its cut
     rendering. So ``str``/``repr`` of ``value`` and of the error are always
-    safe and bounded (about MAX_SHOWN and MAX_FIELD characters).
+    safe and bounded (about MAX_FIELD + MAX_REASON + MAX_SHOWN characters).
     """
 
     field: str
@@ -125,8 +127,16 @@ class ValidationError(VeilnetError):
 
     def __init__(self, field: str, value: object, reason: str) -> None:
         text, exact = shown(value)
+        # Paths hold keys of the input and reasons may quote a parser: no control character, no lone
+        # surrogate (which cannot be encoded for a log line or a gRPC status) gets through.
+        if not field.isprintable():
+            field = repr(field)[1:-1]
+        if not reason.isprintable():
+            reason = repr(reason)[1:-1]
         if len(field) > MAX_FIELD:
             field = field[: MAX_FIELD - len(CUT)] + CUT
+        if len(reason) > MAX_REASON:
+            reason = reason[: MAX_REASON - len(CUT)] + CUT
         self.field = field
         self.value = value if exact else ShownValue(text)
         self.reason = reason

@@ -28,6 +28,7 @@ only wait for its answer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import os
 import secrets
@@ -51,6 +52,7 @@ from .logs import get_logger
 
 REQUEST_TIMEOUT = 30.0
 MAX_MESSAGE = 1024 * 1024
+MAX_DETAILS = 2000  # characters of a status message
 MAX_CONNECTIONS = 64  # relayed at once; more are refused (each holds two threads)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.11
 PEERGROUPS_BUFFER = 1024  # bytes: 256 groups (Python's getsockopt limit); a caller with more is judged on its gid
@@ -276,6 +278,39 @@ class _FrontDoor:
 # ---------------------------------------------------------------------- gRPC
 
 
+def _guarded(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The one place a local API call ends: a LocalApiError becomes its status; anything else unexpected is
+    logged with a correlation id and answered INTERNAL with that id (never the exception); the server goes on.
+    (Handlers never call ``context.abort``, which grpc implements by raising a bare Exception.)"""
+
+    def wrap(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(handler)
+        def guarded(self: _Servicer, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return handler(self, request, context)
+            except LocalApiError as exc:
+                failure: tuple[grpc.StatusCode, str] = (exc.code, str(exc))
+            except Exception as exc:
+                error_id = secrets.token_hex(8)
+                self.log.error("local_api_failed", method=method, error_id=error_id, exc_info=exc)
+                failure = (grpc.StatusCode.INTERNAL,
+                           f"internal error {error_id}: the agent logged the details under this id")
+            context.abort(failure[0], status_details(failure[1]))
+            raise AssertionError("unreachable: abort raises")
+
+        guarded.__veilnet_guarded__ = True  # type: ignore[attr-defined]
+        return guarded
+
+    return wrap
+
+
+def status_details(message: str) -> str:
+    """Bounded (MAX_DETAILS characters) and encodable as UTF-8, as a gRPC status needs."""
+    if len(message) > MAX_DETAILS:
+        message = message[: MAX_DETAILS - 3] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _Servicer(agent_pb2_grpc.AgentLocalServicer):  # type: ignore[misc]
     def __init__(self, submit: Callable[[LocalRequest], None], door: Callable[[], _FrontDoor | None],
                  log: Any) -> None:
@@ -288,8 +323,7 @@ class _Servicer(agent_pb2_grpc.AgentLocalServicer):  # type: ignore[misc]
         caller = door.caller(context.peer()) if door is not None else None
         if caller is None:
             self.log.warning("local_api_refused", peer=context.peer(), reason="did not come through the local socket")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "connect through the agent's local socket")
-        assert caller is not None
+            raise LocalApiError(grpc.StatusCode.PERMISSION_DENIED, "connect through the agent's local socket")
         return caller
 
     def _ask(self, kind: str, payload: Any, context: grpc.ServicerContext, method: str,
@@ -304,30 +338,38 @@ class _Servicer(agent_pb2_grpc.AgentLocalServicer):  # type: ignore[misc]
             except TimeoutError:
                 if request.reply.cancel():  # still queued: it will not run later behind the caller's back
                     emit("local_api_call", method=method, **what, result="timeout", **caller.log_fields())
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "the agent did not answer in time; nothing changed")
+                    raise LocalApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        "the agent did not answer in time; nothing changed") from None
                 answer = request.reply.result()  # it started meanwhile: wait for its real outcome
         except LocalApiError as exc:
             emit("local_api_call", method=method, **what, result=exc.code.name.lower(), reason=str(exc),
                  **caller.log_fields())
-            context.abort(exc.code, str(exc))
+            raise
         emit("local_api_call", method=method, **what, result="ok", **caller.log_fields())
         return answer
 
+    @_guarded("Status")
     def Status(self, request: apb.StatusRequest, context: grpc.ServicerContext) -> apb.StatusResponse:
         return self._ask("status", None, context, "Status")  # type: ignore[no-any-return]
 
+    @_guarded("AttachEndpoint")
     def AttachEndpoint(self, request: apb.AttachEndpointRequest,
                        context: grpc.ServicerContext) -> apb.AttachEndpointResponse:
         e = request.endpoint
-        self._ask("attach", e, context, "AttachEndpoint", endpoint=e.name, segment=e.segment, netns=e.netns,
-                  mac=e.mac, ipv4=e.ipv4, ipv6=e.ipv6)
+        self._ask("attach", e, context, "AttachEndpoint", endpoint=_cut(e.name), segment=_cut(e.segment),
+                  netns=_cut(e.netns), mac=_cut(e.mac), ipv4=_cut(e.ipv4), ipv6=_cut(e.ipv6))
         return apb.AttachEndpointResponse()
 
+    @_guarded("DetachEndpoint")
     def DetachEndpoint(self, request: apb.DetachEndpointRequest,
                        context: grpc.ServicerContext) -> apb.DetachEndpointResponse:
-        self._ask("detach", request.name, context, "DetachEndpoint", endpoint=request.name)
+        self._ask("detach", request.name, context, "DetachEndpoint", endpoint=_cut(request.name))
         return apb.DetachEndpointResponse()
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """A caller's text as logged: at most ``limit`` characters (a request may carry a megabyte name)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class LocalApiServer:

@@ -418,10 +418,13 @@ def _with_node_labels(endpoint: LocalEndpoint, node_labels: Labels, path: str) -
     return replace(endpoint, labels=tuple(sorted({**own, **dict(node_labels)}.items())))
 
 
-def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], removes: Sequence[str]) -> NodeState:
+def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], removes: Sequence[str],
+                 order: Sequence[str] | None = None) -> NodeState:
     """A new state with peers added or replaced and others removed, validated against the rest.
 
-    ``upserts`` are (field path, raw peer mapping); ``removes`` are peer names.
+    ``upserts`` are (field path, raw peer mapping); ``removes`` are peer names. The peers come out in
+    ``order`` (every resulting peer's name once: the order of the file, so that the state equals a full
+    parse of it), or else replaced ones where they were and new ones last.
     Costs O(changed peers) validation plus O(N) pointer copies; ``state`` is unchanged
     and nothing is returned unless every change is valid.
     """
@@ -437,8 +440,16 @@ def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], remove
             claims.release_peer(upsert_name)
     index = _SegmentIndex(state.segments, claims)
     parsed = [_parse_peer(raw, path, index, state.transport_address) for path, raw in upserts]
-    touched = set(removes) | {p.name for p in parsed}
-    peers = tuple(p for p in state.peers if p.name not in touched) + tuple(parsed)
+    removed = set(removes)
+    new_by_name = {p.name: p for p in parsed}
+    kept = {p.name: p for p in state.peers if p.name not in removed}
+    if order is not None:
+        everything = {**kept, **new_by_name}
+        if len(order) != len(everything) or any(name not in everything for name in order):
+            raise ValueError("update_peers: order must name every resulting peer once")
+        peers = tuple(everything[name] for name in order)
+    else:
+        peers = tuple(new_by_name.pop(name, peer) for name, peer in kept.items()) + tuple(new_by_name.values())
     return replace(state, peers=peers, claims=claims)
 
 

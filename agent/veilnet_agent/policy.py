@@ -115,15 +115,16 @@ def parse_labels(raw: object, path: str) -> Labels:
     data = v.mapping(raw, path)
     if len(data) > MAX_LABELS:
         raise ValidationError(path, len(data), f"at most {MAX_LABELS} labels")
-    pairs = [(label_text(k, f"{path}.{k}"), label_text(val, f"{path}.{k}")) if type(k) is str
+    pairs = [(k, label_text(val, f"{path}.{k}")) if type(k) is str and _LABEL_RE.match(k)
              else _refuse_label_key(k, path) for k, val in data.items()]
     return tuple(sorted(pairs))
 
 
 def _refuse_label_key(key: object, path: str) -> tuple[str, str]:
-    """A key that is not a string (a YAML number, say): refused, with a path that is safe to build."""
+    """A key that is no label key (a YAML number, a string with a newline): refused, with a path that is
+    safe to build and show."""
     label_text(key, v.key_path(path, key))
-    raise AssertionError("label_text refuses every key that is not a string")
+    raise AssertionError("label_text refuses every key that is not a label key")
 
 
 def parse_rate_limit(raw: object, path: str) -> RateLimit | None:

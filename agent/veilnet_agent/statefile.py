@@ -8,16 +8,12 @@ in a 5,000-peer file does not re-validate and re-render 5,000 peers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import loading
-from .errors import ValidationError
 from .model import NodeState, parse_node_state, update_peers
 
 MAX_STATE_FILE_BYTES = 64 * 1024 * 1024
@@ -27,32 +23,25 @@ MAX_EXPANDED_VALUES = 8_000_000
 
 
 def read_state_file(path: Path) -> object:
-    """The file's parsed contents, not yet validated.
+    """The file's parsed contents, not yet validated: JSON if its name ends in ``.json``, else YAML.
 
-    Integer literals too long to be valid anywhere load as ``OversizedInteger``
-    (refused by the validators naming their field); YAML nesting deeper than
-    MAX_DEPTH and aliases expanding to more than MAX_EXPANDED_VALUES values are
-    refused before anything is built.
+    Read through ``loading`` like the controller's spec: UTF-8, plain JSON-like values only (no YAML
+    tags; dates are strings), no duplicate keys, YAML nesting at most MAX_DEPTH deep and aliases
+    expanding to at most MAX_EXPANDED_VALUES values; integer literals too long to be valid anywhere
+    load as ``OversizedInteger`` (refused by the validators naming their field). Every failure is a
+    ValidationError on ``state-file`` whose value is the path and whose reason names line and column.
     """
-    try:
-        size = path.stat().st_size
-        if size > MAX_STATE_FILE_BYTES:
-            raise ValidationError("state-file", str(path), f"is larger than {MAX_STATE_FILE_BYTES} bytes")
-        text = path.read_text()
-    except OSError as exc:
-        raise ValidationError("state-file", str(path), f"cannot read: {exc.strerror}") from None
-    if path.suffix == ".json":
-        try:
-            return loading.load_json(text)
-        except json.JSONDecodeError as exc:
-            raise ValidationError("state-file", str(path), f"not valid JSON: {exc}") from None
-        except RecursionError:
-            raise ValidationError("state-file", str(path), "not valid JSON: nested too deeply") from None
-    try:
-        loading.check_yaml_events(text, "state-file", MAX_DEPTH, MAX_EXPANDED_VALUES)
-        return yaml.load(text, Loader=loading.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ValidationError("state-file", str(path), f"not valid YAML: {exc}") from None
+    data = loading.read_bytes(path, "state-file", MAX_STATE_FILE_BYTES)
+    return parse_state_text(data, str(path), "json" if path.suffix == ".json" else "yaml")
+
+
+def parse_state_text(data: bytes | str, source: str, fmt: str) -> object:
+    """State-file contents (``fmt`` "json" or "yaml") to plain values, not yet validated; ``source`` names
+    the file in errors."""
+    text = loading.decode_utf8(data, "state-file", source) if isinstance(data, bytes) else data
+    if fmt == "json":
+        return loading.load_json_text(text, "state-file", source)
+    return loading.load_yaml_text(text, "state-file", source, max_depth=MAX_DEPTH, max_values=MAX_EXPANDED_VALUES)
 
 
 def load_state_file(path: Path) -> NodeState:
@@ -85,9 +74,14 @@ class StateFileTracker:
             return self._full(raw)
         upserts = [(path, peer) for name, (path, peer) in by_name.items() if self._raw_peers.get(name) != peer]
         removes = [name for name in self._raw_peers if name not in by_name]
+        order = list(by_name)  # the file's order, which a full parse of it would give
         if not upserts and not removes:
-            return None
-        state = update_peers(self.state, upserts, removes)
+            if order == [p.name for p in self.state.peers]:
+                return None
+            # Only reordered: the same peers in the file's order (nothing to render or apply).
+            state = update_peers(self.state, [], [], order)
+            return PendingState(state, frozenset(), rest, {n: p for n, (_, p) in by_name.items()})
+        state = update_peers(self.state, upserts, removes, order)
         changed = frozenset(removes) | frozenset(peer["name"] for _, peer in upserts)
         return PendingState(state, changed, rest, {n: p for n, (_, p) in by_name.items()})
 

@@ -61,9 +61,17 @@ def join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+_PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
 def key_path(path: str, key: object) -> str:
-    """The path of a mapping entry whose key may be anything a loader produces (not only a string)."""
-    return join(path, key if type(key) is str else shown(key, 60)[0])
+    """The path of a mapping entry whose key may be anything a loader produces (not only a string).
+
+    A key of letters, digits, ``_``, ``.`` and ``-`` is written as it is; any other is quoted, cut
+    and escaped (``nodes[0].'bad\\nkey'``), so a path never carries a newline or a megabyte."""
+    if type(key) is str and _PLAIN_KEY_RE.fullmatch(key):
+        return join(path, key)
+    return join(path, shown(key, 60)[0])
 
 
 def mapping(value: object, path: str) -> Mapping[str, Any]:

@@ -49,6 +49,10 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @dataclass
 class NodeRuntime:
     """What the controller knows about a node's agent right now (memory only)."""
@@ -516,10 +520,13 @@ class Hub:
             rt.last_error = ""
             rt.rejected_spec_revision = 0
         else:
-            rt.last_error = f"{ack.error_field}: {ack.error_reason} (got {ack.error_value})"
+            # The agent's words, bounded: they go to the log and to every ListNodes answer.
+            field, value, reason = (_cut(ack.error_field, 300), _cut(ack.error_value, 300),
+                                    _cut(ack.error_reason, 1000))
+            rt.last_error = f"{field}: {reason} (got {value})"
             rt.rejected_spec_revision = ack.spec_revision
             self.log.warning("agent_rejected_state", node=session.node, sequence=ack.sequence,
-                             field=ack.error_field, value=ack.error_value, reason=ack.error_reason)
+                             field=field, value=value, reason=reason)
 
     def status_reported(self, session: Session, status: cpb.AgentStatus) -> None:
         rt = self.runtime.setdefault(session.node, NodeRuntime())

@@ -15,7 +15,9 @@ separate port keeps the unauthenticated surface to one small RPC.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +46,7 @@ from .throttle import FailureThrottle, peer_address
 from .trust import Refusal
 
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
+MAX_DETAILS = 2000  # characters of a status message: requests may quote megabytes back (names, node names)
 MAX_BOOTSTRAP_MESSAGE = 64 * 1024
 HELLO_TIMEOUT = 10.0
 MAX_AUDITED_REFUSALS = 10_000  # (serial, reason) pairs remembered so each is audited once, not per redial
@@ -53,6 +56,11 @@ MAX_TOKEN_TTL = 7 * 86400
 DEFAULT_RENEWAL_GRACE = timedelta(seconds=60)  # streams opened with the old certificate move over meanwhile
 
 T = TypeVar("T")
+_LOG = structlog.get_logger("veilnet.controller")
+_SERVICES = {
+    "veilnet.v1.Controller": cpb.DESCRIPTOR.services_by_name["Controller"],
+    "veilnet.v1.Admin": apb.DESCRIPTOR.services_by_name["Admin"],
+}
 COMMANDS = {
     "resync": cpb.Command.RESYNC,
     "rotate-keys": cpb.Command.ROTATE_KEYS,
@@ -74,10 +82,81 @@ def rfc3339(value: datetime | None) -> str:
     return "" if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def status_details(message: str) -> str:
+    """``message`` made fit for a gRPC status: at most MAX_DETAILS characters, and encodable as UTF-8 (a lone
+    surrogate from a JSON escape would make the status itself fail)."""
+    if len(message) > MAX_DETAILS:
+        message = message[: MAX_DETAILS - 3] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 async def fail(context: aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> NoReturn:
     """End the call with ``code``; never returns (``abort`` raises)."""
-    await context.abort(code, message)
+    await context.abort(code, status_details(message))
     raise AssertionError("unreachable: abort raises")
+
+
+async def internal_error(context: aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> NoReturn:
+    """Answer an unexpected error: logged whole under a new correlation id, the caller gets INTERNAL and the id
+    (never the exception or a traceback)."""
+    error_id = secrets.token_hex(8)
+    _LOG.error("rpc_failed", method=method, error_id=error_id, peer=context.peer(), exc_info=exc)
+    await fail(context, grpc.StatusCode.INTERNAL,
+               f"internal error {error_id}: the controller logged the details under this id")
+
+
+_HandlerT = TypeVar("_HandlerT", bound=Callable[..., Any])
+
+
+def _guard_unary(method: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(handler)
+    async def guarded(self: Any, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await handler(self, request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await internal_error(context, method, exc)
+
+    guarded.__veilnet_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _guard_stream(method: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(handler)
+    async def guarded(self: Any, requests: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        stream = handler(self, requests, context)
+        try:
+            async for message in stream:
+                yield message
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await internal_error(context, method, exc)
+        finally:
+            await stream.aclose()  # its own clean-up (the hub's session) runs now, not when collected
+
+    guarded.__veilnet_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def guarded_servicer(service: str) -> Callable[[type[_HandlerT]], type[_HandlerT]]:
+    """Wrap every RPC method of ``service`` (``package.Service``) the class defines: an exception a handler
+    did not mean to raise is logged with a correlation id and answered INTERNAL with that id, and the
+    server goes on serving."""
+    descriptor = _SERVICES[service]
+
+    def wrap(cls: type[_HandlerT]) -> type[_HandlerT]:
+        for rpc in descriptor.methods:
+            handler = cls.__dict__.get(rpc.name)
+            if handler is None:
+                continue
+            full = f"/{service}/{rpc.name}"
+            streaming = rpc.client_streaming or rpc.server_streaming
+            setattr(cls, rpc.name, (_guard_stream if streaming else _guard_unary)(full, handler))
+        return cls
+
+    return wrap
 
 
 def _validation_details(exc: ValidationError) -> str:
@@ -169,6 +248,7 @@ class Services:
 # ---------------------------------------------------------------------------- agents
 
 
+@guarded_servicer("veilnet.v1.Controller")
 class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(self, services: Services, *, bootstrap: bool) -> None:
         self.s = services
@@ -319,6 +399,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             problem = reader.exception()
             if isinstance(problem, _BadMessage):
                 await fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(problem))
+            if problem is not None:
+                raise problem  # the guard logs it with an id and answers INTERNAL (it ended the stream quietly)
 
     async def _read(self, request_iterator: AsyncIterator[cpb.AgentMessage], session: Session,
                     identity: pki.Identity) -> None:
@@ -358,6 +440,7 @@ class _BadMessage(Exception):
 # ---------------------------------------------------------------------------- operators
 
 
+@guarded_servicer("veilnet.v1.Admin")
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -380,7 +463,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if record is None:
             return 0, None
         if self._current[0] != record.number:
-            self._current = (record.number, load_spec_text(record.spec_text), None)
+            try:
+                current = load_spec_text(record.spec_text)
+            except ValidationError as exc:
+                # Stored by a version that read more than this one does (a YAML tag, say): compared as
+                # nothing, so the next apply replaces it rather than failing on it forever.
+                self.s.log.error("stored_spec_unreadable", revision=record.number, field=exc.field,
+                                 reason=exc.reason, note="the next apply replaces it")
+                current = None
+            self._current = (record.number, current, None)
         return self._current[0], self._current[1]
 
     async def _diff_texts(self, current: tuple[int, Any, str | None], raw: Any) -> tuple[str, str]:

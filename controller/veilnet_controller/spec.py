@@ -24,7 +24,7 @@ import yaml
 
 from veilnet_agent import addr, loading
 from veilnet_agent import validate as v
-from veilnet_agent.errors import ValidationError, shown
+from veilnet_agent.errors import ValidationError
 from veilnet_agent.model import IPAddress, IPInterface, IPNetwork, Segment, parse_segment
 from veilnet_agent.policy import MAX_LABELS, Labels, Policy, parse_labels, parse_policies
 
@@ -129,66 +129,28 @@ class _Index:
 # --------------------------------------------------------------------------- loading
 
 
-class _Loader(loading.SafeLoader):
-    """Safe YAML loader (bounded integers) that refuses duplicate keys in a mapping (silently dropped otherwise)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"found duplicate key {shown(key_node.value, 80)[0]}", key_node.start_mark,
-                    )
-                seen.add(key)
-        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return result
-
-
 def load_spec_text(text: str) -> object:
     """The text's contents (YAML, or JSON which is tried first when the text starts with "{"), not yet validated.
 
-    Before the YAML is built, one pass over its events refuses nesting deeper
-    than MAX_DEPTH (the C loader would overflow the stack) and aliases that
-    expand to more than MAX_EXPANDED_VALUES values. Integer literals too long
-    to be valid anywhere load as ``OversizedInteger`` (``veilnet_agent.loading``),
-    refused by the validators naming their field.
+    Both go through ``veilnet_agent.loading``: plain JSON-like values only (no YAML tags, dates are
+    strings), no duplicate keys, nesting at most MAX_DEPTH deep (the C loader would overflow the
+    stack), aliases expanding to at most MAX_EXPANDED_VALUES values. Integer literals too long to be
+    valid anywhere load as ``OversizedInteger``, refused by the validators naming their field. Every
+    failure is a ValidationError on ``spec`` naming the line and column.
     """
     size = len(text) if len(text) * 4 <= MAX_SPEC_BYTES else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_SPEC_BYTES:
         raise ValidationError("spec", size, f"is larger than {MAX_SPEC_BYTES} bytes")
     if text.lstrip()[:1] == "{":
         try:
-            return loading.load_json(text, object_pairs_hook=_json_object)
+            return loading.load_json(text)
         except RecursionError:
             raise ValidationError("spec", None, "not valid JSON: nested too deeply") from None
-        except ValueError as exc:
-            if isinstance(exc, _DuplicateKey):
-                raise ValidationError("spec", None, f"not valid JSON: {exc}") from None
-            # not JSON: maybe YAML flow style
-    try:
-        loading.check_yaml_events(text, "spec", MAX_DEPTH, MAX_EXPANDED_VALUES)
-        loaded: object = yaml.load(text, Loader=_Loader)  # a safe loader
-    except yaml.YAMLError as exc:
-        raise ValidationError("spec", None, f"not valid YAML: {exc}") from None
-    return loaded
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(f"duplicate key {shown(key, 80)[0]}")
-            seen.add(key)
-    return result
+        except loading.DuplicateKeyError as exc:
+            raise ValidationError("spec", None, f"not valid JSON: {exc}") from None
+        except ValueError:
+            pass  # not JSON: maybe YAML flow style
+    return loading.load_yaml_text(text, "spec", None, max_depth=MAX_DEPTH, max_values=MAX_EXPANDED_VALUES)
 
 
 def parse_spec_text(text: str) -> NetworkSpec:

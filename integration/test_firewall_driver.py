@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -637,3 +638,56 @@ def test_real_traffic_is_filtered(bridged: tuple[str, str, str]) -> None:
 
         driver.remove()
         assert tcp_connects(ep1, EP2, 8081)  # table gone: forwarding is open again
+
+
+# --- tables in states the agent never leaves them in --------------------------------
+
+OWNER_TAKER = r"""
+import sys, nftables
+nft = nftables.Nftables()
+rc, _, err = nft.cmd("add table inet veilnet { flags owner; }\nadd set inet veilnet allow_x { type ipv4_addr; }")
+if rc:
+    print(err, file=sys.stderr, flush=True)
+    sys.exit(1)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_table_held_by_another_process_is_refused_without_listing_it(host: str, driver: FirewallDriver) -> None:
+    """nft 1.0.6 prints an ``owner`` table's flags as JSON by reading past an array: garbage, invalid JSON, or a
+    heap corruption that killed the agent in a fail-closed test. The driver reads the flags over netlink and
+    refuses to list such a table, naming the holder; many observes in a row leave the process alive."""
+    taker = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", OWNER_TAKER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert taker.stdout is not None
+        assert taker.stdout.readline().strip() == "holding", taker.stderr.read() if taker.stderr else ""
+        assert "flags owner" in nft(host, "list", "table", "inet", "veilnet")  # positive control: it is held
+        for _ in range(300):
+            with pytest.raises(DriverError, match=r"table inet veilnet is held by another process \(flags owner"):
+                driver.observe()
+        with pytest.raises(DriverError, match="rejected"):  # and it cannot be replaced while held
+            driver.apply_full(make_compiled(SAMPLE))
+    finally:
+        if taker.stdin is not None:
+            taker.stdin.close()
+        taker.wait(10)
+    # the holder is gone, and its table with it: ours loads and reads back
+    assert driver.observe() == ObservedFirewall(present=False, fingerprint=None, elements={})
+    driver.apply_full(make_compiled(SAMPLE))
+    assert driver.observe().fingerprint == "fp-one"
+
+
+def test_a_dormant_table_is_not_taken_for_ours(host: str, driver: FirewallDriver) -> None:
+    """Someone switches our table off (``flags dormant``: it stays, enforcing nothing): observe reports no
+    fingerprint, so the manager replaces it whole, and the replacement is active again."""
+    driver.apply_full(make_compiled(SAMPLE))
+    assert driver.observe().fingerprint == "fp-one"  # positive control
+    nft(host, "add", "table", "inet", "veilnet", "{", "flags", "dormant", ";", "}")
+    assert "flags dormant" in nft(host, "list", "table", "inet", "veilnet")
+    observed = driver.observe()
+    assert observed.present and observed.fingerprint is None
+    driver.apply_full(make_compiled(SAMPLE))
+    assert "dormant" not in nft(host, "list", "table", "inet", "veilnet")
+    assert driver.observe().fingerprint == "fp-one"

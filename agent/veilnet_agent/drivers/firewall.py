@@ -469,6 +469,14 @@ NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWOBJ = 18
 NFT_MSG_GETOBJ = 19
 NFPROTO_UNSPEC = 0
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+NFTA_TABLE_NAME = 1
+NFTA_TABLE_FLAGS = 2
+NFTA_TABLE_OWNER = 10
+NFT_TABLE_F_DORMANT = 0x1
+NFT_TABLE_F_OWNER = 0x2
+NFPROTO_NUMBERS = {"inet": 1, "ipv4": 2, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ipv6": 10, "ip6": 10}
 NFTA_OBJ_TABLE = 1
 NFTA_OBJ_NAME = 2
 NFTA_OBJ_TYPE = 3
@@ -520,6 +528,48 @@ class _CounterSocket:
 
     def close(self) -> None:
         self._sock.close()
+
+    def table_flags(self, family: str) -> tuple[int, int | None] | None:
+        """(flags, owner netlink port or None) of our table in ``family``; None if it does not exist.
+
+        Read over netlink, not libnftables: nft 1.0.6 prints an ``owner`` table's flags as JSON by
+        indexing past its flag-name array (garbage, invalid JSON, or a heap corruption that kills the
+        process), so a table someone else holds must never be listed as JSON.
+        """
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        seq = self._seq
+        tail = _NFGENMSG.pack(NFPROTO_NUMBERS[family], 0, 0) + _nla(NFTA_TABLE_NAME, TABLE_NAME.encode() + b"\0")
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(tail), msg_type, _NLM_F_REQUEST, seq, 0) + tail)
+        found: tuple[int, int | None] | None = None
+        while True:
+            data = memoryview(self._sock.recv(1 << 16))
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    raise DriverError("firewall: malformed netlink reply")
+                body = data[offset + _NLMSGHDR.size : offset + length]
+                offset += (length + 3) & ~3
+                if msg_seq != seq:
+                    continue
+                if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
+                    flags, owner = 0, None
+                    for attr, value in _attrs(body[_NFGENMSG.size :]):
+                        if attr == NFTA_TABLE_FLAGS:
+                            (flags,) = struct.unpack(">I", value)
+                        elif attr == NFTA_TABLE_OWNER:
+                            (owner,) = struct.unpack(">I", value)
+                    return flags, owner  # a non-dump GET answers with the object alone
+                if kind == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", body)
+                    if code == 0:
+                        return found
+                    if -code == errno.ENOENT:
+                        return None
+                    raise DriverError(f"firewall: reading table {family} {TABLE_NAME}: {os.strerror(-code)}")
+                if kind == _NLMSG_DONE:
+                    return found
 
     def dump(self) -> dict[str, tuple[int, int]]:
         for _ in range(_DUMP_RETRIES):
@@ -665,7 +715,16 @@ class FirewallDriver:
         """
         start = time.perf_counter()
         objects: list[dict[str, Any]] = []
+        dormant = False
         for family, table in TABLES:
+            with self._lock:
+                flags = self._counter_socket.table_flags(family)
+            if flags is not None and flags[0] & NFT_TABLE_F_OWNER:
+                raise DriverError(
+                    f"firewall: table {family} {table} is held by another process (flags owner, netlink port "
+                    f"{flags[1]}): the agent never takes ownership, so it is not ours to list or change")
+            if flags is not None and flags[0] & NFT_TABLE_F_DORMANT:
+                dormant = True  # switched off by someone: the next full load replaces it, active
             found, err = self._list(f"list table {family} {table}")
             if found is None:
                 if not _is_missing(err):
@@ -703,6 +762,8 @@ class FirewallDriver:
             _malloc_trim()
         self.last_duration_s = time.perf_counter() - start
         fingerprint = table_comment if table_comment is not None else rule_fingerprint
+        if dormant:
+            fingerprint = None  # not the table we loaded: a dormant table enforces nothing
         self._value_kinds = kinds
         self._families = families
         self._key_types = key_types

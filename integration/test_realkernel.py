@@ -143,6 +143,7 @@ def test_geneve_ports_are_programmed_like_vxlan_ports(rk: Lab) -> None:
     flags = port_flags(b)
     for name in geneve:
         assert (flags[name]["learning"], flags[name]["neigh_suppress"]) == (False, True), flags[name]
+        assert flags[name]["isolated"] is True, flags[name]  # split horizon between peers
         assert b.run(["cat", f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"]).stdout.strip() == "1"
     fdb = json.loads(b.run(["bridge", "-j", "fdb", "show", "br", "vnbr200"]).stdout)
     for peer, port in ((c, naming.geneve_name(200, f"host-{c}")) for c in "ac"):
@@ -150,6 +151,26 @@ def test_geneve_ports_are_programmed_like_vxlan_ports(rk: Lab) -> None:
         assert any(e["mac"] == remote_mac and e["ifname"] == port and e.get("state") == "static" for e in fdb), fdb
     neigh = json.loads(b.run(["ip", "-j", "neigh", "show", "dev", "vnbr200", "nud", "permanent"]).stdout)
     assert {n["dst"] for n in neigh} >= {"203.0.113.74", "203.0.113.94", "fd00:b2::a", "fd00:b2::1e"}, neigh
+
+
+def test_a_broadcast_reaches_every_other_host_once_and_is_never_relayed(rk: Lab, tmp_path: Path) -> None:
+    """Three hosts in a full mesh of Geneve ports: a broadcast from c-green reaches a-green and b-green exactly
+    once each, and host-a never relays it on to host-b (isolated ports: the split horizon). Without it the
+    first broadcast circled the mesh for ever and livelocked every host's softirq."""
+    count = 3
+    a, b = rk.host("host-a"), rk.host("host-b")
+    relay = naming.geneve_name(200, "host-b")
+    with capture(rk.endpoint("a-green").cmd, "eth0", tmp_path / "a.pcap", "icmp") as at_a, \
+            capture(rk.endpoint("b-green").cmd, "eth0", tmp_path / "b.pcap", "icmp") as at_b, \
+            capture(a.cmd, relay, tmp_path / "relay.pcap") as relayed:
+        rk.endpoint("c-green").run(["ping", "-n", "-b", "-c", str(count), "-i", "0.3", "-W", "1", "203.0.113.127"],
+                                   check=False, timeout=30)
+    for pcap, host in ((at_a, "a-green"), (at_b, "b-green")):
+        requests = [line for line in read_pcap(pcap) if "203.0.113.127: ICMP echo request" in line]
+        assert len(requests) == count, f"{host} saw {len(requests)} of {count} broadcasts:\n" + "\n".join(requests)
+    relayed_requests = [line for line in read_pcap(relayed) if "203.0.113.127" in line]
+    assert not relayed_requests, relayed_requests
+    assert b.agent_running() and a.agent_running()
 
 
 def test_neighbour_discovery_for_remote_endpoints_stays_on_the_host(rk: Lab, tmp_path: Path) -> None:

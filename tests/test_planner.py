@@ -68,6 +68,7 @@ def simulate(observed: KernelState, ops: list[Op]) -> KernelState:
                 addresses=(link.addresses | op.add_addresses) - op.remove_addresses,
                 learning=op.learning if op.learning is not None else link.learning,
                 neigh_suppress=op.neigh_suppress if op.neigh_suppress is not None else link.neigh_suppress,
+                isolated=op.isolated if op.isolated is not None else link.isolated,
             )
         elif isinstance(op, AddFdb):
             assert op.entry.ifname in links
@@ -238,6 +239,21 @@ def test_geneve_segment_has_a_device_per_peer() -> None:
     assert {link.master for link in geneve} == {"vnbr100"}
     assert all(len(link.name) <= naming.IFNAMSIZ for link in want.links.values())
     assert all(e.dst is None for e in want.fdb if e.ifname.startswith("vngn"))
+    # split horizon: per-peer ports never flood to each other (a full mesh would loop broadcasts forever)
+    assert all(link.isolated is True for link in geneve)
+    assert all(link.isolated is None for link in want.links.values() if link.kind != "geneve")
+
+
+def test_a_geneve_port_that_lost_its_isolation_gets_it_back_and_nothing_else_changes() -> None:
+    raw = state(peers=3)
+    raw["segments"][0]["encapsulation"] = "geneve"
+    want = target(raw)
+    name = next(n for n, link in want.links.items() if link.kind == "geneve")
+    observed = replace(want, links={**want.links, name: replace(want.links[name], isolated=False)})
+    ops = list(plan(want, observed))
+    assert len(ops) == 1 and isinstance(ops[0], UpdateLink), ops
+    assert (ops[0].name, ops[0].isolated, ops[0].learning, ops[0].neigh_suppress) == (name, True, None, None)
+    assert simulate(observed, ops) == want
 
 
 def test_render_gateway_and_mtu() -> None:

@@ -61,6 +61,9 @@ class Link:
     # Bridge port flags; None = not managed. Every port the agent makes has learning off: its FDB is static.
     learning: bool | None = None
     neigh_suppress: bool | None = None  # tunnel ports: ARP/ND for remote endpoints answered locally
+    # Per-peer tunnel ports (Geneve): isolated from each other, the split horizon of a full mesh. Without it a
+    # broadcast from one peer is flooded on to every other peer, and around the mesh forever.
+    isolated: bool | None = None
     # IPv6 on the device itself. Ports are layer 2 only: with IPv6 a VXLAN device would send its own
     # neighbour discovery and MLD (from a random MAC) to every peer. None = not managed / no IPv6 here.
     ipv6: bool | None = None

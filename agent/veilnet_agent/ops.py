@@ -56,6 +56,7 @@ class UpdateLink:
     reason: str
     learning: bool | None = None  # bridge port flags
     neigh_suppress: bool | None = None
+    isolated: bool | None = None
     ipv6: bool | None = None  # IPv6 on the device (net.ipv6.conf.<name>.disable_ipv6)
 
 
@@ -102,7 +103,7 @@ def cost(op: Op) -> int:
             + int(op.mac is not None)
             + len(op.add_addresses)
             + len(op.remove_addresses)
-            + int(op.learning is not None or op.neigh_suppress is not None)  # one brport request for both
+            + int(op.learning is not None or op.neigh_suppress is not None or op.isolated is not None)  # one brport
             + int(op.ipv6 is not None)
         )
     return 1

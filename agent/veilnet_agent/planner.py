@@ -130,11 +130,13 @@ def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | Non
         current.learning != wanted.learning or master is not None) else None
     suppress = wanted.neigh_suppress if wanted.neigh_suppress is not None and (
         current.neigh_suppress != wanted.neigh_suppress or master is not None) else None
+    isolated = wanted.isolated if wanted.isolated is not None and (
+        current.isolated != wanted.isolated or master is not None) else None
     # Only a device that has IPv6 can have it turned off (a kernel without IPv6 reports None).
     ipv6 = wanted.ipv6 if wanted.ipv6 is not None and current.ipv6 is not None and current.ipv6 != wanted.ipv6 \
         else None
     if mtu is None and master is None and mac is None and not add and not remove and learning is None \
-            and suppress is None and ipv6 is None:
+            and suppress is None and isolated is None and ipv6 is None:
         return None
     return UpdateLink(
         name=wanted.name,
@@ -146,6 +148,7 @@ def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | Non
         reason=_diff_fields(current, wanted),
         learning=learning,
         neigh_suppress=suppress,
+        isolated=isolated,
         ipv6=ipv6,
     )
 

@@ -258,6 +258,7 @@ def _geneve(segment: Segment, seg_mtu: int, peer: Peer) -> Link:
         master=naming.bridge_name(segment.vni),
         learning=False,
         neigh_suppress=True,
+        isolated=True,  # split horizon: what comes from one peer is never flooded on to another
         ipv6=False,
         spec=spec,
     )

@@ -103,6 +103,7 @@ class FakeKernel:
                 addresses=(link.addresses | op.add_addresses) - op.remove_addresses,
                 learning=op.learning if op.learning is not None else link.learning,
                 neigh_suppress=op.neigh_suppress if op.neigh_suppress is not None else link.neigh_suppress,
+                isolated=op.isolated if op.isolated is not None else link.isolated,
                 ipv6=op.ipv6 if op.ipv6 is not None else link.ipv6,
             )
         return None

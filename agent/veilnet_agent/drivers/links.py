@@ -119,6 +119,7 @@ def _link_from_record(rec: rtnl.LinkRecord, names: dict[int, str], addresses: se
         learning=rec.learning,
         # Only tunnel ports are meant to suppress; elsewhere the flag is not managed.
         neigh_suppress=rec.neigh_suppress if rec.kind in ("vxlan", "geneve") else None,
+        isolated=rec.isolated if rec.kind == "geneve" else None,  # only per-peer tunnel ports are isolated
         ipv6=rec.ipv6 if rec.kind in PORT_KINDS else None,
     )
 
@@ -351,7 +352,7 @@ class LinksDriver:
             elif isinstance(link.spec, VethSpec):
                 self._configure_endpoint(link.spec, _temp_peer_name(staging.name), link.mtu)
             if link.master:
-                self._port_flags(index, link.learning, link.neigh_suppress)
+                self._port_flags(index, link.learning, link.neigh_suppress, link.isolated)
 
     @contextmanager
     def _rollback_on_failure(self, name: str) -> Iterator[int]:
@@ -438,10 +439,12 @@ class LinksDriver:
             **self._master_kwargs(link),
         )
 
-    def _port_flags(self, index: int, learning: bool | None, neigh_suppress: bool | None) -> None:
-        """Bridge port flags in one request: no learning (the FDB is programmed); tunnels answer ARP/ND locally."""
-        flags = {name: int(flag) for name, flag in (("learning", learning), ("neigh_suppress", neigh_suppress))
-                 if flag is not None}
+    def _port_flags(self, index: int, learning: bool | None, neigh_suppress: bool | None,
+                    isolated: bool | None = None) -> None:
+        """Bridge port flags in one request: no learning (the FDB is programmed); tunnels answer ARP/ND locally;
+        per-peer tunnel ports are isolated from each other (split horizon)."""
+        flags = {name: int(flag) for name, flag in (("learning", learning), ("neigh_suppress", neigh_suppress),
+                                                     ("isolated", isolated)) if flag is not None}
         if flags:
             self._call("brport", "set", index=index, **flags)
 
@@ -539,7 +542,7 @@ class LinksDriver:
             self._call("link", "set", index=index, master=self._index(op.master))
         if op.mac is not None:
             self._call("link", "set", index=index, address=op.mac)
-        self._port_flags(index, op.learning, op.neigh_suppress)
+        self._port_flags(index, op.learning, op.neigh_suppress, op.isolated)
         if op.ipv6 is not None:
             self._sent += 1
             self._set_ipv6(op.name, op.ipv6)

@@ -60,6 +60,7 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_LEARNING = 8
 IFLA_BRPORT_NEIGH_SUPPRESS = 32
+IFLA_BRPORT_ISOLATED = 33
 IFLA_AF_SPEC = 26
 IFLA_INET6_CONF = 2
 DEVCONF_DISABLE_IPV6 = 26  # index in the IFLA_INET6_CONF array of s32
@@ -153,6 +154,7 @@ class LinkRecord(NamedTuple):
     learning: bool | None = None  # bridge ports only (IFLA_BRPORT_LEARNING)
     neigh_suppress: bool | None = None  # bridge ports only
     ipv6: bool | None = None  # IPv6 enabled on the device (None: the kernel has no IPv6)
+    isolated: bool | None = None  # bridge ports only (IFLA_BRPORT_ISOLATED)
 
 
 class AddrRecord(NamedTuple):
@@ -333,7 +335,7 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
     kind = alias = mac = None
     mtu = 0
     master = None
-    learning = neigh_suppress = ipv6 = None
+    learning = neigh_suppress = isolated = ipv6 = None
     for attr, start, stop in _attrs(buf, offset + _IFINFOMSG.size, end):
         if attr == IFLA_IFNAME:
             name = _text(buf, start, stop)
@@ -355,13 +357,15 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
                             learning = bool(buf[pstart])
                         elif port == IFLA_BRPORT_NEIGH_SUPPRESS:
                             neigh_suppress = bool(buf[pstart])
+                        elif port == IFLA_BRPORT_ISOLATED:
+                            isolated = bool(buf[pstart])
         elif attr == IFLA_AF_SPEC:
             for family, fstart, fstop in _attrs(buf, start, stop):
                 if family == AF_INET6:
                     for inet6, cstart, cstop in _attrs(buf, fstart, fstop):
                         if inet6 == IFLA_INET6_CONF and cstop - cstart >= 4 * (DEVCONF_DISABLE_IPV6 + 1):
                             ipv6 = not struct.unpack_from("=i", buf, cstart + 4 * DEVCONF_DISABLE_IPV6)[0]
-    return LinkRecord(index, name, kind, alias, mtu, master, mac, learning, neigh_suppress, ipv6)
+    return LinkRecord(index, name, kind, alias, mtu, master, mac, learning, neigh_suppress, ipv6, isolated)
 
 
 def _parse_addr(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> AddrRecord | None:

@@ -115,6 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--results", type=Path, help="directory for the console log and output (default: a new one)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -123,7 +124,7 @@ def main() -> int:
 
     try:
         result = run([sys.executable, str(Path(__file__).resolve()), "--inner", "--seconds", str(args.seconds),
-                      "--rounds", str(args.rounds)], timeout=3600)
+                      "--rounds", str(args.rounds)], timeout=3600, results=args.results)
     except VmError as exc:
         print(f"vm: FAILED: {exc}", file=sys.stderr)
         return 2

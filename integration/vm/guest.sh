@@ -7,7 +7,8 @@ mount -t proc proc /proc 2>>"$R/output.log" || echo "proc mount failed" >> "$R/o
 mount -t sysfs sysfs /sys 2>>"$R/output.log"
 mount -t devtmpfs devtmpfs /dev 2>>"$R/output.log"
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays the overlay of the host's (writes go to the tmpfs upper layer): a checkout under /tmp, where a
+# fresh clone often lives, must stay visible to the command.
 mkdir -p /dev/pts /dev/shm /run/netns /run/lock
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm

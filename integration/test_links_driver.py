@@ -22,21 +22,13 @@ from typing import Any
 import pytest
 from lab import wait_until
 
-from veilnet_agent import naming
+from veilnet_agent.core import naming
+from veilnet_agent.core.firewall_guard import link_local
+from veilnet_agent.core.objects import FdbEntry, GeneveSpec, KernelState, Link, NeighEntry, VethSpec, VxlanSpec
+from veilnet_agent.core.ops import AddFdb, CreateLink, DeleteLink, DelFdb, DelNeigh, SetNeigh, UpdateLink
+from veilnet_agent.core.planner import plan
 from veilnet_agent.drivers import rtnl
 from veilnet_agent.drivers.links import GENEVE_UNSUPPORTED, LinksDriver
-from veilnet_agent.firewall_guard import link_local
-from veilnet_agent.objects import FdbEntry, GeneveSpec, KernelState, Link, NeighEntry, VethSpec, VxlanSpec
-from veilnet_agent.ops import (
-    AddFdb,
-    CreateLink,
-    DeleteLink,
-    DelFdb,
-    DelNeigh,
-    SetNeigh,
-    UpdateLink,
-)
-from veilnet_agent.planner import plan
 
 pytestmark = pytest.mark.root
 

@@ -36,8 +36,8 @@ from lab import (
     wait_until,
 )
 
-from veilnet_agent import mtu as mtu_math
-from veilnet_agent import naming
+from veilnet_agent.core import mtu as mtu_math
+from veilnet_agent.core import naming
 
 pytestmark = [pytest.mark.root, pytest.mark.realkernel]
 

@@ -1,4 +1,4 @@
-from veilnet_agent import mtu
+from veilnet_agent.core import mtu
 
 
 def test_wireguard_overhead_per_outer_family() -> None:
@@ -26,7 +26,7 @@ def test_segment_mtu_all_combinations() -> None:
 def test_fast_address_text_matches_ipaddress() -> None:
     import ipaddress
 
-    from veilnet_agent import addr
+    from veilnet_agent.core import addr
 
     samples = ["192.0.2.1", "0.0.0.0", "2001:db8::1", "fd00:7::2:1", "2001:db8:0:0:1:0:0:1", "2001:0:0:1::",
                "::", "::1", "fe80::1:0:0:0", "2001:db8:1:2:3:4:5:6", "2001:db8::a:0:0:0:1"]

@@ -12,7 +12,7 @@ batch leaves the previous ruleset exactly as it was.
 - :meth:`FirewallDriver.apply_full` replaces both tables whole:
   ``add table; delete table; <structure>; add element ...`` (``flush table``
   would keep set elements and named counters). This one is sent as nft text
-  rendered by :mod:`veilnet_agent.nft_text` from the compiled JSON, because
+  rendered by :mod:`veilnet_agent.core.nft_text` from the compiled JSON, because
   nft 1.0.6 cannot declare the anti-spoofing sets (``typeof`` with raw payload
   fields) in JSON; every string in it is checked against a strict pattern.
 - :meth:`FirewallDriver.apply_elements` changes the managed sets' elements only
@@ -66,9 +66,9 @@ from typing import Any
 
 import nftables
 
-from .. import nft_text
-from ..errors import DriverError
-from ..firewall_compiler import (
+from ..core import nft_text
+from ..core.errors import DriverError
+from ..core.firewall_compiler import (
     FINGERPRINT_PREFIX,
     TABLE_FAMILY,
     TABLE_NAME,
@@ -79,7 +79,7 @@ from ..firewall_compiler import (
     set_tables,
     structure_shape,
 )
-from ..firewall_guard import GUARD_PREFIX, Mac, Name
+from ..core.firewall_guard import GUARD_PREFIX, Mac, Name
 from .rtnl import netns_entered
 
 ALLOW_PREFIX = "allow"

@@ -28,20 +28,10 @@ from typing import Any, cast
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .. import naming
-from ..errors import DriverError, UnsupportedError
-from ..objects import FdbEntry, GeneveSpec, Link, LinkKind, NeighEntry, VethSpec, VxlanSpec
-from ..ops import (
-    AddFdb,
-    CreateLink,
-    DeleteLink,
-    DelFdb,
-    DelNeigh,
-    EntryOp,
-    LinkOp,
-    SetNeigh,
-    UpdateLink,
-)
+from ..core import naming
+from ..core.errors import DriverError, UnsupportedError
+from ..core.objects import FdbEntry, GeneveSpec, Link, LinkKind, NeighEntry, VethSpec, VxlanSpec
+from ..core.ops import AddFdb, CreateLink, DeleteLink, DelFdb, DelNeigh, EntryOp, LinkOp, SetNeigh, UpdateLink
 from . import rtnl
 from .base import ApplyResult
 

@@ -35,11 +35,11 @@ from typing import Any, Literal
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import DriverError, UnsupportedError, VeilnetError
+from ..core.errors import DriverError, UnsupportedError, VeilnetError
+from ..core.naming import OWNER_MARK, is_owned_alias
+from ..core.objects import WgInterface, WgPeer
+from ..core.ops import EnsureWgInterface, SyncWgPeers, WgOp
 from ..logs import get_logger
-from ..naming import OWNER_MARK, is_owned_alias
-from ..objects import WgInterface, WgPeer
-from ..ops import EnsureWgInterface, SyncWgPeers, WgOp
 from .base import ApplyResult
 
 log = get_logger(component="wireguard")  # module-level helpers; the driver binds its node and interface

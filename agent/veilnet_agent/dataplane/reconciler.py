@@ -28,19 +28,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .config import AgentConfig
-from .describe import op_fields, op_subject
-from .drivers.base import ApplyResult
-from .drivers.links import LinksObservation
-from .drivers.wireguard import WgObservation
-from .errors import DriverError, ValidationError
+from ..core.config import AgentConfig
+from ..core.describe import op_fields, op_subject
+from ..core.errors import DriverError, ValidationError
+from ..core.model import NodeState
+from ..core.objects import KernelState
+from ..core.ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
+from ..core.planner import plan
+from ..core.render import NodeContext, Rendered, render_all, render_peer_changes
+from ..drivers.base import ApplyResult
+from ..drivers.links import LinksObservation
+from ..drivers.wireguard import WgObservation
+from ..logs import get_logger
 from .firewall_manager import FirewallManager, FirewallOutcome
-from .logs import get_logger
-from .model import NodeState
-from .objects import KernelState
-from .ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
-from .planner import plan
-from .render import NodeContext, Rendered, render_all, render_peer_changes
 
 PER_OP_LOG_LIMIT = 200
 

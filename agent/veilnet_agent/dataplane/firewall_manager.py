@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .config import FirewallConfig
-from .drivers.firewall import ObservedFirewall
-from .firewall_compiler import (
+from ..core.config import FirewallConfig
+from ..core.firewall_compiler import (
     AllowElements,
     CompiledFirewall,
     Element,
@@ -24,9 +23,10 @@ from .firewall_compiler import (
     Shape,
     compile_table,
 )
-from .firewall_guard import GuardElements
-from .logs import get_logger
-from .model import NodeState
+from ..core.firewall_guard import GuardElements
+from ..core.model import NodeState
+from ..drivers.firewall import ObservedFirewall
+from ..logs import get_logger
 
 
 class FirewallPort(Protocol):

@@ -24,8 +24,9 @@ import pytest
 from veilnet_agent.core.errors import DriverError
 from veilnet_agent.core.firewall_compiler import FINGERPRINT_PREFIX, CompiledFirewall, Element, compile_firewall
 from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.core.objects import ObservedFirewall
 from veilnet_agent.drivers import rtnl
-from veilnet_agent.drivers.firewall import FirewallDriver, ObservedFirewall
+from veilnet_agent.drivers.firewall import FirewallDriver
 
 pytestmark = pytest.mark.root
 

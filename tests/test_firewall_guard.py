@@ -19,9 +19,9 @@ from veilnet_agent.core.errors import ValidationError
 from veilnet_agent.core.firewall_compiler import compile_firewall, set_tables
 from veilnet_agent.core.firewall_guard import GuardElements, Name, link_local, mac_int
 from veilnet_agent.core.model import parse_node_state, update_peers
+from veilnet_agent.core.objects import LoggedPacket
 from veilnet_agent.dataplane.spoof_events import SpoofExplainer
 from veilnet_agent.drivers import nflog
-from veilnet_agent.drivers.nflog import LoggedPacket
 
 A_WEB = naming.endpoint_host_name("a-web")
 

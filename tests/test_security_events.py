@@ -13,10 +13,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from veilnet_agent.core.objects import LoggedPacket
 from veilnet_agent.dataplane import security_events
 from veilnet_agent.dataplane.security_events import SecurityEventSink, classify, run_reader_thread
 from veilnet_agent.drivers import nflog
-from veilnet_agent.drivers.nflog import LoggedPacket
 
 
 class FakeClock:

@@ -17,7 +17,20 @@ from typing import Any
 
 from .core.errors import DriverError
 from .core.firewall_compiler import CompiledFirewall, Element
-from .core.objects import FdbEntry, KernelState, Link, NeighEntry, VethSpec, WgInterface, WgPeer
+from .core.objects import (
+    ABSENT,
+    ApplyResult,
+    FdbEntry,
+    KernelState,
+    Link,
+    LinksObservation,
+    NeighEntry,
+    ObservedFirewall,
+    VethSpec,
+    WgInterface,
+    WgObservation,
+    WgPeer,
+)
 from .core.ops import (
     AddFdb,
     CreateLink,
@@ -31,10 +44,6 @@ from .core.ops import (
     SetNeigh,
     WgOp,
 )
-from .drivers.base import ApplyResult
-from .drivers.firewall import ABSENT, ObservedFirewall
-from .drivers.links import LinksObservation
-from .drivers.wireguard import WgObservation
 
 FAKE_PUBLIC_KEY = "F" * 43 + "="
 

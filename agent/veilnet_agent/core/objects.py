@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Generic, Literal, NamedTuple, TypeVar
+
+from .firewall_compiler import Element, Shape
 
 LinkKind = Literal["bridge", "vxlan", "geneve", "veth"]
 
@@ -115,3 +117,87 @@ class KernelState:
     neigh: frozenset[NeighEntry] = frozenset()
     wg: WgInterface | None = None
     wg_peers: Mapping[str, WgPeer] = field(default_factory=dict)  # by public key
+
+
+# --- what the drivers report -------------------------------------------------------
+# The drivers' observation and result types live here, with the objects they carry,
+# so that the dataplane and the fakes use them without importing a driver (and with
+# it pyroute2 or nftables).
+
+OpT = TypeVar("OpT")
+
+
+@dataclass
+class ApplyResult(Generic[OpT]):
+    """Ops that took effect and ops that failed with the kernel's reason.
+
+    A driver keeps going after a failed op when later ops do not depend on it;
+    the reconciler re-reads the kernel after any failure.
+    """
+
+    applied: list[OpT] = field(default_factory=list)
+    failed: list[tuple[OpT, str]] = field(default_factory=list)
+    requests: int = 0  # kernel requests made (netlink messages, wg peer changes)
+
+    def merge(self, other: ApplyResult[OpT]) -> None:
+        self.applied.extend(other.applied)
+        self.failed.extend(other.failed)
+        self.requests += other.requests
+
+
+@dataclass(frozen=True)
+class LinksObservation:
+    links: dict[str, Link]
+    fdb: frozenset[FdbEntry]
+    neigh: frozenset[NeighEntry]
+
+
+ObservedBackend = Literal["kernel", "userspace"]
+
+
+@dataclass
+class WgObservation:
+    """The interface and peers as the kernel (or wireguard-go) reports them."""
+
+    interface: WgInterface | None
+    peers: dict[str, WgPeer] = field(default_factory=dict)  # by public key
+    backend: ObservedBackend | None = None
+    handshakes: dict[str, int] = field(default_factory=dict)  # epoch seconds, 0 = never
+
+
+@dataclass(frozen=True)
+class ObservedFirewall:
+    present: bool
+    fingerprint: str | None  # the table's comment, else the fingerprint rule comment
+    elements: Mapping[str, frozenset[Element]]  # every allow* map/set of our table, normalised
+    shape: Shape = frozenset()  # chains with rule counts, sets, maps, counters (see structure_shape)
+
+
+ABSENT = ObservedFirewall(present=False, fingerprint=None, elements={})
+
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ETH_P_ARP = 0x0806
+
+
+@dataclass(frozen=True)
+class LoggedPacket:
+    """One packet logged to the group, as far as its copied bytes tell."""
+
+    prefix: str
+    family: int  # 4 or 6
+    src: str
+    dst: str
+    protocol: int  # upper-layer protocol (IPv6: after extension headers)
+    sport: int | None
+    dport: int | None
+    icmp_type: int | None
+    indev: int | None
+    outdev: int | None
+    icmp_code: int | None = None
+    ethertype: int | None = None  # bridge-family packets only
+    src_mac: str | None = None  # the frame's source MAC, when the kernel reports it
+    arp_sha: str | None = None  # ARP: the sender hardware address it claims (src/dst are its sender/target IPs)
+    physindev: int | None = None  # bridged packets: the ifindex of the bridge port it came in on
+    transport: bytes = field(default=b"", compare=False, repr=False)  # the copied bytes from the L4 header on

@@ -25,7 +25,7 @@ from ..core.firewall_compiler import (
 )
 from ..core.firewall_guard import GuardElements
 from ..core.model import NodeState
-from ..drivers.firewall import ObservedFirewall
+from ..core.objects import ObservedFirewall
 from ..logs import get_logger
 
 

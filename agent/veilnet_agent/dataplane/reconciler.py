@@ -32,13 +32,10 @@ from ..core.config import AgentConfig
 from ..core.describe import op_fields, op_subject
 from ..core.errors import DriverError, ValidationError
 from ..core.model import NodeState
-from ..core.objects import KernelState
+from ..core.objects import ApplyResult, KernelState, LinksObservation, WgObservation
 from ..core.ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
 from ..core.planner import plan
 from ..core.render import NodeContext, Rendered, render_all, render_peer_changes
-from ..drivers.base import ApplyResult
-from ..drivers.links import LinksObservation
-from ..drivers.wireguard import WgObservation
 from ..logs import get_logger
 from .firewall_manager import FirewallManager, FirewallOutcome
 

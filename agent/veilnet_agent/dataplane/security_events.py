@@ -39,7 +39,7 @@ from typing import Protocol
 
 import structlog
 
-from ..drivers.nflog import LoggedPacket
+from ..core.objects import LoggedPacket
 
 DROP = "drop"
 RATE_LIMIT = "rate_limit"

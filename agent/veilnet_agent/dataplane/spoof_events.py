@@ -28,7 +28,7 @@ from ..core.firewall_guard import (
     link_local,
 )
 from ..core.model import LocalEndpoint, NodeState, Peer, Segment
-from ..drivers.nflog import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, LoggedPacket
+from ..core.objects import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, LoggedPacket
 
 SPOOF = "spoof"
 PEER_SPOOF = "peer_spoof"

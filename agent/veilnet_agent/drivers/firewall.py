@@ -61,7 +61,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import nftables
@@ -75,11 +74,11 @@ from ..core.firewall_compiler import (
     TABLES,
     CompiledFirewall,
     Element,
-    Shape,
     set_tables,
     structure_shape,
 )
 from ..core.firewall_guard import GUARD_PREFIX, Mac, Name
+from ..core.objects import ABSENT, ObservedFirewall
 from .rtnl import netns_entered
 
 ALLOW_PREFIX = "allow"
@@ -103,15 +102,6 @@ _FULL_LEN = {"ipv4_addr": 32, "ipv6_addr": 128}
 KeyPart = str | int
 
 
-@dataclass(frozen=True)
-class ObservedFirewall:
-    present: bool
-    fingerprint: str | None  # the table's comment, else the fingerprint rule comment
-    elements: Mapping[str, frozenset[Element]]  # every allow* map/set of our table, normalised
-    shape: Shape = frozenset()  # chains with rule counts, sets, maps, counters (see structure_shape)
-
-
-ABSENT = ObservedFirewall(present=False, fingerprint=None, elements={})
 
 
 # --- encoding: Element -> nft JSON -------------------------------------------------

@@ -22,7 +22,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, cast
 
 from pyroute2 import IPRoute
@@ -30,10 +30,19 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..core import naming
 from ..core.errors import DriverError, UnsupportedError
-from ..core.objects import FdbEntry, GeneveSpec, Link, LinkKind, NeighEntry, VethSpec, VxlanSpec
+from ..core.objects import (
+    ApplyResult,
+    FdbEntry,
+    GeneveSpec,
+    Link,
+    LinkKind,
+    LinksObservation,
+    NeighEntry,
+    VethSpec,
+    VxlanSpec,
+)
 from ..core.ops import AddFdb, CreateLink, DeleteLink, DelFdb, DelNeigh, EntryOp, LinkOp, SetNeigh, UpdateLink
 from . import rtnl
-from .base import ApplyResult
 
 KINDS: frozenset[str] = frozenset({"bridge", "vxlan", "geneve", "veth"})
 PORT_KINDS: frozenset[str] = frozenset({"vxlan", "geneve", "veth"})
@@ -43,13 +52,6 @@ GENEVE_UNSUPPORTED = "geneve is not supported by this kernel (module missing); u
 LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/10")
 
 AnyOp = LinkOp | EntryOp
-
-
-@dataclass(frozen=True)
-class LinksObservation:
-    links: dict[str, Link]
-    fdb: frozenset[FdbEntry]
-    neigh: frozenset[NeighEntry]
 
 
 class OpError(Exception):

@@ -36,9 +36,9 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from types import TracebackType
 
+from ..core.objects import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, LoggedPacket
 from .rtnl import netns_entered
 
 NETLINK_NETFILTER = 12
@@ -81,9 +81,6 @@ NFULA_VLAN = 20  # nested: the frame's VLAN tag, when the kernel carries it outs
 NFULA_VLAN_PROTO = 1
 
 NLA_TYPE_MASK = 0x3FFF
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_ARP = 0x0806
 NFPROTO_BRIDGE = 7
 
 IPPROTO_ICMP = 1
@@ -103,28 +100,6 @@ _PORTS = struct.Struct("!HH")
 _RECV_SIZE = 1 << 18
 _ACK_TIMEOUT = 5.0  # seconds
 _MAX_DATAGRAMS_PER_READ = 256  # so a flood cannot keep read() from returning
-
-
-@dataclass(frozen=True)
-class LoggedPacket:
-    """One packet logged to the group, as far as its copied bytes tell."""
-
-    prefix: str
-    family: int  # 4 or 6
-    src: str
-    dst: str
-    protocol: int  # upper-layer protocol (IPv6: after extension headers)
-    sport: int | None
-    dport: int | None
-    icmp_type: int | None
-    indev: int | None
-    outdev: int | None
-    icmp_code: int | None = None
-    ethertype: int | None = None  # bridge-family packets only
-    src_mac: str | None = None  # the frame's source MAC, when the kernel reports it
-    arp_sha: str | None = None  # ARP: the sender hardware address it claims (src/dst are its sender/target IPs)
-    physindev: int | None = None  # bridged packets: the ifindex of the bridge port it came in on
-    transport: bytes = field(default=b"", compare=False, repr=False)  # the copied bytes from the L4 header on
 
 
 def _mac(raw: bytes) -> str:

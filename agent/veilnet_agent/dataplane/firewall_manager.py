@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ..core.config import FirewallConfig
 from ..core.firewall_compiler import (
@@ -27,14 +27,7 @@ from ..core.firewall_guard import GuardElements
 from ..core.model import NodeState
 from ..core.objects import ObservedFirewall
 from ..logs import get_logger
-
-
-class FirewallPort(Protocol):
-    def observe(self) -> ObservedFirewall: ...
-    def apply_full(self, compiled: CompiledFirewall) -> int: ...
-    def apply_elements(
-        self, add: Mapping[str, frozenset[Element]], delete: Mapping[str, frozenset[Element]]
-    ) -> int: ...
+from .ports import FirewallPort
 
 
 @dataclass

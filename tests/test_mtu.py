@@ -1,11 +1,12 @@
 from veilnet_agent.core import mtu
+from veilnet_agent.core.encryption import WIREGUARD
 
 
 def test_wireguard_overhead_per_outer_family() -> None:
-    assert mtu.wireguard_overhead(4) == 60  # 20 IPv4 + 8 UDP + 32 WireGuard
-    assert mtu.wireguard_overhead(6) == 80  # 40 IPv6 + 8 UDP + 32 WireGuard
-    assert mtu.wireguard_mtu(1500, 4) == 1440
-    assert mtu.wireguard_mtu(1500, 6) == 1420  # wg-quick's default
+    assert WIREGUARD.overhead(4) == 60  # 20 IPv4 + 8 UDP + 32 WireGuard
+    assert WIREGUARD.overhead(6) == 80  # 40 IPv6 + 8 UDP + 32 WireGuard
+    assert WIREGUARD.interface_mtu(1500, 4) == 1440
+    assert WIREGUARD.interface_mtu(1500, 6) == 1420  # wg-quick's default
 
 
 def test_encapsulation_overhead() -> None:
@@ -16,11 +17,11 @@ def test_encapsulation_overhead() -> None:
 
 
 def test_segment_mtu_all_combinations() -> None:
-    assert mtu.segment_mtu(1500, 4, "vxlan", 4) == 1390
-    assert mtu.segment_mtu(1500, 4, "vxlan", 6) == 1370
-    assert mtu.segment_mtu(1500, 6, "vxlan", 4) == 1370
-    assert mtu.segment_mtu(1500, 6, "geneve", 6) == 1350
-    assert mtu.segment_mtu(9000, 4, "vxlan", 4) == 8890
+    assert mtu.segment_mtu(1500, 4, "vxlan", 4, WIREGUARD) == 1390
+    assert mtu.segment_mtu(1500, 4, "vxlan", 6, WIREGUARD) == 1370
+    assert mtu.segment_mtu(1500, 6, "vxlan", 4, WIREGUARD) == 1370
+    assert mtu.segment_mtu(1500, 6, "geneve", 6, WIREGUARD) == 1350
+    assert mtu.segment_mtu(9000, 4, "vxlan", 4, WIREGUARD) == 8890
 
 
 def test_fast_address_text_matches_ipaddress() -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, NamedTuple, TypeVar
 
-from .firewall_compiler import Element, Shape
+if TYPE_CHECKING:  # only in annotations: the compiler imports the encryptions, which import these objects
+    from .firewall_compiler import Element, Shape
 
 LinkKind = Literal["bridge", "vxlan", "geneve", "veth"]
 
@@ -201,3 +202,21 @@ class LoggedPacket:
     arp_sha: str | None = None  # ARP: the sender hardware address it claims (src/dst are its sender/target IPs)
     physindev: int | None = None  # bridged packets: the ifindex of the bridge port it came in on
     transport: bytes = field(default=b"", compare=False, repr=False)  # the copied bytes from the L4 header on
+
+
+def diff_fields(current: object, wanted: object) -> str:
+    """What differs between two values of one dataclass, for an op's reason; keys are never shown."""
+    fields = getattr(wanted, "__dataclass_fields__", {})
+    changes = []
+    for field_name, spec in fields.items():
+        if not spec.compare:
+            continue
+        old, new = getattr(current, field_name), getattr(wanted, field_name)
+        if old != new:
+            if isinstance(old, frozenset) and isinstance(new, frozenset):
+                changes.append(f"{field_name} +{sorted(new - old)} -{sorted(old - new)}")
+            elif field_name in ("public_key",):
+                changes.append(f"{field_name} changed")
+            else:
+                changes.append(f"{field_name} {old!r} -> {new!r}")
+    return ", ".join(changes) or "changed"

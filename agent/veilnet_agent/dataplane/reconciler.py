@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import AgentConfig
 from ..core.describe import op_fields, op_subject
+from ..core.encryption import WireGuardHost
 from ..core.errors import DriverError, ValidationError
 from ..core.model import NodeState
 from ..core.objects import ApplyResult, KernelState
@@ -185,8 +186,7 @@ class Reconciler:
     def _context(self) -> NodeContext:
         underlay = self.config.underlay
         return NodeContext(
-            public_key=self.public_key,
-            listen_port=self.config.wireguard.listen_port,
+            encryption=WireGuardHost(public_key=self.public_key, listen_port=self.config.wireguard.listen_port),
             underlay_mtu=underlay.mtu if underlay.mtu is not None else self._underlay_mtu(underlay.interface),
             underlay_family=underlay.family,
         )

@@ -43,7 +43,7 @@ from grpc import aio
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import state_pb2 as spb
-from veilnet_agent import pki, wire
+from veilnet_agent.control import pki, wire
 
 MODES = ("garbage", "invalid-state", "out-of-order", "silent-then-close")
 GARBAGE = b"\xff\xff\xff\xff garbage"

@@ -41,7 +41,7 @@ from lab import (
     wait_until,
 )
 
-from veilnet_agent.firewall_guard import link_local
+from veilnet_agent.core.firewall_guard import link_local
 
 pytestmark = pytest.mark.root
 

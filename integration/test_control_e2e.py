@@ -39,7 +39,7 @@ from lab import (
 )
 from test_firewall_e2e import connect, start_server, stop_process
 
-from veilnet_agent.enrollment import IdentityFiles
+from veilnet_agent.control.enrollment import IdentityFiles
 
 pytestmark = pytest.mark.root
 

@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ctl import REPO_ROOT, ControllerProcess, _bin, stop_process_group
 
 from veilnet.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
-from veilnet_agent import pki
-from veilnet_agent.enrollment import IdentityFiles, renew
+from veilnet_agent.control import pki
+from veilnet_agent.control.enrollment import IdentityFiles, renew
 from veilnet_controller import authz
 from veilnet_controller.ca import CertificateAuthority
 from veilnet_controller.store import SQLiteStore, entry_hash, parse_time, token_hash

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 
-from veilnet_agent.drivers import rtnl
-from veilnet_agent.drivers.firewall import FirewallDriver, ObservedFirewall
-from veilnet_agent.errors import DriverError
-from veilnet_agent.firewall_compiler import FINGERPRINT_PREFIX, CompiledFirewall, Element, compile_firewall
-from veilnet_agent.model import parse_node_state
+from veilnet_agent.core.errors import DriverError
+from veilnet_agent.core.firewall_compiler import FINGERPRINT_PREFIX, CompiledFirewall, Element, compile_firewall
+from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.core.objects import ObservedFirewall
+from veilnet_agent.drivers import netlink
+from veilnet_agent.drivers.firewall import FirewallDriver
 
 pytestmark = pytest.mark.root
 
@@ -532,7 +533,7 @@ EP1, EP2 = "203.0.113.10", "203.0.113.20"
 @contextmanager
 def tcp_servers(ns: str, address: str, ports: tuple[int, ...]) -> Iterator[None]:
     """Listening sockets in ``ns`` that accept and close connections, in threads."""
-    with rtnl.netns_entered(ns):
+    with netlink.netns_entered(ns):
         socks = [socket.create_server((address, port)) for port in ports]
     stop = threading.Event()
 
@@ -561,7 +562,7 @@ def tcp_servers(ns: str, address: str, ports: tuple[int, ...]) -> Iterator[None]
 
 
 def tcp_connects(ns: str, address: str, port: int, timeout: float = 1.0) -> bool:
-    with rtnl.netns_entered(ns):
+    with netlink.netns_entered(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)

@@ -22,21 +22,13 @@ from typing import Any
 import pytest
 from lab import wait_until
 
-from veilnet_agent import naming
-from veilnet_agent.drivers import rtnl
+from veilnet_agent.core import naming
+from veilnet_agent.core.firewall_guard import link_local
+from veilnet_agent.core.objects import FdbEntry, GeneveSpec, KernelState, Link, NeighEntry, VethSpec, VxlanSpec
+from veilnet_agent.core.ops import AddFdb, CreateLink, DeleteLink, DelFdb, DelNeigh, SetNeigh, UpdateLink
+from veilnet_agent.core.planner import plan
+from veilnet_agent.drivers import netlink, rtnl
 from veilnet_agent.drivers.links import GENEVE_UNSUPPORTED, LinksDriver
-from veilnet_agent.firewall_guard import link_local
-from veilnet_agent.objects import FdbEntry, GeneveSpec, KernelState, Link, NeighEntry, VethSpec, VxlanSpec
-from veilnet_agent.ops import (
-    AddFdb,
-    CreateLink,
-    DeleteLink,
-    DelFdb,
-    DelNeigh,
-    SetNeigh,
-    UpdateLink,
-)
-from veilnet_agent.planner import plan
 
 pytestmark = pytest.mark.root
 
@@ -563,7 +555,7 @@ class TunnelSniffer:
     """Counts ARP/NS for given targets inside VXLAN packets on an underlay interface."""
 
     def __init__(self, netns: str, ifname: str, arp_targets: set[str], ns_targets: set[str]):
-        with rtnl.netns_entered(netns):
+        with netlink.netns_entered(netns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         self.sock.bind((ifname, 0))
         self.sock.settimeout(0.2)

@@ -26,9 +26,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from veilnet_agent.drivers.nflog import LoggedPacket, NflogReader
-from veilnet_agent.drivers.rtnl import netns_entered
-from veilnet_agent.security_events import SecurityEventSink, run_reader_thread
+from veilnet_agent.core.objects import LoggedPacket
+from veilnet_agent.dataplane.security_events import SecurityEventSink, run_reader_thread
+from veilnet_agent.drivers.netlink import netns_entered
+from veilnet_agent.drivers.nflog import NflogReader
 
 pytestmark = pytest.mark.root
 

@@ -36,8 +36,9 @@ from lab import (
     wait_until,
 )
 
-from veilnet_agent import mtu as mtu_math
-from veilnet_agent import naming
+from veilnet_agent.core import mtu as mtu_math
+from veilnet_agent.core import naming
+from veilnet_agent.core.encryption import WIREGUARD
 
 pytestmark = [pytest.mark.root, pytest.mark.realkernel]
 
@@ -365,7 +366,7 @@ def test_df_ping_at_the_computed_mtu_passes_and_one_byte_more_is_refused(
     fragments anything on the way."""
     lab, v6 = mtu_lab
     family = 6 if v6 else 4
-    expected = mtu_math.segment_mtu(1500, family, encap, family)  # type: ignore[arg-type]
+    expected = mtu_math.segment_mtu(1500, family, encap, family, WIREGUARD)  # type: ignore[arg-type]
     seg = "vx" if encap == "vxlan" else "gn"
     src, dst = ("a", "b") if backend == "kernel" else ("c", "d")
     eth0 = json.loads(lab.endpoint(f"{src}-{seg}").run(["ip", "-j", "link", "show", "eth0"]).stdout)[0]

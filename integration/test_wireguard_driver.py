@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from veilnet_agent.naming import OWNER_MARK, WG_IFNAME
+from veilnet_agent.core.naming import OWNER_MARK, WG_IFNAME
 
 pytestmark = pytest.mark.root
 

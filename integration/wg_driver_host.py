@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from veilnet_agent import logs
-from veilnet_agent.drivers.wireguard import WgObservation, WireGuardDriver
-from veilnet_agent.objects import WgInterface, WgPeer
-from veilnet_agent.ops import EnsureWgInterface, SyncWgPeers, WgOp
+from veilnet_agent.core.objects import WgInterface, WgObservation, WgPeer
+from veilnet_agent.core.ops import EnsureWgInterface, SyncWgPeers, WgOp
+from veilnet_agent.drivers.wireguard import WireGuardDriver
 
 
 def interface_from_json(data: dict[str, Any]) -> WgInterface:

@@ -113,7 +113,7 @@ def _atheris(name: str, libfuzzer: list[str]) -> int:
         print("scripts/fuzz --atheris: install atheris first (.venv/bin/pip install atheris)", file=sys.stderr)
         return 2
     with atheris.instrument_imports(include=["veilnet_agent", "veilnet_controller"]):
-        import veilnet_agent.loading  # noqa: F401 - imported here to be instrumented
+        import veilnet_agent.core.loading  # noqa: F401 - imported here to be instrumented
         import veilnet_controller.spec  # noqa: F401
         targets = _targets()
     if name not in targets:

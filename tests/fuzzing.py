@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from veilnet.v1 import state_pb2 as spb
-from veilnet_agent import wire
+from veilnet_agent.control import wire
 
 PROFILE = os.environ.get("VEILNET_FUZZ", "ci")
 COUNTS: Counter[str] = Counter()
@@ -414,7 +414,7 @@ def delta_messages(draw: st.DrawFn) -> spb.StateDelta:
 
 def check_refusal(exc: BaseException) -> None:
     """What every refusal must be: the project's ValidationError, bounded, one printable line, encodable."""
-    from veilnet_agent.errors import MAX_FIELD, MAX_REASON, MAX_SHOWN, ValidationError
+    from veilnet_agent.core.errors import MAX_FIELD, MAX_REASON, MAX_SHOWN, ValidationError
 
     assert isinstance(exc, ValidationError), repr(exc)
     text = str(exc)

@@ -18,10 +18,10 @@ from test_controlled import agent, send_update
 from veilnet.v1 import agent_pb2 as lpb
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import state_pb2 as spb
-from veilnet_agent import control as control_module
-from veilnet_agent import local_api
-from veilnet_agent.control import ControlClient
-from veilnet_agent.local_api import Caller, LocalApiError, LocalRequest
+from veilnet_agent.control import client as control_module
+from veilnet_agent.control import local_api
+from veilnet_agent.control.client import ControlClient
+from veilnet_agent.control.local_api import Caller, LocalApiError, LocalRequest
 from veilnet_agent.testing import FakeKernel
 
 

@@ -22,10 +22,10 @@ import yaml
 from factories import state, wg_key
 
 from veilnet.v1 import state_pb2
-from veilnet_agent import wire
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import parse_node_state, update_peers
-from veilnet_agent.statefile import StateFileTracker, load_state_file
+from veilnet_agent.app.statefile import StateFileTracker, load_state_file
+from veilnet_agent.control import wire
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import parse_node_state, update_peers
 from veilnet_controller.compile import compile_nodes
 from veilnet_controller.spec import (
     AttachedClaims,
@@ -357,7 +357,7 @@ def _set(data: Any, path: str, value: object) -> None:
 def test_key_reader_accepts_exactly_the_canonical_encodings() -> None:
     import binascii
 
-    from veilnet_agent import validate as v
+    from veilnet_agent.core import validate as v
 
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
     for prefix in (wg_key("a")[:42], wg_key("b")[:42], "A" * 42, "/" * 42):

@@ -26,10 +26,10 @@ from factories import state
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from veilnet_agent import validate as v
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.policy import parse_policy
+from veilnet_agent.core import validate as v
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.core.policy import parse_policy
 from veilnet_controller.spec import AttachedClaims, load_spec_text, parse_attached_endpoint, parse_spec
 
 EXAMPLE: dict[str, Any] = load_spec_text(  # type: ignore[assignment]
@@ -288,7 +288,7 @@ NAMES: list[tuple[Callable[[object, str], Any], str, bool]] = [
 
 
 def parse_label(value: object) -> str:
-    from veilnet_agent.policy import label_text
+    from veilnet_agent.core.policy import label_text
 
     return label_text(value, "f")
 

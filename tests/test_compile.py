@@ -14,9 +14,9 @@ from factories import wg_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.wire import Delta, apply_delta, diff_states
+from veilnet_agent.control.wire import Delta, apply_delta, diff_states
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import parse_node_state
 from veilnet_controller.compile import compile_nodes
 from veilnet_controller.spec import EndpointSpec, NetworkSpec, load_spec_text, parse_spec, parse_spec_text
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from veilnet_agent.config import load_config, parse_config
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.core.config import load_config, parse_config
+from veilnet_agent.core.errors import ValidationError
 
 GOOD = """
 node_name = "host-a"
@@ -90,8 +90,8 @@ def test_socket_group_with_a_trailing_newline_is_refused() -> None:
     """`re.match` with `$` accepted "veilnet\\n", and grp.getgrnam then raised KeyError at start."""
     import pytest as _pytest
 
-    from veilnet_agent.config import parse_config
-    from veilnet_agent.errors import ValidationError
+    from veilnet_agent.core.config import parse_config
+    from veilnet_agent.core.errors import ValidationError
 
     with _pytest.raises(ValidationError) as info:
         parse_config({"node_name": "host-a", "underlay": {"interface": "ul0", "address": "192.0.2.1"},

@@ -11,14 +11,14 @@ import pytest
 from factories import state
 
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import wire
-from veilnet_agent.config import parse_config
-from veilnet_agent.control import StreamEvent
-from veilnet_agent.controlled import ControlledDaemon
-from veilnet_agent.firewall_manager import FirewallManager
-from veilnet_agent.local_api import LocalApiError
-from veilnet_agent.naming import endpoint_host_name
-from veilnet_agent.reconciler import Reconciler
+from veilnet_agent.app.controlled import ControlledDaemon
+from veilnet_agent.control import wire
+from veilnet_agent.control.client import StreamEvent
+from veilnet_agent.control.local_api import LocalApiError
+from veilnet_agent.core.config import parse_config
+from veilnet_agent.core.naming import endpoint_host_name
+from veilnet_agent.dataplane.firewall_manager import FirewallManager
+from veilnet_agent.dataplane.reconciler import Reconciler
 from veilnet_agent.testing import FakeKernel
 
 

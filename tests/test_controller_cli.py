@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from veilnet_agent import pki
+from veilnet_agent.control import pki
 from veilnet_controller import cli
 from veilnet_controller.audit import open_signed_store
 

@@ -9,12 +9,14 @@ from factories import peer, state, wg_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import parse_node_state, update_peers
-from veilnet_agent.render import NodeContext, render_all, render_peer_changes
-from veilnet_agent.statefile import StateFileTracker
+from veilnet_agent.app.statefile import StateFileTracker
+from veilnet_agent.core.encryption import WireGuardHost
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import parse_node_state, update_peers
+from veilnet_agent.core.render import NodeContext, render_all, render_peer_changes
 
-CTX = NodeContext(public_key="A" * 43 + "=", listen_port=51820, underlay_mtu=1500, underlay_family=4)
+CTX = NodeContext(encryption=WireGuardHost(public_key="A" * 43 + "=", listen_port=51820), underlay_mtu=1500,
+                  underlay_family=4)
 
 
 def test_update_peers_equals_full_parse() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from veilnet_agent.enrollment import check_ca_hash, resolve_control_endpoint, split_endpoint
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.control.enrollment import check_ca_hash, resolve_control_endpoint, split_endpoint
+from veilnet_agent.core.errors import ValidationError
 from veilnet_controller.cli import _default_advertise, parse_duration
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from veilnet_agent.errors import MAX_FIELD, MAX_SHOWN, ShownValue, ValidationError, shown
+from veilnet_agent.core.errors import MAX_FIELD, MAX_SHOWN, ShownValue, ValidationError, shown
 
 HUGE = 1 << 20_000  # 6,021 digits: str() and repr() raise ValueError beyond sys.get_int_max_str_digits()
 

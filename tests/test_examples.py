@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from veilnet_agent.config import load_config
-from veilnet_agent.firewall_compiler import compile_firewall
-from veilnet_agent.statefile import load_state_file
+from veilnet_agent.app.statefile import load_state_file
+from veilnet_agent.core.config import load_config
+from veilnet_agent.core.firewall_compiler import compile_firewall
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -12,13 +12,9 @@ from factories import v4_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.firewall_compiler import (
-    FINGERPRINT_PREFIX,
-    allow_map_names,
-    compile_firewall,
-)
-from veilnet_agent.model import parse_node_state
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.firewall_compiler import FINGERPRINT_PREFIX, allow_map_names, compile_firewall
+from veilnet_agent.core.model import parse_node_state
 
 IDENT = re.compile(r"^[a-z0-9_]+$")
 
@@ -268,7 +264,7 @@ def test_compiled_tuples_equal_a_brute_force_evaluation(
 
 
 def test_shape_sees_a_missing_rule_or_object() -> None:
-    from veilnet_agent.firewall_compiler import structure_shape
+    from veilnet_agent.core.firewall_compiler import structure_shape
 
     fw = compiled(labelled_state())
     structure = list(fw.structure)
@@ -324,7 +320,7 @@ def _mutate(raw: dict[str, Any], kind: str, which: int, labels: dict[str, str]) 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(LABELS, min_size=4, max_size=4), MUTATIONS)
 def test_incremental_allow_elements_equal_a_full_compile(labels: list[dict[str, str]], mutations: Any) -> None:
-    from veilnet_agent.firewall_compiler import AllowElements
+    from veilnet_agent.core.firewall_compiler import AllowElements
 
     raw = labelled_state()
     raw["endpoints"][0]["labels"], raw["endpoints"][1]["labels"] = labels[0], labels[1]

@@ -14,14 +14,14 @@ from factories import v4_state, wg_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veilnet_agent import naming, nft_text
+from veilnet_agent.core import naming, nft_text
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.firewall_compiler import compile_firewall, set_tables
+from veilnet_agent.core.firewall_guard import GuardElements, Name, link_local, mac_int
+from veilnet_agent.core.model import parse_node_state, update_peers
+from veilnet_agent.core.objects import LoggedPacket
+from veilnet_agent.dataplane.spoof_events import SpoofExplainer
 from veilnet_agent.drivers import nflog
-from veilnet_agent.drivers.nflog import LoggedPacket
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.firewall_compiler import compile_firewall, set_tables
-from veilnet_agent.firewall_guard import GuardElements, Name, link_local, mac_int
-from veilnet_agent.model import parse_node_state, update_peers
-from veilnet_agent.spoof_events import SpoofExplainer
 
 A_WEB = naming.endpoint_host_name("a-web")
 

@@ -10,8 +10,8 @@ import copy
 
 from factories import peer, state
 
-from veilnet_agent.model import parse_node_state, update_peers
-from veilnet_agent.statefile import StateFileTracker
+from veilnet_agent.app.statefile import StateFileTracker
+from veilnet_agent.core.model import parse_node_state, update_peers
 
 
 def _tracked(raw: dict[str, object]) -> StateFileTracker:

@@ -33,11 +33,11 @@ from fuzzing import (
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from veilnet_agent import loading
-from veilnet_agent.config import parse_config_text
-from veilnet_agent.errors import ValidationError, shown
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.statefile import parse_state_text
+from veilnet_agent.app.statefile import parse_state_text
+from veilnet_agent.core import loading
+from veilnet_agent.core.config import parse_config_text
+from veilnet_agent.core.errors import ValidationError, shown
+from veilnet_agent.core.model import parse_node_state
 from veilnet_controller.spec import canonical_text, load_spec_text, parse_spec, parse_spec_text
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -214,7 +214,7 @@ def test_fuzz_toml_differential(text: str) -> None:
 
 def _unbounded(value: Any) -> Any:
     """``value`` with every OversizedInteger converted back, as tomllib would have read it (NaN comparable)."""
-    from veilnet_agent.validate import OversizedInteger
+    from veilnet_agent.core.validate import OversizedInteger
 
     if isinstance(value, dict):
         return {k: _unbounded(v) for k, v in value.items()}

@@ -40,9 +40,9 @@ from veilnet.v1 import admin_pb2 as apb
 from veilnet.v1 import agent_pb2 as lpb
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import state_pb2 as spb
-from veilnet_agent import pki, wire
-from veilnet_agent.control import StreamEvent
-from veilnet_agent.local_api import LocalApiError, LocalRequest
+from veilnet_agent.control import pki, wire
+from veilnet_agent.control.client import StreamEvent
+from veilnet_agent.control.local_api import LocalApiError, LocalRequest
 from veilnet_agent.testing import FakeKernel
 from veilnet_controller.ca import CertificateAuthority
 from veilnet_controller.hub import Hub

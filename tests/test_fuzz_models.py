@@ -37,10 +37,10 @@ from hypothesis import strategies as st
 
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import state_pb2 as spb
-from veilnet_agent import wire
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.statefile import StateFileTracker
+from veilnet_agent.app.statefile import StateFileTracker
+from veilnet_agent.control import wire
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import parse_node_state
 from veilnet_controller.compile import compile_nodes
 from veilnet_controller.spec import (
     AttachedClaims,

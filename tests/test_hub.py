@@ -13,7 +13,7 @@ from factories import wg_key
 from structlog.testing import capture_logs
 
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import wire
+from veilnet_agent.control import wire
 from veilnet_controller.hub import Hub, InvalidKey, KeyConflict
 from veilnet_controller.spec import AttachedClaims, parse_spec
 from veilnet_controller.store import SQLiteStore

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from factories import state
 
-from veilnet_agent import validate as v
-from veilnet_agent.config import parse_config
-from veilnet_agent.errors import MAX_FIELD, MAX_SHOWN, ValidationError
-from veilnet_agent.statefile import load_state_file, read_state_file
+from veilnet_agent.app.statefile import load_state_file, read_state_file
+from veilnet_agent.core import validate as v
+from veilnet_agent.core.config import parse_config
+from veilnet_agent.core.errors import MAX_FIELD, MAX_SHOWN, ValidationError
 from veilnet_controller.spec import load_spec_text, parse_spec_text
 
 EXAMPLE_SPEC: dict[str, Any] = load_spec_text(  # type: ignore[assignment]

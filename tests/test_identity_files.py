@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from veilnet_agent import pki
-from veilnet_agent.enrollment import EnrollmentError, IdentityFiles
+from veilnet_agent.control import pki
+from veilnet_agent.control.enrollment import EnrollmentError, IdentityFiles
 from veilnet_controller.ca import CertificateAuthority, certificate_pem
 
 TD = "veilnet.test"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from veilnet_agent.enrollment import read_join_token
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.control.enrollment import read_join_token
+from veilnet_agent.core.errors import ValidationError
 
 TOKEN = "vnjoin_" + "A" * 43
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from factories import state
 
-from veilnet_agent import loading
-from veilnet_agent.config import load_config, parse_config_text
-from veilnet_agent.enrollment import split_endpoint
-from veilnet_agent.errors import MAX_FIELD, MAX_REASON, MAX_SHOWN, ValidationError
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.statefile import load_state_file, parse_state_text, read_state_file
+from veilnet_agent.app.statefile import load_state_file, parse_state_text, read_state_file
+from veilnet_agent.control.enrollment import split_endpoint
+from veilnet_agent.core import loading
+from veilnet_agent.core.config import load_config, parse_config_text
+from veilnet_agent.core.errors import MAX_FIELD, MAX_REASON, MAX_SHOWN, ValidationError
+from veilnet_agent.core.model import parse_node_state
 from veilnet_controller.spec import load_spec_text, parse_spec_text
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -201,7 +201,7 @@ def test_veilnet_agent_check_exits_invalid_not_crashed(tmp_path: Path, name: str
     config.write_text(CONFIG)
     state_file = tmp_path / name
     state_file.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "veilnet_agent.cli", "check", "--config", str(config),
+    done = subprocess.run([sys.executable, "-m", "veilnet_agent.app.cli", "check", "--config", str(config),
                            "--state-file", str(state_file)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert done.stderr.startswith("error: state-file: ") and done.stderr.count("\n") == 1, done.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from veilnet_agent.local_api import Caller, directory_problem, refusal
+from veilnet_agent.control.local_api import Caller, directory_problem, refusal
 
 
 def caller(uid: int, gid: int, groups: tuple[int, ...] | None = ()) -> Caller:

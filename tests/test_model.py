@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from factories import state, v4_state, wg_key
 
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.naming import gateway_mac
-from veilnet_agent.statefile import load_state_file
+from veilnet_agent.app.statefile import load_state_file
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.core.naming import gateway_mac
 
 
 def test_valid_state_parses_whole() -> None:

@@ -1,11 +1,12 @@
-from veilnet_agent import mtu
+from veilnet_agent.core import mtu
+from veilnet_agent.core.encryption import WIREGUARD
 
 
 def test_wireguard_overhead_per_outer_family() -> None:
-    assert mtu.wireguard_overhead(4) == 60  # 20 IPv4 + 8 UDP + 32 WireGuard
-    assert mtu.wireguard_overhead(6) == 80  # 40 IPv6 + 8 UDP + 32 WireGuard
-    assert mtu.wireguard_mtu(1500, 4) == 1440
-    assert mtu.wireguard_mtu(1500, 6) == 1420  # wg-quick's default
+    assert WIREGUARD.overhead(4) == 60  # 20 IPv4 + 8 UDP + 32 WireGuard
+    assert WIREGUARD.overhead(6) == 80  # 40 IPv6 + 8 UDP + 32 WireGuard
+    assert WIREGUARD.interface_mtu(1500, 4) == 1440
+    assert WIREGUARD.interface_mtu(1500, 6) == 1420  # wg-quick's default
 
 
 def test_encapsulation_overhead() -> None:
@@ -16,17 +17,17 @@ def test_encapsulation_overhead() -> None:
 
 
 def test_segment_mtu_all_combinations() -> None:
-    assert mtu.segment_mtu(1500, 4, "vxlan", 4) == 1390
-    assert mtu.segment_mtu(1500, 4, "vxlan", 6) == 1370
-    assert mtu.segment_mtu(1500, 6, "vxlan", 4) == 1370
-    assert mtu.segment_mtu(1500, 6, "geneve", 6) == 1350
-    assert mtu.segment_mtu(9000, 4, "vxlan", 4) == 8890
+    assert mtu.segment_mtu(1500, 4, "vxlan", 4, WIREGUARD) == 1390
+    assert mtu.segment_mtu(1500, 4, "vxlan", 6, WIREGUARD) == 1370
+    assert mtu.segment_mtu(1500, 6, "vxlan", 4, WIREGUARD) == 1370
+    assert mtu.segment_mtu(1500, 6, "geneve", 6, WIREGUARD) == 1350
+    assert mtu.segment_mtu(9000, 4, "vxlan", 4, WIREGUARD) == 8890
 
 
 def test_fast_address_text_matches_ipaddress() -> None:
     import ipaddress
 
-    from veilnet_agent import addr
+    from veilnet_agent.core import addr
 
     samples = ["192.0.2.1", "0.0.0.0", "2001:db8::1", "fd00:7::2:1", "2001:db8:0:0:1:0:0:1", "2001:0:0:1::",
                "::", "::1", "fe80::1:0:0:0", "2001:db8:1:2:3:4:5:6", "2001:db8::a:0:0:0:1"]

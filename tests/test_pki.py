@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from veilnet_agent import pki
-from veilnet_agent.pki import Identity, PkiError
+from veilnet_agent.control import pki
+from veilnet_agent.control.pki import Identity, PkiError
 from veilnet_controller.ca import (
     MAX_NODE_LIFETIME,
     MAX_OPERATOR_LIFETIME,

@@ -8,10 +8,11 @@ from factories import peer, state, v4_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veilnet_agent import naming
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.objects import FdbEntry, KernelState, NeighEntry
-from veilnet_agent.ops import (
+from veilnet_agent.core import naming
+from veilnet_agent.core.encryption import WireGuardHost
+from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.core.objects import FdbEntry, KernelState, NeighEntry
+from veilnet_agent.core.ops import (
     AddFdb,
     CreateLink,
     DeleteLink,
@@ -24,10 +25,11 @@ from veilnet_agent.ops import (
     UpdateLink,
     cost,
 )
-from veilnet_agent.planner import plan
-from veilnet_agent.render import NodeContext, render
+from veilnet_agent.core.planner import plan
+from veilnet_agent.core.render import NodeContext, render
 
-CTX = NodeContext(public_key="A" * 43 + "=", listen_port=51820, underlay_mtu=1500, underlay_family=4)
+CTX = NodeContext(encryption=WireGuardHost(public_key="A" * 43 + "=", listen_port=51820), underlay_mtu=1500,
+                  underlay_family=4)
 
 
 def target(raw: dict[str, Any], ctx: NodeContext = CTX) -> KernelState:

@@ -11,16 +11,16 @@ import pytest
 import structlog
 from factories import peer, state
 
-from veilnet_agent.config import AgentConfig, parse_config
-from veilnet_agent.daemon import Daemon
-from veilnet_agent.errors import DriverError
-from veilnet_agent.firewall_manager import FirewallManager
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.naming import endpoint_host_name
-from veilnet_agent.ops import CreateLink, DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, SyncWgPeers
-from veilnet_agent.planner import plan
-from veilnet_agent.reconciler import Reconciler, split_by_exposure
-from veilnet_agent.retry import RetrySchedule
+from veilnet_agent.app.daemon import Daemon
+from veilnet_agent.app.retry import RetrySchedule
+from veilnet_agent.core.config import AgentConfig, parse_config
+from veilnet_agent.core.errors import DriverError
+from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.core.naming import endpoint_host_name
+from veilnet_agent.core.ops import CreateLink, DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, SyncWgPeers
+from veilnet_agent.core.planner import plan
+from veilnet_agent.dataplane.firewall_manager import FirewallManager
+from veilnet_agent.dataplane.reconciler import Reconciler, split_by_exposure
 from veilnet_agent.testing import FakeKernel
 
 REFUSED = "Error: Could not process rule: Operation not permitted"

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from veilnet.v1 import admin_pb2 as apb
 from veilnet.v1 import admin_pb2_grpc, controller_pb2_grpc
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import pki
+from veilnet_agent.control import pki
 from veilnet_controller import server as server_module
 from veilnet_controller.hub import Hub
 from veilnet_controller.server import MAX_DETAILS, AdminService, ControllerService, ServerSettings, Services

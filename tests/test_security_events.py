@@ -13,10 +13,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from veilnet_agent import security_events
-from veilnet_agent.drivers import nflog
-from veilnet_agent.drivers.nflog import LoggedPacket
-from veilnet_agent.security_events import SecurityEventSink, classify, run_reader_thread
+from veilnet_agent.core.objects import LoggedPacket
+from veilnet_agent.dataplane import security_events
+from veilnet_agent.dataplane.security_events import SecurityEventSink, classify, run_reader_thread
+from veilnet_agent.drivers import netlink, nflog
 
 
 class FakeClock:
@@ -411,9 +411,9 @@ def test_iter_messages_splits_a_batch() -> None:
     packet_type = (nflog.NFNL_SUBSYS_ULOG << 8) | nflog.NFULNL_MSG_PACKET
     bodies = [nflog_message(ipv4(17, struct.pack("!HH", p, 9999))) for p in (1000, 1001)]
     data = b"".join(struct.pack("=IHHII", 16 + len(b), packet_type, 2, 0, 0) + b for b in bodies)
-    data += struct.pack("=IHHII", 20, nflog.NLMSG_DONE, 2, 0, 0) + b"\0" * 4
+    data += struct.pack("=IHHII", 20, netlink.NLMSG_DONE, 2, 0, 0) + b"\0" * 4
     messages = list(nflog.iter_messages(data))
-    assert [m[0] for m in messages] == [packet_type, packet_type, nflog.NLMSG_DONE]
+    assert [m[0] for m in messages] == [packet_type, packet_type, netlink.NLMSG_DONE]
     decoded = [nflog.parse_packet(m[2]) for m in messages[:2]]
     assert [p.sport for p in decoded if p is not None] == [1000, 1001]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.core.errors import ValidationError
 from veilnet_controller import spec as spec_module
 from veilnet_controller.spec import (
     AttachedClaims,

@@ -15,7 +15,7 @@ import pytest
 from factories import wg_key
 
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import pki
+from veilnet_agent.control import pki
 from veilnet_controller.ca import CertificateAuthority
 from veilnet_controller.hub import Hub
 from veilnet_controller.server import ControllerService, ServerSettings, Services

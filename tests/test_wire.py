@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from veilnet.v1 import state_pb2
-from veilnet_agent import wire
-from veilnet_agent.model import parse_node_state
-from veilnet_agent.statefile import read_state_file
+from veilnet_agent.app.statefile import read_state_file
+from veilnet_agent.control import wire
+from veilnet_agent.core.model import parse_node_state
 
 EXAMPLE: dict[str, Any] = dict(read_state_file(Path(__file__).parents[1] / "examples" / "state.yaml"))  # type: ignore[call-overload]
 
@@ -94,7 +94,7 @@ def test_node_labels_reach_attached_endpoints_and_travel_in_deltas() -> None:
 def test_an_own_label_contradicting_the_nodes_is_refused() -> None:
     import pytest
 
-    from veilnet_agent.errors import ValidationError
+    from veilnet_agent.core.errors import ValidationError
 
     state = copy.deepcopy(EXAMPLE)
     state["node_labels"] = {"app": "db"}  # a-web says app=web

@@ -15,14 +15,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .drivers.base import ApplyResult
-from .drivers.firewall import ABSENT, ObservedFirewall
-from .drivers.links import LinksObservation
-from .drivers.wireguard import WgObservation
-from .errors import DriverError
-from .firewall_compiler import CompiledFirewall, Element
-from .objects import FdbEntry, KernelState, Link, NeighEntry, VethSpec, WgInterface, WgPeer
-from .ops import (
+from .core.errors import DriverError
+from .core.firewall_compiler import CompiledFirewall, Element
+from .core.objects import (
+    ABSENT,
+    ApplyResult,
+    FdbEntry,
+    KernelState,
+    Link,
+    LinksObservation,
+    NeighEntry,
+    ObservedFirewall,
+    VethSpec,
+    WgInterface,
+    WgObservation,
+    WgPeer,
+)
+from .core.ops import (
     AddFdb,
     CreateLink,
     DeleteLink,

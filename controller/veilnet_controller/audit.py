@@ -39,8 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from veilnet_agent.errors import VeilnetError
-from veilnet_agent.files import atomic_write
+from veilnet_agent.control.files import atomic_write
+from veilnet_agent.core.errors import VeilnetError
 
 from .store import GENESIS_HASH, AuditRecord, SQLiteStore, entry_hash, format_time, parse_time
 

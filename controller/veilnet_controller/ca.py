@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from veilnet_agent import pki
-from veilnet_agent.pki import PkiError
+from veilnet_agent.control import pki
+from veilnet_agent.control.pki import PkiError
 
 KEY_FILE = "ca.key"
 CERT_FILE = "ca.crt"

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import structlog
 
-from veilnet_agent import logs, pki
-from veilnet_agent.errors import ValidationError, VeilnetError
+from veilnet_agent import logs
+from veilnet_agent.control import pki
+from veilnet_agent.core.errors import ValidationError, VeilnetError
 
 from . import __version__
 from .audit import HEAD_FILE, PUBLIC_KEY_FILE, AuditSigner, load_public_key, open_signed_store, read_head

@@ -2,7 +2,7 @@
 
 ``compile_nodes`` is pure: spec + public keys + attached endpoints in, one
 plain JSON-compatible dict per node out, each exactly what
-``veilnet_agent.model.parse_node_state`` accepts. A node learns only about the
+``veilnet_agent.core.model.parse_node_state`` accepts. A node learns only about the
 segments it carries: their definitions, endpoints, peers' endpoints in them
 and the policies that reference only them.
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from veilnet_agent import addr
-from veilnet_agent import validate as v
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.core import addr
+from veilnet_agent.core import validate as v
+from veilnet_agent.core.errors import ValidationError
 
 from .spec import NODE_LABEL_PREFIX, EndpointSpec, NetworkSpec
 

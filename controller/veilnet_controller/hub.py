@@ -34,8 +34,9 @@ from typing import Any
 import structlog
 
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import validate, wire
-from veilnet_agent.errors import ValidationError
+from veilnet_agent.control import wire
+from veilnet_agent.core import validate
+from veilnet_agent.core.errors import ValidationError
 
 from .compile import compile_nodes
 from .spec import AttachedClaims, EndpointSpec, NetworkSpec, parse_attached_endpoint, parse_spec_text

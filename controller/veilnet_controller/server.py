@@ -31,10 +31,10 @@ from grpc import aio
 from veilnet.v1 import admin_pb2 as apb
 from veilnet.v1 import admin_pb2_grpc, controller_pb2_grpc
 from veilnet.v1 import controller_pb2 as cpb
-from veilnet_agent import pki, wire
-from veilnet_agent.errors import ValidationError, VeilnetError
-from veilnet_agent.validate import name as validate_name
-from veilnet_agent.validate import wg_public_key
+from veilnet_agent.control import pki, wire
+from veilnet_agent.core.errors import ValidationError, VeilnetError
+from veilnet_agent.core.validate import name as validate_name
+from veilnet_agent.core.validate import wg_public_key
 
 from . import authz
 from .audit import AuditSigner

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from veilnet_agent import addr, loading
-from veilnet_agent import validate as v
-from veilnet_agent.errors import ValidationError
-from veilnet_agent.model import IPAddress, IPInterface, IPNetwork, Segment, parse_segment
-from veilnet_agent.policy import MAX_LABELS, Labels, Policy, parse_labels, parse_policies
+from veilnet_agent.core import addr, loading
+from veilnet_agent.core import validate as v
+from veilnet_agent.core.errors import ValidationError
+from veilnet_agent.core.model import IPAddress, IPInterface, IPNetwork, Segment, parse_segment
+from veilnet_agent.core.policy import MAX_LABELS, Labels, Policy, parse_labels, parse_policies
 
 MAX_SPEC_BYTES = 8 * 1024 * 1024
 MAX_SEGMENTS = 10_000
@@ -132,7 +132,7 @@ class _Index:
 def load_spec_text(text: str) -> object:
     """The text's contents (YAML, or JSON which is tried first when the text starts with "{"), not yet validated.
 
-    Both go through ``veilnet_agent.loading``: plain JSON-like values only (no YAML tags, dates are
+    Both go through ``veilnet_agent.core.loading``: plain JSON-like values only (no YAML tags, dates are
     strings), no duplicate keys, nesting at most MAX_DEPTH deep (the C loader would overflow the
     stack), aliases expanding to at most MAX_EXPANDED_VALUES values. Integer literals too long to be
     valid anywhere load as ``OversizedInteger``, refused by the validators naming their field. Every
@@ -298,7 +298,7 @@ def _check_nodes(nodes: tuple[NodeSpec, ...]) -> None:
 def _check_subnets_disjoint(segments: tuple[Segment, ...], transport: IPInterface | None) -> None:
     """No two segment subnets, nor a segment subnet and the transport network, overlap.
 
-    Same rule and messages as the agent's ``veilnet_agent.model._check_subnets_disjoint``, in
+    Same rule and messages as the agent's ``veilnet_agent.core.model._check_subnets_disjoint``, in
     O(n log n) (sorted sweep) rather than comparing every pair.
     """
     entries: list[tuple[int, int, int, int, IPNetwork, str]] = []  # version, first, last, order, network, path

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from veilnet_agent.errors import VeilnetError
+from veilnet_agent.core.errors import VeilnetError
 
 SCHEMA_VERSION = 2
 GENESIS_HASH = "0" * 64

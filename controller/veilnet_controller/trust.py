@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from veilnet_agent import pki
+from veilnet_agent.control import pki
 
 from .store import OperatorCertificateRecord
 

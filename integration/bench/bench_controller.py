@@ -70,14 +70,14 @@ from veilnet.v1 import admin_pb2 as apb
 from veilnet.v1 import admin_pb2_grpc, controller_pb2_grpc
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import state_pb2 as spb
-from veilnet_agent import wire
+from veilnet_agent.control import wire
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "integration"))
 from ctl import ControllerProcess, free_port, stop_process_group  # noqa: E402
 
 GLOBAL_POLICIES = 10
-INITIAL_BACKOFF = 0.5  # as the agent's control loop (veilnet_agent.control)
+INITIAL_BACKOFF = 0.5  # as the agent's control loop (veilnet_agent.control.client)
 MAX_BACKOFF = 8.0
 CHANGED_POLICY = "ops-0"  # global: every node's policies section changes
 CLIENT_OPTIONS = [

@@ -110,14 +110,15 @@ def state_raw(n: int) -> dict[str, Any]:
 def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
     import resource
 
-    from veilnet_agent import logs, naming
-    from veilnet_agent.config import parse_config
-    from veilnet_agent.daemon import Daemon
+    from veilnet_agent import logs
+    from veilnet_agent.app.daemon import Daemon
+    from veilnet_agent.core import naming
+    from veilnet_agent.core.config import parse_config
+    from veilnet_agent.dataplane.firewall_manager import FirewallManager
+    from veilnet_agent.dataplane.reconciler import Outcome, Reconciler
     from veilnet_agent.drivers.firewall import FirewallDriver
     from veilnet_agent.drivers.links import LinksDriver
     from veilnet_agent.drivers.wireguard import WireGuardDriver
-    from veilnet_agent.firewall_manager import FirewallManager
-    from veilnet_agent.reconciler import Outcome, Reconciler
 
     logs.configure("json", "warning")
     config = parse_config({
@@ -168,9 +169,9 @@ def inner_agent(n: int, state_dir: str) -> dict[str, Any]:
 def floor_files(n: int, work: Path) -> tuple[Path, Path, Path, Path]:
     from factories import wg_key  # noqa: F401  (same keys as the agent's run)
 
-    from veilnet_agent import nft_text
-    from veilnet_agent.firewall_compiler import compile_firewall, set_tables
-    from veilnet_agent.model import parse_node_state
+    from veilnet_agent.core import nft_text
+    from veilnet_agent.core.firewall_compiler import compile_firewall, set_tables
+    from veilnet_agent.core.model import parse_node_state
 
     peers = [peer_raw(i) for i in range(n)]
     key = sh("wg genkey").stdout.strip()

@@ -50,12 +50,12 @@ sys.path.insert(0, str(REPO / "integration"))
 from factories import wg_key  # noqa: E402
 from lab import delete_netns  # noqa: E402
 
-from veilnet_agent import naming  # noqa: E402
-from veilnet_agent.config import FirewallConfig  # noqa: E402
+from veilnet_agent.core import naming  # noqa: E402
+from veilnet_agent.core.config import FirewallConfig  # noqa: E402
+from veilnet_agent.core.firewall_compiler import CompiledFirewall, Element, compile_firewall  # noqa: E402
+from veilnet_agent.core.model import parse_node_state  # noqa: E402
+from veilnet_agent.dataplane.firewall_manager import FirewallManager  # noqa: E402
 from veilnet_agent.drivers.firewall import FirewallDriver  # noqa: E402
-from veilnet_agent.firewall_compiler import CompiledFirewall, Element, compile_firewall  # noqa: E402
-from veilnet_agent.firewall_manager import FirewallManager  # noqa: E402
-from veilnet_agent.model import parse_node_state  # noqa: E402
 
 PREFIX = "vnbfw"
 VNI = 100

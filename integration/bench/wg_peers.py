@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from veilnet_agent.core.naming import WG_IFNAME
+from veilnet_agent.core.objects import WgInterface, WgPeer
+from veilnet_agent.core.ops import EnsureWgInterface, SyncWgPeers
 from veilnet_agent.drivers.wireguard import WireGuardDriver, peer_config
-from veilnet_agent.naming import WG_IFNAME
-from veilnet_agent.objects import WgInterface, WgPeer
-from veilnet_agent.ops import EnsureWgInterface, SyncWgPeers
 
 
 def fake_peers(count: int, keepalive: int, offset: int = 0) -> list[WgPeer]:

@@ -12,7 +12,7 @@ batch leaves the previous ruleset exactly as it was.
 - :meth:`FirewallDriver.apply_full` replaces both tables whole:
   ``add table; delete table; <structure>; add element ...`` (``flush table``
   would keep set elements and named counters). This one is sent as nft text
-  rendered by :mod:`veilnet_agent.nft_text` from the compiled JSON, because
+  rendered by :mod:`veilnet_agent.core.nft_text` from the compiled JSON, because
   nft 1.0.6 cannot declare the anti-spoofing sets (``typeof`` with raw payload
   fields) in JSON; every string in it is checked against a strict pattern.
 - :meth:`FirewallDriver.apply_elements` changes the managed sets' elements only
@@ -61,26 +61,26 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import nftables
 
-from .. import nft_text
-from ..errors import DriverError
-from ..firewall_compiler import (
+from ..core import nft_text
+from ..core.errors import DriverError
+from ..core.firewall_compiler import (
     FINGERPRINT_PREFIX,
     TABLE_FAMILY,
     TABLE_NAME,
     TABLES,
     CompiledFirewall,
     Element,
-    Shape,
     set_tables,
     structure_shape,
 )
-from ..firewall_guard import GUARD_PREFIX, Mac, Name
-from .rtnl import netns_entered
+from ..core.firewall_guard import GUARD_PREFIX, Mac, Name
+from ..core.objects import ABSENT, ObservedFirewall
+from . import netlink
+from .netlink import netns_entered
 
 ALLOW_PREFIX = "allow"
 MANAGED_PREFIXES = (ALLOW_PREFIX, GUARD_PREFIX)  # sets and maps whose elements the agent manages
@@ -103,15 +103,6 @@ _FULL_LEN = {"ipv4_addr": 32, "ipv6_addr": 128}
 KeyPart = str | int
 
 
-@dataclass(frozen=True)
-class ObservedFirewall:
-    present: bool
-    fingerprint: str | None  # the table's comment, else the fingerprint rule comment
-    elements: Mapping[str, frozenset[Element]]  # every allow* map/set of our table, normalised
-    shape: Shape = frozenset()  # chains with rule counts, sets, maps, counters (see structure_shape)
-
-
-ABSENT = ObservedFirewall(present=False, fingerprint=None, elements={})
 
 
 # --- encoding: Element -> nft JSON -------------------------------------------------
@@ -464,7 +455,6 @@ def _malloc_trim() -> None:
 
 # --- counters over nfnetlink --------------------------------------------------------
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWOBJ = 18
 NFT_MSG_GETOBJ = 19
@@ -484,46 +474,36 @@ NFTA_OBJ_DATA = 4
 NFT_OBJECT_COUNTER = 1
 NFTA_COUNTER_BYTES = 1
 NFTA_COUNTER_PACKETS = 2
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_NLM_F_REQUEST = 0x01
-_NLM_F_DUMP_INTR = 0x10
-_NLM_F_DUMP = 0x300
-_NLA_TYPE_MASK = 0x3FFF
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("=BBH")
-_NLATTR = struct.Struct("=HH")
 _BE64 = struct.Struct(">Q")
 _DUMP_RETRIES = 5
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    length = _NLATTR.size + len(payload)
-    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _attrs(data: memoryview) -> Iterator[tuple[int, memoryview]]:
-    offset = 0
-    while offset + _NLATTR.size <= len(data):
-        length, kind = _NLATTR.unpack_from(data, offset)
-        if length < _NLATTR.size:
-            break
-        yield kind & _NLA_TYPE_MASK, data[offset + _NLATTR.size : offset + length]
-        offset += (length + 3) & ~3
+    for kind, start, end in netlink.iter_attrs(data, 0, len(data)):
+        yield kind, data[start:end]
+
+
+def _messages(data: memoryview, what: str) -> Iterator[tuple[int, int, int, memoryview]]:
+    """(type, flags, seq, payload) of each message of a reply; DriverError if it cannot be framed."""
+    try:
+        for kind, flags, seq, start, end in netlink.iter_messages(data, len(data)):
+            yield kind, flags, seq, data[start:end]
+    except netlink.FramingError:
+        raise DriverError(f"{what}: malformed netlink reply") from None
 
 
 class _CounterSocket:
     """A NETLINK_NETFILTER socket that dumps the counter objects of our table."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, netlink.NETLINK_NETFILTER)
         self._sock.bind((0, 0))
         self._sock.settimeout(10.0)
         self._seq = 0
         self._request_tail = (
-            _NFGENMSG.pack(NFPROTO_UNSPEC, 0, 0)  # every family: our counters live in both tables
-            + _nla(NFTA_OBJ_TABLE, TABLE_NAME.encode() + b"\0")
-            + _nla(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
+            netlink.NFGENMSG.pack(NFPROTO_UNSPEC, 0, 0)  # every family: our counters live in both tables
+            + netlink.attr(NFTA_OBJ_TABLE, TABLE_NAME.encode() + b"\0")
+            + netlink.attr(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
         )
 
     def close(self) -> None:
@@ -538,37 +518,32 @@ class _CounterSocket:
         """
         self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
         seq = self._seq
-        tail = _NFGENMSG.pack(NFPROTO_NUMBERS[family], 0, 0) + _nla(NFTA_TABLE_NAME, TABLE_NAME.encode() + b"\0")
+        name = netlink.attr(NFTA_TABLE_NAME, TABLE_NAME.encode() + b"\0")
+        tail = netlink.NFGENMSG.pack(NFPROTO_NUMBERS[family], 0, 0) + name
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(tail), msg_type, _NLM_F_REQUEST, seq, 0) + tail)
+        self._sock.send(netlink.message(msg_type, netlink.NLM_F_REQUEST, seq, tail))
         found: tuple[int, int | None] | None = None
         while True:
             data = memoryview(self._sock.recv(1 << 16))
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size:
-                    raise DriverError("firewall: malformed netlink reply")
-                body = data[offset + _NLMSGHDR.size : offset + length]
-                offset += (length + 3) & ~3
+            for kind, _flags, msg_seq, body in _messages(data, "firewall"):
                 if msg_seq != seq:
                     continue
                 if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
                     flags, owner = 0, None
-                    for attr, value in _attrs(body[_NFGENMSG.size :]):
+                    for attr, value in _attrs(body[netlink.NFGENMSG.size :]):
                         if attr == NFTA_TABLE_FLAGS:
                             (flags,) = struct.unpack(">I", value)
                         elif attr == NFTA_TABLE_OWNER:
                             (owner,) = struct.unpack(">I", value)
                     return flags, owner  # a non-dump GET answers with the object alone
-                if kind == _NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", body)
+                if kind == netlink.NLMSG_ERROR:
+                    code = netlink.error_code(body, 0)
                     if code == 0:
                         return found
-                    if -code == errno.ENOENT:
+                    if code == errno.ENOENT:
                         return None
-                    raise DriverError(f"firewall: reading table {family} {TABLE_NAME}: {os.strerror(-code)}")
-                if kind == _NLMSG_DONE:
+                    raise DriverError(f"firewall: reading table {family} {TABLE_NAME}: {os.strerror(code)}")
+                if kind == netlink.NLMSG_DONE:
                     return found
 
     def dump(self) -> dict[str, tuple[int, int]]:
@@ -582,33 +557,26 @@ class _CounterSocket:
         self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
         seq = self._seq
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
-        length = _NLMSGHDR.size + len(self._request_tail)
-        self._sock.send(_NLMSGHDR.pack(length, msg_type, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + self._request_tail)
+        self._sock.send(netlink.message(msg_type, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP, seq, self._request_tail))
         result: dict[str, tuple[int, int]] = {}
         interrupted = False
         while True:
             data = memoryview(self._sock.recv(1 << 20))
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size:
-                    raise DriverError("firewall counters: malformed netlink reply")
-                body = data[offset + _NLMSGHDR.size : offset + length]
-                offset += (length + 3) & ~3
+            for kind, flags, msg_seq, body in _messages(data, "firewall counters"):
                 if msg_seq != seq:
                     continue
-                interrupted = interrupted or bool(flags & _NLM_F_DUMP_INTR)
-                if kind == _NLMSG_DONE:
+                interrupted = interrupted or bool(flags & netlink.NLM_F_DUMP_INTR)
+                if kind == netlink.NLMSG_DONE:
                     return result, interrupted
-                if kind == _NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", body)
+                if kind == netlink.NLMSG_ERROR:
+                    code = netlink.error_code(body, 0)
                     if code == 0:
                         return result, interrupted
-                    if -code == errno.ENOENT:
+                    if code == errno.ENOENT:
                         return {}, False
-                    raise DriverError(f"firewall counters: {os.strerror(-code)}")
+                    raise DriverError(f"firewall counters: {os.strerror(code)}")
                 if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
-                    self._parse_object(body[_NFGENMSG.size :], result)
+                    self._parse_object(body[netlink.NFGENMSG.size :], result)
 
     @staticmethod
     def _parse_object(body: memoryview, result: dict[str, tuple[int, int]]) -> None:

@@ -22,28 +22,27 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .. import naming
-from ..errors import DriverError, UnsupportedError
-from ..objects import FdbEntry, GeneveSpec, Link, LinkKind, NeighEntry, VethSpec, VxlanSpec
-from ..ops import (
-    AddFdb,
-    CreateLink,
-    DeleteLink,
-    DelFdb,
-    DelNeigh,
-    EntryOp,
-    LinkOp,
-    SetNeigh,
-    UpdateLink,
+from ..core import naming
+from ..core.errors import DriverError, UnsupportedError
+from ..core.objects import (
+    ApplyResult,
+    FdbEntry,
+    GeneveSpec,
+    Link,
+    LinkKind,
+    LinksObservation,
+    NeighEntry,
+    VethSpec,
+    VxlanSpec,
 )
-from . import rtnl
-from .base import ApplyResult
+from ..core.ops import AddFdb, CreateLink, DeleteLink, DelFdb, DelNeigh, EntryOp, LinkOp, SetNeigh, UpdateLink
+from . import netlink, rtnl
 
 KINDS: frozenset[str] = frozenset({"bridge", "vxlan", "geneve", "veth"})
 PORT_KINDS: frozenset[str] = frozenset({"vxlan", "geneve", "veth"})
@@ -53,13 +52,6 @@ GENEVE_UNSUPPORTED = "geneve is not supported by this kernel (module missing); u
 LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/10")
 
 AnyOp = LinkOp | EntryOp
-
-
-@dataclass(frozen=True)
-class LinksObservation:
-    links: dict[str, Link]
-    fdb: frozenset[FdbEntry]
-    neigh: frozenset[NeighEntry]
 
 
 class OpError(Exception):
@@ -387,7 +379,7 @@ class LinksDriver:
         IPv4 forwarding is per input interface; IPv6 needs force_forwarding (Linux 6.17+) to do the same
         without turning the whole host into a router, so where it is missing IPv6 stays unrouted.
         """
-        with rtnl.netns_entered(self._netns):
+        with netlink.netns_entered(self._netns):
             for path in (f"/proc/sys/net/ipv4/conf/{bridge}/forwarding",
                          f"/proc/sys/net/ipv6/conf/{bridge}/force_forwarding"):
                 with suppress(FileNotFoundError), open(path, "w") as knob:
@@ -395,7 +387,7 @@ class LinksDriver:
 
     def _conf6(self, ifname: str, knob: str, value: str) -> None:
         """Write net.ipv6.conf.<ifname>.<knob> in the driver's namespace (nothing if the kernel has no IPv6)."""
-        with rtnl.netns_entered(self._netns), suppress(FileNotFoundError), \
+        with netlink.netns_entered(self._netns), suppress(FileNotFoundError), \
                 open(f"/proc/sys/net/ipv6/conf/{ifname}/{knob}", "w") as conf:
             conf.write(value)
 
@@ -463,7 +455,7 @@ class LinksDriver:
         if not isinstance(spec, VethSpec):
             raise OpError("veth link needs a VethSpec")
         try:
-            ns_fd = os.open(rtnl.netns_path(spec.netns), os.O_RDONLY | os.O_CLOEXEC)
+            ns_fd = os.open(netlink.netns_path(spec.netns), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise OpError(f"endpoint namespace {spec.netns} does not exist") from None
         try:
@@ -482,7 +474,7 @@ class LinksDriver:
 
     def _configure_endpoint(self, spec: VethSpec, peer: str, mtu: int) -> None:
         """Inside the endpoint namespace: rename, MAC, MTU, up, addresses, default routes."""
-        with rtnl.netns_entered(spec.netns):
+        with netlink.netns_entered(spec.netns):
             ipr: Any = IPRoute()
         try:
             found = ipr.link_lookup(ifname=peer)
@@ -507,7 +499,7 @@ class LinksDriver:
     def _eui64_link_local(spec: VethSpec) -> None:
         """Before the link goes up: its IPv6 link-local address is derived from its MAC (EUI-64), whatever the
         namespace's default (stable-privacy addresses), because anti-spoofing admits exactly that address."""
-        with rtnl.netns_entered(spec.netns), suppress(FileNotFoundError), \
+        with netlink.netns_entered(spec.netns), suppress(FileNotFoundError), \
                 open(f"/proc/sys/net/ipv6/conf/{spec.ifname}/addr_gen_mode", "w") as knob:
             knob.write("0")
 

@@ -36,20 +36,24 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from types import TracebackType
 
-from .rtnl import netns_entered
-
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-SO_RCVBUFFORCE = 33
-
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x01
-NLM_F_ACK = 0x04
+from ..core.objects import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, LoggedPacket
+from .netlink import (
+    NETLINK_NETFILTER,
+    NFGENMSG,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    SO_RCVBUFFORCE,
+    FramingError,
+    attr,
+    error_code,
+    iter_attrs,
+    message,
+    netns_entered,
+)
+from .netlink import iter_messages as netlink_messages
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
@@ -80,10 +84,6 @@ NFULA_PREFIX = 10
 NFULA_VLAN = 20  # nested: the frame's VLAN tag, when the kernel carries it outside the packet
 NFULA_VLAN_PROTO = 1
 
-NLA_TYPE_MASK = 0x3FFF
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_ARP = 0x0806
 NFPROTO_BRIDGE = 7
 
 IPPROTO_ICMP = 1
@@ -93,9 +93,6 @@ IPV6_EXT_HEADERS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination op
 IPV6_FRAGMENT = 44
 IPV6_AH = 51
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("!BBH")
-_NLATTR = struct.Struct("=HH")
 _BE16 = struct.Struct("!H")
 _BE32 = struct.Struct("!I")
 _CFG_MODE = struct.Struct("!IBx")  # struct nfulnl_msg_config_mode (packed): copy_range, copy_mode, pad
@@ -103,28 +100,6 @@ _PORTS = struct.Struct("!HH")
 _RECV_SIZE = 1 << 18
 _ACK_TIMEOUT = 5.0  # seconds
 _MAX_DATAGRAMS_PER_READ = 256  # so a flood cannot keep read() from returning
-
-
-@dataclass(frozen=True)
-class LoggedPacket:
-    """One packet logged to the group, as far as its copied bytes tell."""
-
-    prefix: str
-    family: int  # 4 or 6
-    src: str
-    dst: str
-    protocol: int  # upper-layer protocol (IPv6: after extension headers)
-    sport: int | None
-    dport: int | None
-    icmp_type: int | None
-    indev: int | None
-    outdev: int | None
-    icmp_code: int | None = None
-    ethertype: int | None = None  # bridge-family packets only
-    src_mac: str | None = None  # the frame's source MAC, when the kernel reports it
-    arp_sha: str | None = None  # ARP: the sender hardware address it claims (src/dst are its sender/target IPs)
-    physindev: int | None = None  # bridged packets: the ifindex of the bridge port it came in on
-    transport: bytes = field(default=b"", compare=False, repr=False)  # the copied bytes from the L4 header on
 
 
 def _mac(raw: bytes) -> str:
@@ -142,24 +117,18 @@ def _hwaddr(value: bytes | None) -> str | None:
 # --- encoding -------------------------------------------------------------------
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _NLATTR.size + len(payload)
-    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def config_message(group: int, attrs: bytes, seq: int) -> bytes:
     """An NFULNL_MSG_CONFIG request for ``group`` asking for an ack."""
-    body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + attrs
-    msg_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    body = NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + attrs
+    return message((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
 def bind_attrs(copy_range: int, nlbufsiz: int | None, qthresh: int | None, timeout_cs: int | None) -> bytes:
-    attrs = _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
-    attrs += _attr(NFULA_CFG_MODE, _CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET))
+    attrs = attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
+    attrs += attr(NFULA_CFG_MODE, _CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET))
     for kind, value in ((NFULA_CFG_NLBUFSIZ, nlbufsiz), (NFULA_CFG_QTHRESH, qthresh), (NFULA_CFG_TIMEOUT, timeout_cs)):
         if value is not None:
-            attrs += _attr(kind, _BE32.pack(value))
+            attrs += attr(kind, _BE32.pack(value))
     return attrs
 
 
@@ -168,23 +137,21 @@ def bind_attrs(copy_range: int, nlbufsiz: int | None, qthresh: int | None, timeo
 
 def iter_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
     """(type, seq, payload) of every netlink message in one datagram."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
-            return
-        yield msg_type, seq, data[offset + _NLMSGHDR.size : offset + length]
-        offset += (length + 3) & ~3
+    try:
+        for msg_type, _flags, seq, start, end in netlink_messages(data, len(data)):
+            if end > len(data):
+                return  # truncated: the datagram ends inside it
+            yield msg_type, seq, data[start:end]
+    except FramingError:
+        return
 
 
 def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
     attrs: dict[int, bytes] = {}
-    while offset + _NLATTR.size <= len(data):
-        length, kind = _NLATTR.unpack_from(data, offset)
-        if length < _NLATTR.size or offset + length > len(data):
-            break
-        attrs[kind & NLA_TYPE_MASK] = data[offset + _NLATTR.size : offset + length]
-        offset += (length + 3) & ~3
+    for kind, start, end in iter_attrs(data, offset, len(data)):
+        if end > len(data):
+            break  # truncated
+        attrs[kind] = data[start:end]
     return attrs
 
 
@@ -254,7 +221,7 @@ def _arp(payload: bytes) -> tuple[str, str, str] | None:
 def parse_packet(body: bytes) -> LoggedPacket | None:
     """Decode one NFULNL_MSG_PACKET body (nfgenmsg + attributes); None if there is nothing to report."""
     bridged = bool(body) and body[0] == NFPROTO_BRIDGE
-    attrs = parse_attrs(body, _NFGENMSG.size)
+    attrs = parse_attrs(body, NFGENMSG.size)
     hdr = attrs.get(NFULA_PACKET_HDR)
     hw_protocol = _BE16.unpack_from(hdr)[0] if hdr is not None and len(hdr) >= 2 else 0
     prefix = attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -293,7 +260,7 @@ def parse_packet(body: bytes) -> LoggedPacket | None:
 
 
 def _ack_error(body: bytes) -> int:
-    return -struct.unpack_from("=i", body)[0] if len(body) >= 4 else errno.EPROTO
+    return error_code(body, 0) if len(body) >= 4 else errno.EPROTO
 
 
 # --- the reader -------------------------------------------------------------------
@@ -404,7 +371,7 @@ class NflogReader:
             return
         try:
             self._seq += 1
-            self._sock.send(config_message(self.group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND])), self._seq))
+            self._sock.send(config_message(self.group, attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND])), self._seq))
         except OSError:
             pass
         finally:

@@ -10,37 +10,47 @@ sequence number) and parses neighbour, FDB, link and address dumps by hand.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import NamedTuple, TypeVar
 
-# netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/neighbour.h)
-NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-SO_RCVBUFFORCE = 33
-SO_SNDBUFFORCE = 32
+from .netlink import (
+    HDR_LEN,
+    NETLINK_CAP_ACK,
+    NETLINK_EXT_ACK,
+    NETLINK_ROUTE,
+    NLM_F_ACK,
+    NLM_F_ACK_TLVS,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    FramingError,
+    error_code,
+    iter_attrs,
+    iter_messages,
+    netns_entered,
+)
+from .netlink import (
+    attr as nl_attr,
+)
 
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
+# rtnetlink constants (linux/rtnetlink.h, linux/neighbour.h); the framing is netlink.py's
 
-NLM_F_REQUEST = 0x01
-NLM_F_MULTI = 0x02
-NLM_F_ACK = 0x04
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300
+
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
-NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR replies
 NLMSGERR_ATTR_MSG = 1
 
 RTM_NEWLINK = 16
@@ -93,17 +103,12 @@ RECV_BYTES = 1 << 20
 DUMP_RETRIES = 6  # backoff 2..32 ms between passes
 RECV_TIMEOUT = 30.0  # seconds; a kernel reply never takes this long
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, pad, pad, ifindex, state, flags, type
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTATTR = struct.Struct("=HH")  # len, type
-_ERRNO = struct.Struct("=i")
 _U32 = struct.Struct("=I")
-_HDR_LEN = _NLMSGHDR.size
 _NDMSG_LEN = _NDMSG.size
 
-_CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
 
@@ -164,48 +169,7 @@ class AddrRecord(NamedTuple):
     address: str  # compressed IP text (IFA_LOCAL, else IFA_ADDRESS)
 
 
-# --- namespaces ---------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def netns_path(name: str) -> str:
-    return f"/run/netns/{name}"
-
-
-@contextmanager
-def netns_entered(name: str | None) -> Iterator[None]:
-    """Run the body with this thread in network namespace ``name`` (None: stay)."""
-    if name is None:
-        yield
-        return
-    target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(original)
-        finally:
-            os.close(original)
-    finally:
-        os.close(target)
-
-
 # --- encoding -----------------------------------------------------------------
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return _RTATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -269,24 +233,13 @@ def neigh_request(*, delete: bool, ifindex: int, ip: str, mac: str) -> NeighRequ
 def _ndmsg_body(family: int, ifindex: int, state: int, ntf: int, lladdr: bytes | None, dst: bytes | None) -> bytes:
     body = _NDMSG.pack(family, ifindex, state, ntf, 0)
     if lladdr is not None:
-        body += _attr(NDA_LLADDR, lladdr)
+        body += nl_attr(NDA_LLADDR, lladdr)
     if dst is not None:
-        body += _attr(NDA_DST, dst)
+        body += nl_attr(NDA_DST, dst)
     return body
 
 
 # --- decoding -----------------------------------------------------------------
-
-
-def _attrs(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each attribute in buf[start:end]."""
-    unpack = _RTATTR.unpack_from
-    while start + 4 <= end:
-        length, kind = unpack(buf, start)
-        if length < 4:
-            break
-        yield kind & 0x3FFF, start + 4, start + length
-        start += (length + 3) & ~3
 
 
 class _Formatter:
@@ -307,7 +260,7 @@ def _parse_neigh(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> Nei
     family, ifindex, state, flags, _type = _NDMSG.unpack_from(buf, offset)
     lladdr = dst = None
     master = None
-    for kind, start, stop in _attrs(buf, offset + _NDMSG_LEN, end):
+    for kind, start, stop in iter_attrs(buf, offset + _NDMSG_LEN, end):
         if kind == NDA_LLADDR:
             lladdr = bytes(buf[start:stop]).hex(":")
         elif kind == NDA_DST:
@@ -319,7 +272,7 @@ def _parse_neigh(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> Nei
 
 def _parse_link_name(buf: memoryview, offset: int, end: int) -> LinkName | None:
     index = _IFINFOMSG.unpack_from(buf, offset)[2]
-    for kind, start, stop in _attrs(buf, offset + _IFINFOMSG.size, end):
+    for kind, start, stop in iter_attrs(buf, offset + _IFINFOMSG.size, end):
         if kind == IFLA_IFNAME:
             return LinkName(index, bytes(buf[start:stop]).rstrip(b"\0").decode())
     return None
@@ -336,7 +289,7 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
     mtu = 0
     master = None
     learning = neigh_suppress = isolated = ipv6 = None
-    for attr, start, stop in _attrs(buf, offset + _IFINFOMSG.size, end):
+    for attr, start, stop in iter_attrs(buf, offset + _IFINFOMSG.size, end):
         if attr == IFLA_IFNAME:
             name = _text(buf, start, stop)
         elif attr == IFLA_MTU:
@@ -348,11 +301,11 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
         elif attr == IFLA_IFALIAS:
             alias = _text(buf, start, stop)
         elif attr == IFLA_LINKINFO:
-            for info, istart, istop in _attrs(buf, start, stop):
+            for info, istart, istop in iter_attrs(buf, start, stop):
                 if info == IFLA_INFO_KIND:
                     kind = _text(buf, istart, istop)
                 elif info == IFLA_INFO_SLAVE_DATA:  # a bridge port's flags
-                    for port, pstart, _pstop in _attrs(buf, istart, istop):
+                    for port, pstart, _pstop in iter_attrs(buf, istart, istop):
                         if port == IFLA_BRPORT_LEARNING:
                             learning = bool(buf[pstart])
                         elif port == IFLA_BRPORT_NEIGH_SUPPRESS:
@@ -360,9 +313,9 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
                         elif port == IFLA_BRPORT_ISOLATED:
                             isolated = bool(buf[pstart])
         elif attr == IFLA_AF_SPEC:
-            for family, fstart, fstop in _attrs(buf, start, stop):
+            for family, fstart, fstop in iter_attrs(buf, start, stop):
                 if family == AF_INET6:
-                    for inet6, cstart, cstop in _attrs(buf, fstart, fstop):
+                    for inet6, cstart, cstop in iter_attrs(buf, fstart, fstop):
                         if inet6 == IFLA_INET6_CONF and cstop - cstart >= 4 * (DEVCONF_DISABLE_IPV6 + 1):
                             ipv6 = not struct.unpack_from("=i", buf, cstart + 4 * DEVCONF_DISABLE_IPV6)[0]
     return LinkRecord(index, name, kind, alias, mtu, master, mac, learning, neigh_suppress, ipv6, isolated)
@@ -371,7 +324,7 @@ def _parse_link(buf: memoryview, offset: int, end: int) -> LinkRecord:
 def _parse_addr(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> AddrRecord | None:
     family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(buf, offset)
     local = address = None
-    for attr, start, stop in _attrs(buf, offset + _IFADDRMSG.size, end):
+    for attr, start, stop in iter_attrs(buf, offset + _IFADDRMSG.size, end):
         if attr == IFA_LOCAL:
             local = fmt.ip(bytes(buf[start:stop]))
         elif attr == IFA_ADDRESS:
@@ -382,12 +335,12 @@ def _parse_addr(buf: memoryview, offset: int, end: int, fmt: _Formatter) -> Addr
 
 def _error_reply(buf: memoryview, offset: int, end: int, flags: int) -> NlError:
     """Decode an NLMSG_ERROR payload: errno (positive) and the extended ack text."""
-    code = -_ERRNO.unpack_from(buf, offset)[0]
+    code = error_code(buf, offset)
     message = ""
     if flags & NLM_F_ACK_TLVS:
         # The socket sets NETLINK_CAP_ACK: only the request's header is echoed.
-        tlv_start = offset + 4 + _HDR_LEN
-        for kind, start, stop in _attrs(buf, tlv_start, end):
+        tlv_start = offset + 4 + HDR_LEN
+        for kind, start, stop in iter_attrs(buf, tlv_start, end):
             if kind == NLMSGERR_ATTR_MSG:
                 message = bytes(buf[start:stop]).rstrip(b"\0").decode(errors="replace")
     return NlError(code, message)
@@ -459,7 +412,7 @@ class RtnlSocket:
         while first < len(requests):
             stop, size = first, 0
             while stop < len(requests) and (size < CHUNK_BYTES or stop == first):
-                size += _HDR_LEN + len(requests[stop].body)
+                size += HDR_LEN + len(requests[stop].body)
                 stop += 1
             self._send_chunk(requests, first, stop, outcomes)
             first = stop
@@ -477,11 +430,11 @@ class RtnlSocket:
         base = self._seq + 1
         last = base + (stop - first) - 1
         self._seq = last
-        pack_hdr = _NLMSGHDR.pack
+        pack_hdr = NLMSGHDR.pack
         parts: list[bytes] = []
         for seq, req in zip(range(base, last + 1), requests[first:stop], strict=True):
             flags = NLM_F_REQUEST | req.nl_flags | (NLM_F_ACK if seq == last else 0)
-            parts.append(pack_hdr(_HDR_LEN + len(req.body), req.msg_type, flags, seq, 0))
+            parts.append(pack_hdr(HDR_LEN + len(req.body), req.msg_type, flags, seq, 0))
             parts.append(req.body)
         self._sock.sendall(b"".join(parts))
         self._collect_acks(_Chunk(base, last, first, outcomes))
@@ -511,31 +464,28 @@ class RtnlSocket:
         as inconsistent (NLM_F_DUMP_INTR) or aborted with EINTR.
         """
         seq = self._next_seq()
-        hdr = _NLMSGHDR.pack(_HDR_LEN + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+        hdr = NLMSGHDR.pack(HDR_LEN + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         self._sock.sendall(hdr + body)
         view = self._view
         interrupted = False
         while True:
             size = self._recv()
-            offset = 0
-            while offset + _HDR_LEN <= size:
-                length, kind, flags, mseq, _pid = _NLMSGHDR.unpack_from(view, offset)
-                if length < _HDR_LEN:
-                    break
-                start, end = offset + _HDR_LEN, offset + length
-                offset += (length + 3) & ~3
-                if mseq != seq:
-                    continue  # a stale reply to an earlier request
-                interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-                if kind == NLMSG_DONE:
-                    code = -_ERRNO.unpack_from(view, start)[0] if end - start >= 4 else 0
-                    _check_dump_end(code, "", interrupted)
-                    return
-                if kind == NLMSG_ERROR:
-                    err = _error_reply(view, start, end, flags)
-                    _check_dump_end(err.errno, err.describe(), interrupted)
-                    return
-                yield view, start, end
+            try:
+                for kind, flags, mseq, start, end in iter_messages(view, size):
+                    if mseq != seq:
+                        continue  # a stale reply to an earlier request
+                    interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                    if kind == NLMSG_DONE:
+                        code = error_code(view, start) if end - start >= 4 else 0
+                        _check_dump_end(code, "", interrupted)
+                        return
+                    if kind == NLMSG_ERROR:
+                        err = _error_reply(view, start, end, flags)
+                        _check_dump_end(err.errno, err.describe(), interrupted)
+                        return
+                    yield view, start, end
+            except FramingError:
+                pass  # the rest of this datagram cannot be framed; read the next
 
     def _dump_retrying(self, msg_type: int, body: bytes, parse: Callable[[memoryview, int, int], T | None]) -> list[T]:
         """Run a dump, again while the kernel flags it inconsistent (NLM_F_DUMP_INTR).
@@ -608,7 +558,7 @@ class RtnlSocket:
         return self._dump_retrying(RTM_GETADDR, _IFADDRMSG.pack(AF_UNSPEC, 0, 0, 0, 0), parse)
 
 
-_LINK_DUMP = _IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
+_LINK_DUMP = _IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + nl_attr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
 
 
 class _DumpInterruptedError(Exception):
@@ -638,18 +588,16 @@ class _Chunk:
 
     def record(self, view: memoryview, size: int) -> bool:
         """Record the errors in ``view[:size]``; True once the final ACK is seen."""
-        offset = 0
         done = False
-        while offset + _HDR_LEN <= size:
-            length, msg_type, flags, seq, _pid = _NLMSGHDR.unpack_from(view, offset)
-            if length < _HDR_LEN:
-                break
-            if msg_type == NLMSG_ERROR and self.base <= seq <= self.last:
-                err = _error_reply(view, offset + _HDR_LEN, offset + length, flags)
-                if err.errno:
-                    self.outcomes[self.first + seq - self.base] = err
-                done = done or seq == self.last
-            offset += (length + 3) & ~3
+        try:
+            for msg_type, flags, seq, start, end in iter_messages(view, size):
+                if msg_type == NLMSG_ERROR and self.base <= seq <= self.last:
+                    err = _error_reply(view, start, end, flags)
+                    if err.errno:
+                        self.outcomes[self.first + seq - self.base] = err
+                    done = done or seq == self.last
+        except FramingError:
+            pass  # the rest of this datagram cannot be framed
         return done
 
     def mark_unknown(self) -> None:

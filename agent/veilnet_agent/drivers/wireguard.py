@@ -28,24 +28,22 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import DriverError, UnsupportedError, VeilnetError
+from ..core.errors import DriverError, UnsupportedError, VeilnetError
+from ..core.naming import OWNER_MARK, is_owned_alias
+from ..core.objects import ApplyResult, ObservedBackend, WgInterface, WgObservation, WgPeer
+from ..core.ops import EnsureWgInterface, SyncWgPeers, WgOp
 from ..logs import get_logger
-from ..naming import OWNER_MARK, is_owned_alias
-from ..objects import WgInterface, WgPeer
-from ..ops import EnsureWgInterface, SyncWgPeers, WgOp
-from .base import ApplyResult
 
 log = get_logger(component="wireguard")  # module-level helpers; the driver binds its node and interface
 
 Backend = Literal["auto", "kernel", "userspace"]
-ObservedBackend = Literal["kernel", "userspace"]
 
 WG = "wg"
 WIREGUARD_GO = "wireguard-go"
@@ -61,16 +59,6 @@ IFA_F_NODAD = 0x02
 NORMALISE_CACHE = 1 << 16  # observe() re-reads the same strings every cycle
 LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/10")
 _KERNEL_MISSING_ERRNOS = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EAFNOSUPPORT}
-
-
-@dataclass
-class WgObservation:
-    """The interface and peers as the kernel (or wireguard-go) reports them."""
-
-    interface: WgInterface | None
-    peers: dict[str, WgPeer] = field(default_factory=dict)  # by public key
-    backend: ObservedBackend | None = None
-    handshakes: dict[str, int] = field(default_factory=dict)  # epoch seconds, 0 = never
 
 
 @dataclass(frozen=True)

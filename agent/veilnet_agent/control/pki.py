@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from .errors import VeilnetError
+from ..core.errors import VeilnetError
 from .files import atomic_write
 
 ROLES_OPERATOR = ("admin", "network-admin", "viewer")

@@ -56,8 +56,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import controller_pb2_grpc
 
+from ..core.errors import ValidationError, VeilnetError
 from . import pki
-from .errors import ValidationError, VeilnetError
 
 JOIN_TIMEOUT = 15.0
 MAX_TOKEN_TEXT = 1024  # a token is 50 characters; anything much longer is the wrong file

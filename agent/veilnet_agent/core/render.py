@@ -8,8 +8,10 @@ remote endpoints, so ARP/ND is answered locally (neigh_suppress) and never
 floods the overlay. Local endpoints are veth pairs into their namespaces, with a
 static FDB entry for their MAC on their port; no port learns (an endpoint
 cannot move another's MAC onto its port).
-Tunnels run between WireGuard transport addresses, so everything the
-overlay sends is encrypted on the underlay.
+Tunnels run between transport addresses on the encryption's interface, so
+everything the overlay sends is encrypted on the underlay; what the encryption
+contributes (the WireGuard interface and one WireGuard peer per peer) comes
+from ``core/encryption``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 from . import addr, naming
 from . import mtu as mtu_math
-from .model import IPAddress, LocalEndpoint, NodeState, Peer, Segment
+from .encryption import WIREGUARD, WireGuardHost
+from .model import LocalEndpoint, NodeState, Peer, Segment
 from .objects import (
     FdbEntry,
     GeneveSpec,
@@ -29,7 +32,6 @@ from .objects import (
     NeighEntry,
     VethSpec,
     VxlanSpec,
-    WgInterface,
     WgPeer,
 )
 
@@ -40,18 +42,9 @@ BUM_MAC = "00:00:00:00:00:00"
 class NodeContext:
     """Host facts the desired state does not carry."""
 
-    public_key: str
-    listen_port: int
+    encryption: WireGuardHost  # the encryption's host facts (WireGuard: public key and listen port)
     underlay_mtu: int
     underlay_family: mtu_math.Family
-
-
-def wg_endpoint(address: IPAddress, port: int) -> str:
-    return f"[{addr.text(address)}]:{port}" if address.version == 6 else f"{addr.text(address)}:{port}"
-
-
-def host_prefix(address: IPAddress) -> str:
-    return f"{addr.text(address)}/{address.max_prefixlen}"
 
 
 def underlay_family(state: NodeState, ctx: NodeContext) -> mtu_math.Family:
@@ -64,7 +57,8 @@ def underlay_family(state: NodeState, ctx: NodeContext) -> mtu_math.Family:
 def segment_mtus(state: NodeState, ctx: NodeContext, family: mtu_math.Family) -> dict[str, int]:
     transport: mtu_math.Family = 4 if state.transport_address.version == 4 else 6
     return {
-        s.name: mtu_math.segment_mtu(ctx.underlay_mtu, family, s.encapsulation, transport) for s in state.segments
+        s.name: mtu_math.segment_mtu(ctx.underlay_mtu, family, s.encapsulation, transport, WIREGUARD)
+        for s in state.segments
     }
 
 
@@ -119,7 +113,7 @@ def render_all(state: NodeState, ctx: NodeContext) -> Rendered:
         links=links,
         fdb=frozenset(fdb),
         neigh=frozenset(neigh),
-        wg=_wg_interface(state, ctx),
+        wg=WIREGUARD.interface(state, ctx.encryption, ctx.underlay_mtu, family),
         wg_peers={part.wg_peer.public_key: part.wg_peer for part in parts.values()},
     )
     return Rendered(target, parts, family, ctx)
@@ -190,26 +184,7 @@ def _peer_parts(segments: Mapping[str, Segment], mtus: Mapping[str, int], peer: 
                 fdb.add(FdbEntry(port, endpoint.mac, remote))
             fdb.add(FdbEntry(port, endpoint.mac, None))
             neigh.update(NeighEntry(bridge, addr.text(ip), endpoint.mac) for ip in endpoint.ips)
-    return PeerParts(_wg_peer(peer), links, frozenset(fdb), frozenset(neigh))
-
-
-def _wg_interface(state: NodeState, ctx: NodeContext) -> WgInterface:
-    return WgInterface(
-        name=naming.WG_IFNAME,
-        listen_port=ctx.listen_port,
-        public_key=ctx.public_key,
-        mtu=mtu_math.wireguard_mtu(ctx.underlay_mtu, underlay_family(state, ctx)),
-        addresses=frozenset({str(state.transport_address)}),
-    )
-
-
-def _wg_peer(peer: Peer) -> WgPeer:
-    return WgPeer(
-        public_key=peer.public_key,
-        endpoint=wg_endpoint(peer.underlay_address, peer.underlay_port),
-        allowed_ips=frozenset({host_prefix(peer.transport_address)}),
-        keepalive=peer.keepalive,
-    )
+    return PeerParts(WIREGUARD.peer(peer), links, frozenset(fdb), frozenset(neigh))
 
 
 def _bridge(segment: Segment, seg_mtu: int) -> Link:

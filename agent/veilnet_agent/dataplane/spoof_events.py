@@ -16,9 +16,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from . import addr, naming
-from .drivers.nflog import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, LoggedPacket
-from .firewall_guard import (
+from ..core import addr, naming
+from ..core.firewall_guard import (
     GENEVE_ETHERNET,
     ICMPV6_NA,
     ICMPV6_NS,
@@ -28,7 +27,8 @@ from .firewall_guard import (
     OVERLAY_IP6_NEXT_HEADERS,
     link_local,
 )
-from .model import LocalEndpoint, NodeState, Peer, Segment
+from ..core.model import LocalEndpoint, NodeState, Peer, Segment
+from ..core.objects import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, LoggedPacket
 
 SPOOF = "spoof"
 PEER_SPOOF = "peer_spoof"

@@ -6,7 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import VeilnetError
+from ..core.errors import VeilnetError
 
 
 def atomic_write(path: Path, data: bytes, mode: int) -> None:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from .config import AgentConfig
-from .errors import ValidationError
-from .logs import get_logger
-from .reconciler import Failure, Outcome, Reconciler
+from ..core.config import AgentConfig
+from ..core.errors import ValidationError
+from ..dataplane.reconciler import Failure, Outcome, Reconciler
+from ..logs import get_logger
 from .retry import RetrySchedule
 from .statefile import StateFileTracker, read_state_file
 

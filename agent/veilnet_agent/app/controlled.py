@@ -42,20 +42,22 @@ import grpc
 from veilnet.v1 import agent_pb2 as lpb
 from veilnet.v1 import controller_pb2 as cpb
 
-from . import __version__, loading, naming, wire
-from . import validate as v
-from .config import AgentConfig
-from .control import ControlClient, StreamEvent
+from .. import __version__
+from ..control import wire
+from ..control.client import ControlClient, StreamEvent
+from ..control.enrollment import IdentityFiles
+from ..control.files import atomic_write
+from ..control.local_api import LocalApiError, LocalApiServer, LocalRequest
+from ..core import loading, naming
+from ..core import validate as v
+from ..core.config import AgentConfig
+from ..core.describe import op_subject
+from ..core.errors import DriverError, ValidationError, VeilnetError
+from ..core.model import parse_node_state
+from ..core.ops import CreateLink, DeleteLink, Op, UpdateLink
+from ..dataplane.reconciler import Failure, Outcome, Reconciler
+from ..logs import get_logger
 from .daemon import gc_paused, settle_heap
-from .describe import op_subject
-from .enrollment import IdentityFiles
-from .errors import DriverError, ValidationError, VeilnetError
-from .files import atomic_write
-from .local_api import LocalApiError, LocalApiServer, LocalRequest
-from .logs import get_logger
-from .model import parse_node_state
-from .ops import CreateLink, DeleteLink, Op, UpdateLink
-from .reconciler import Failure, Outcome, Reconciler
 from .retry import RetrySchedule
 from .statefile import StateFileTracker
 

@@ -47,8 +47,8 @@ import grpc
 from veilnet.v1 import agent_pb2 as apb
 from veilnet.v1 import agent_pb2_grpc
 
-from .errors import VeilnetError
-from .logs import get_logger
+from ..core.errors import VeilnetError
+from ..logs import get_logger
 
 REQUEST_TIMEOUT = 30.0
 MAX_MESSAGE = 1024 * 1024

@@ -23,8 +23,8 @@ import grpc
 from veilnet.v1 import controller_pb2 as cpb
 from veilnet.v1 import controller_pb2_grpc
 
+from ..logs import get_logger
 from .enrollment import IdentityFiles, renew
-from .logs import get_logger
 
 INITIAL_BACKOFF = 0.5
 MAX_RECEIVE = 256 * 1024 * 1024

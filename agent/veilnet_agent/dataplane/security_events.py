@@ -35,11 +35,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 
-from .drivers.nflog import LoggedPacket
+from ..core.objects import LoggedPacket
+from .ports import PacketSource
 
 DROP = "drop"
 RATE_LIMIT = "rate_limit"
@@ -203,14 +203,6 @@ class SecurityEventSink:
         counts = dict(sorted(self._suppressed.items()))
         self._suppressed.clear()
         self.log.warning("security_events_suppressed", counts=counts, total=sum(counts.values()))
-
-
-class PacketSource(Protocol):
-    """What the reader thread needs of an :class:`~veilnet_agent.drivers.nflog.NflogReader`."""
-
-    dropped: int
-
-    def read(self, timeout: float | None = None) -> list[LoggedPacket]: ...
 
 
 def run_reader_thread(reader: PacketSource, sink: SecurityEventSink, stop: threading.Event) -> threading.Thread:

@@ -1,6 +1,7 @@
 """Target vs observed kernel state -> the minimal ordered list of operations (pure).
 
-Order respects dependencies: the WireGuard interface and its peers first;
+Order respects dependencies: the encryption's objects first (the WireGuard
+interface and its peers, see ``core/encryption``);
 stale entries, then stale links (ports before bridges); new bridges, then
 their ports and in-place updates; finally FDB and neighbour entries. Entries
 on links that are deleted or recreated go with the link and are not deleted
@@ -11,17 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .objects import FdbEntry, KernelState, Link, NeighEntry
+from .encryption import ENCRYPTIONS
+from .objects import FdbEntry, KernelState, Link, NeighEntry, diff_fields
 from .ops import (
     AddFdb,
     CreateLink,
     DeleteLink,
     DelFdb,
     DelNeigh,
-    EnsureWgInterface,
     Op,
     SetNeigh,
-    SyncWgPeers,
     UpdateLink,
 )
 
@@ -31,7 +31,8 @@ _CREATE_ORDER = {"bridge": 0, "vxlan": 1, "geneve": 1, "veth": 2}
 
 def plan(target: KernelState, observed: KernelState) -> list[Op]:
     ops: list[Op] = []
-    ops.extend(_plan_wireguard(target, observed))
+    for encryption in ENCRYPTIONS:  # each plans its own part of the kernel state
+        ops.extend(encryption.plan(target, observed))
     doomed = _doomed_links(target, observed)
     # Bridges that are (re)created lose their ports' master entries and neighbours.
     reset_bridges = {n for n in doomed if observed.links[n].kind == "bridge"}
@@ -70,24 +71,6 @@ def _fdb_key(entry: FdbEntry) -> tuple[str, str, str]:
     return (entry.ifname, entry.mac, entry.dst or "")
 
 
-def _plan_wireguard(target: KernelState, observed: KernelState) -> Iterable[Op]:
-    if target.wg is not None:
-        if observed.wg is None:
-            yield EnsureWgInterface(target.wg, create=True, reason="missing")
-        elif observed.wg != target.wg:
-            yield EnsureWgInterface(target.wg, create=False, reason=_diff_fields(observed.wg, target.wg))
-    upserts = tuple(
-        sorted(
-            (peer for key, peer in target.wg_peers.items() if observed.wg_peers.get(key) != peer),
-            key=lambda p: p.public_key,
-        )
-    )
-    removes = tuple(sorted(k for k in observed.wg_peers if k not in target.wg_peers))
-    if upserts or removes:
-        reason = f"{len(upserts)} to add or change, {len(removes)} to remove"
-        yield SyncWgPeers(upserts, removes, reason)
-
-
 def _doomed_links(target: KernelState, observed: KernelState) -> list[str]:
     """Observed links to delete: not desired, or desired with other creation-time attributes."""
     doomed = []
@@ -101,7 +84,7 @@ def _doomed_links(target: KernelState, observed: KernelState) -> list[str]:
 def _delete_links(doomed: list[str], observed: KernelState, target: KernelState) -> Iterable[Op]:
     for name in sorted(doomed, key=lambda n: (_DELETE_ORDER[observed.links[n].kind], n)):
         link = observed.links[name]
-        reason = "not desired" if name not in target.links else f"recreate: {_diff_fields(link, target.links[name])}"
+        reason = "not desired" if name not in target.links else f"recreate: {diff_fields(link, target.links[name])}"
         yield DeleteLink(name, link.kind, reason)
 
 
@@ -145,26 +128,9 @@ def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | Non
         mac=mac,
         add_addresses=frozenset(add),
         remove_addresses=frozenset(remove),
-        reason=_diff_fields(current, wanted),
+        reason=diff_fields(current, wanted),
         learning=learning,
         neigh_suppress=suppress,
         isolated=isolated,
         ipv6=ipv6,
     )
-
-
-def _diff_fields(current: object, wanted: object) -> str:
-    fields = getattr(wanted, "__dataclass_fields__", {})
-    changes = []
-    for field_name, spec in fields.items():
-        if not spec.compare:
-            continue
-        old, new = getattr(current, field_name), getattr(wanted, field_name)
-        if old != new:
-            if isinstance(old, frozenset) and isinstance(new, frozenset):
-                changes.append(f"{field_name} +{sorted(new - old)} -{sorted(old - new)}")
-            elif field_name in ("public_key",):
-                changes.append(f"{field_name} changed")
-            else:
-                changes.append(f"{field_name} {old!r} -> {new!r}")
-    return ", ".join(changes) or "changed"

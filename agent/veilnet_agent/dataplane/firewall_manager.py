@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from .config import FirewallConfig
-from .drivers.firewall import ObservedFirewall
-from .firewall_compiler import (
+from ..core.config import FirewallConfig
+from ..core.firewall_compiler import (
     AllowElements,
     CompiledFirewall,
     Element,
@@ -24,17 +23,11 @@ from .firewall_compiler import (
     Shape,
     compile_table,
 )
-from .firewall_guard import GuardElements
-from .logs import get_logger
-from .model import NodeState
-
-
-class FirewallPort(Protocol):
-    def observe(self) -> ObservedFirewall: ...
-    def apply_full(self, compiled: CompiledFirewall) -> int: ...
-    def apply_elements(
-        self, add: Mapping[str, frozenset[Element]], delete: Mapping[str, frozenset[Element]]
-    ) -> int: ...
+from ..core.firewall_guard import GuardElements
+from ..core.model import NodeState
+from ..core.objects import ObservedFirewall
+from ..logs import get_logger
+from .ports import FirewallPort
 
 
 @dataclass

@@ -8,13 +8,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, logs, naming
-from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from .errors import ValidationError, VeilnetError
+from .. import __version__, logs
+from ..core import naming
+from ..core.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from ..core.errors import ValidationError, VeilnetError
 
 if TYPE_CHECKING:  # the drivers import pyroute2: load them only for commands that touch the kernel
-    from .drivers.links import LinksDriver
-    from .drivers.wireguard import WireGuardDriver
+    from ..drivers.links import LinksDriver
+    from ..drivers.wireguard import WireGuardDriver
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -63,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _drivers(config: AgentConfig) -> tuple[LinksDriver, WireGuardDriver]:
-    from .drivers.links import LinksDriver
-    from .drivers.wireguard import WireGuardDriver
+    from ..drivers.links import LinksDriver
+    from ..drivers.wireguard import WireGuardDriver
 
     return LinksDriver(), WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend,
                                           node=config.node_name)
@@ -78,13 +79,13 @@ def _capabilities(links: LinksDriver) -> list[str]:
 def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
     import threading
 
+    from ..dataplane.firewall_manager import FirewallManager
+    from ..dataplane.reconciler import Reconciler
+    from ..dataplane.security_events import SecurityEventSink, run_reader_thread
+    from ..dataplane.spoof_events import SpoofExplainer
+    from ..drivers.firewall import FirewallDriver
+    from ..drivers.nflog import NflogReader
     from .daemon import Daemon
-    from .drivers.firewall import FirewallDriver
-    from .drivers.nflog import NflogReader
-    from .firewall_manager import FirewallManager
-    from .reconciler import Reconciler
-    from .security_events import SecurityEventSink, run_reader_thread
-    from .spoof_events import SpoofExplainer
 
     log = logs.get_logger(node=config.node_name)
     links, wireguard = _drivers(config)
@@ -126,7 +127,7 @@ def cmd_check(config: AgentConfig, state_file: Path) -> int:
 
 
 def cmd_identity(config: AgentConfig) -> int:
-    from .drivers.wireguard import WireGuardDriver
+    from ..drivers.wireguard import WireGuardDriver
 
     driver = WireGuardDriver(naming.WG_IFNAME, config.state_dir, config.wireguard.backend, node=config.node_name)
     print(driver.ensure_private_key())
@@ -134,9 +135,9 @@ def cmd_identity(config: AgentConfig) -> int:
 
 
 def cmd_teardown(config: AgentConfig) -> int:
-    from .objects import KernelState
-    from .ops import EnsureWgInterface, SyncWgPeers
-    from .planner import plan
+    from ..core.objects import KernelState
+    from ..core.ops import EnsureWgInterface, SyncWgPeers
+    from ..core.planner import plan
 
     links, wireguard = _drivers(config)
     with links:
@@ -144,7 +145,7 @@ def cmd_teardown(config: AgentConfig) -> int:
         ops = plan(KernelState(), KernelState(links=observed.links, fdb=observed.fdb, neigh=observed.neigh))
         result = links.apply([op for op in ops if not isinstance(op, (SyncWgPeers, EnsureWgInterface))])
     wireguard.remove_interface()
-    from .drivers.firewall import FirewallDriver
+    from ..drivers.firewall import FirewallDriver
 
     FirewallDriver().remove()
     log = logs.get_logger(node=config.node_name)
@@ -155,7 +156,7 @@ def cmd_teardown(config: AgentConfig) -> int:
 
 
 def cmd_join(config: AgentConfig, args: argparse.Namespace) -> int:
-    from .enrollment import IdentityFiles, join, read_join_token
+    from ..control.enrollment import IdentityFiles, join, read_join_token
 
     if args.token is not None:
         # Never echo it: the point is that it should not be anywhere but the controller's hash table.
@@ -173,7 +174,7 @@ def cmd_join(config: AgentConfig, args: argparse.Namespace) -> int:
 def _local_call(config: AgentConfig, method: str, request: object) -> object:
     import grpc
 
-    from .local_api import client
+    from ..control.local_api import client
 
     try:
         return getattr(client(config.control.local_socket), method)(request, timeout=30)

@@ -26,37 +26,21 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from .config import AgentConfig
-from .describe import op_fields, op_subject
-from .drivers.base import ApplyResult
-from .drivers.links import LinksObservation
-from .drivers.wireguard import WgObservation
-from .errors import DriverError, ValidationError
+from ..core.config import AgentConfig
+from ..core.describe import op_fields, op_subject
+from ..core.encryption import WireGuardHost
+from ..core.errors import DriverError, ValidationError
+from ..core.model import NodeState
+from ..core.objects import ApplyResult, KernelState
+from ..core.ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
+from ..core.planner import plan
+from ..core.render import NodeContext, Rendered, render_all, render_peer_changes
+from ..logs import get_logger
 from .firewall_manager import FirewallManager, FirewallOutcome
-from .logs import get_logger
-from .model import NodeState
-from .objects import KernelState
-from .ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
-from .planner import plan
-from .render import NodeContext, Rendered, render_all, render_peer_changes
+from .ports import LinksPort, WireGuardPort
 
 PER_OP_LOG_LIMIT = 200
-
-
-class LinksPort(Protocol):
-    def observe(self) -> LinksObservation: ...
-    def apply(self, ops: Sequence[LinkOp | EntryOp]) -> ApplyResult[Any]: ...
-    def geneve_supported(self) -> bool: ...
-    def interface_mtu(self, ifname: str) -> int: ...
-
-
-class WireGuardPort(Protocol):
-    def observe(self) -> WgObservation: ...
-    def apply(self, ops: Sequence[WgOp]) -> ApplyResult[Any]: ...
-    def ensure_private_key(self) -> str: ...
-    def rotate_private_key(self) -> str: ...
 
 
 def _firewall_view(state: NodeState, peers: Collection[str]) -> dict[str, object]:
@@ -202,8 +186,7 @@ class Reconciler:
     def _context(self) -> NodeContext:
         underlay = self.config.underlay
         return NodeContext(
-            public_key=self.public_key,
-            listen_port=self.config.wireguard.listen_port,
+            encryption=WireGuardHost(public_key=self.public_key, listen_port=self.config.wireguard.listen_port),
             underlay_mtu=underlay.mtu if underlay.mtu is not None else self._underlay_mtu(underlay.interface),
             underlay_family=underlay.family,
         )

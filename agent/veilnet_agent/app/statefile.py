@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import loading
-from .model import NodeState, parse_node_state, update_peers
+from ..core import loading
+from ..core.model import NodeState, parse_node_state, update_peers
 
 MAX_STATE_FILE_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64  # the deepest a valid state goes is 7; libyaml's loader overflows the C stack at ~100,000

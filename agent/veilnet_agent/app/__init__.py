@@ -1,0 +1,1 @@
+"""Entry points: the command line, file mode (daemon) and controller mode (controlled)."""

@@ -1,0 +1,1 @@
+"""The control client: talks to the controller and serves the local API."""

@@ -1,0 +1,61 @@
+"""Encryption of the transport, as a pluggable part of the core.
+
+Every overlay packet travels between transport addresses, and the transport
+is encrypted. What an encryption contributes to the core is stated here once,
+as :class:`Encryption`; the MTU arithmetic, the renderer, the planner and the
+cleartext guard ask it instead of naming WireGuard:
+
+- ``overhead``: the bytes its outer headers and tag cost on the underlay, which
+  every segment MTU is reduced by (``core/mtu.py``);
+- ``not_decrypted``: the nft match for a packet that did not come out of it,
+  which the cleartext guard drops when it carries one of our VNIs
+  (``core/firewall_compiler.py``);
+- ``plan``: the ops that bring its part of the kernel state to the target
+  (``core/planner.py``, first, since the tunnels run over it).
+
+Implementations, each in a module of its own:
+
+- ``wireguard.py``: today's, and the default. Its kernel objects are
+  ``KernelState.wg`` / ``wg_peers`` (``WgInterface``, ``WgPeer``), rendered from
+  ``NodeContext.encryption`` (a :class:`~.wireguard.WireGuardHost`: this host's
+  public key and listen port), applied by ``drivers/wireguard.py`` through
+  ``dataplane.ports.WireGuardPort``.
+- IPsec plugs in beside it as ``ipsec.py`` (issue 10): ESP's overhead, a
+  ``meta secpath missing`` guard match, xfrm states and policies as its part of
+  the kernel state, an ``XfrmPort`` in ``dataplane/ports.py`` and
+  ``drivers/xfrm.py``; then it joins :data:`ENCRYPTIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from ..mtu import Family
+from ..objects import KernelState
+from ..ops import Op
+from .wireguard import WIREGUARD, WireGuard, WireGuardHost
+
+
+class Encryption(Protocol):
+    """What one way of encrypting the transport contributes to the core."""
+
+    @property
+    def name(self) -> str: ...
+
+    def overhead(self, underlay_family: Family) -> int:
+        """Bytes per packet it adds on the underlay (outer IP and UDP headers included)."""
+        ...
+
+    def not_decrypted(self) -> dict[str, Any]:
+        """An nft JSON match that is true for a packet that did not come out of this encryption."""
+        ...
+
+    def plan(self, target: KernelState, observed: KernelState) -> Iterable[Op]:
+        """The ops that bring its part of ``observed`` to ``target``."""
+        ...
+
+
+ENCRYPTIONS: tuple[Encryption, ...] = (WIREGUARD,)  # every implementation the planner asks; IPsec joins here
+
+__all__ = ["ENCRYPTIONS", "WIREGUARD", "Encryption", "WireGuard", "WireGuardHost"]

@@ -1,0 +1,1 @@
+"""Dataplane orchestration: the reconciler, the firewall manager and the security events."""

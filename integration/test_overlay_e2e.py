@@ -517,7 +517,8 @@ def test_a_deleted_object_is_recreated_on_resync_and_traffic_resumes(overlay: La
         a.run(["ip", "link", "del", "vnbr200"])
     elif what == "endpoint-veth":
         a.run(["ip", "link", "del", port])
-        assert lab.endpoint("a-db").run(["ip", "link", "show", "eth0"], check=False).returncode != 0
+        # (not "a-db's eth0 is gone": the agent may already have recreated the pair, seen once in the VM;
+        # the ifindex check below proves the deletion either way)
     elif what == "wireguard":
         a.run(["ip", "link", "del", "vnwg0"])
     else:

@@ -23,7 +23,9 @@ Implementations, each in a module of its own:
 - IPsec plugs in beside it as ``ipsec.py`` (issue 10): ESP's overhead, a
   ``meta secpath missing`` guard match, xfrm states and policies as its part of
   the kernel state, an ``XfrmPort`` in ``dataplane/ports.py`` and
-  ``drivers/xfrm.py``; then it joins :data:`ENCRYPTIONS`.
+  ``drivers/xfrm.py``; then it joins :data:`ENCRYPTIONS`. Its key agreement is
+  already here, unused so far: ``ipsec_keys.py`` (signed ephemeral X25519 halves
+  per epoch, HKDF-SHA256 directional keys, salts and SPIs per pair).
 """
 
 from __future__ import annotations

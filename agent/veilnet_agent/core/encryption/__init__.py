@@ -25,7 +25,8 @@ Implementations, each in a module of its own:
   the kernel state, an ``XfrmPort`` in ``dataplane/ports.py`` and
   ``drivers/xfrm.py``; then it joins :data:`ENCRYPTIONS`. Its key agreement is
   already here, unused so far: ``ipsec_keys.py`` (signed ephemeral X25519 halves
-  per epoch, HKDF-SHA256 directional keys, salts and SPIs per pair).
+  per epoch, HKDF-SHA256 directional keys, salts and SPIs per pair), and its
+  rotation state machine: ``ipsec_epochs.py`` (make before break, per peer).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lab as lab_module
 from ctl import ControllerProcess
-from lab import Lab
+from lab import Lab, results_dir
 
 REQUIRED_TOOLS = ("ip", "bridge", "nsenter", "unshare", "wg", "wireguard-go", "tcpdump", "ping")
 LOG_TAIL_LINES = 400
@@ -40,11 +40,6 @@ LOG_TAIL_LINES = 400
 _log_marks = pytest.StashKey[dict[str, int]]()
 _capture_mark = pytest.StashKey[int]()
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def results_dir() -> Path:
-    """Where failure diagnostics go: ``$VEILNET_RESULTS`` or ``out/`` in the repository."""
-    return Path(os.environ.get("VEILNET_RESULTS") or REPO_ROOT / "out")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -59,6 +59,38 @@ Cmd = str | Sequence[str]
 TIME_SCALE = float(os.environ.get("VEILNET_TIME_SCALE", "1"))
 
 
+def results_dir() -> Path:
+    """Where failure diagnostics go: ``$VEILNET_RESULTS`` or ``out/`` in the repository."""
+    return Path(os.environ.get("VEILNET_RESULTS") or REPO_ROOT / "out")
+
+
+# Run with the bindings' Python in a namespace: takes ``inet veilnet`` with ``flags owner`` (only this process
+# may change it, and it goes when the process ends), prints "holding", and holds it until stdin closes.
+TABLE_HOLDER = r"""
+import sys, nftables
+nft = nftables.Nftables()
+rc, _, err = nft.cmd("add table inet veilnet\ndelete table inet veilnet\nadd table inet veilnet { flags owner; }")
+if rc:
+    print(err, file=sys.stderr, flush=True)
+    sys.exit(1)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def dump_commands(run: Callable[..., subprocess.CompletedProcess[str]], commands: Mapping[str, Sequence[str]],
+                  dest: Path, header: str = "") -> None:
+    """Each command's output (and its exit status and stderr when it failed) into ``dest/<name>``. Never raises:
+    a vanished namespace must not hide the rest."""
+    for name, argv in commands.items():
+        try:
+            res = run(argv, check=False, timeout=20)
+            text = res.stdout + (f"\n(exit {res.returncode}) {res.stderr}" if res.returncode else "")
+        except Exception as exc:
+            text = f"could not run {argv}: {exc}"
+        (dest / name).write_text(header + text)
+
+
 class LabError(RuntimeError):
     pass
 
@@ -769,13 +801,7 @@ class Host(_InNamespaces):
             "sockets.txt": ["ss", "-tanp"],
             "nft-counters.txt": ["nft", "list", "counters"],
         }
-        for name, argv in commands.items():
-            try:
-                res = self.run(argv, check=False, timeout=20)
-                text = res.stdout + (f"\n(exit {res.returncode}) {res.stderr}" if res.returncode else "")
-            except Exception as exc:  # a vanished namespace must not hide the rest
-                text = f"could not run {argv}: {exc}"
-            (dest / name).write_text(f"# agent {running}\n{text}")
+        dump_commands(self.run, commands, dest, header=f"# agent {running}\n")
 
     # -- inspection (no private keys ever leave these)
     def wg_show(self, ifname: str = "vnwg0") -> str:
@@ -918,7 +944,7 @@ class Lab:
             # A failure while building (a fixture's setup) never reaches the test report hook:
             # keep the evidence here, before teardown removes it.
             stamp = time.strftime("%H%M%S")
-            dest = Path(os.environ.get("VEILNET_RESULTS") or REPO_ROOT / "out") / "failures"
+            dest = results_dir() / "failures"
             with contextlib.suppress(Exception):
                 self.collect_diagnostics(dest / f"lab-{self.prefix}-{exc_type.__name__}-{stamp}")
         self.teardown()
@@ -1127,16 +1153,11 @@ class Lab:
         for name, host in self.hosts.items():
             host.collect_diagnostics(dest / name)
         dest.mkdir(parents=True, exist_ok=True)
-        for name, argv in {"underlay-links.txt": ["ip", "-d", "link", "show"],
-                           "underlay-addresses.txt": ["ip", "addr", "show"],
-                           "underlay-sockets.txt": ["ss", "-tanp"],
-                           "underlay-fdb.txt": ["bridge", "fdb", "show"],
-                           "underlay-neigh.txt": ["ip", "neigh", "show"]}.items():
-            try:
-                res = self.run_ul(argv, check=False, timeout=20)
-                (dest / name).write_text(res.stdout + res.stderr)
-            except Exception as exc:
-                (dest / name).write_text(f"could not run {argv}: {exc}")
+        dump_commands(self.run_ul, {"underlay-links.txt": ["ip", "-d", "link", "show"],
+                                    "underlay-addresses.txt": ["ip", "addr", "show"],
+                                    "underlay-sockets.txt": ["ss", "-tanp"],
+                                    "underlay-fdb.txt": ["bridge", "fdb", "show"],
+                                    "underlay-neigh.txt": ["ip", "neigh", "show"]}, dest)
         if self.controller is not None:
             with contextlib.suppress(OSError):
                 if self.controller.log_path.exists():

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import pytest
 from lab import (
+    TABLE_HOLDER,
     EndpointSpec,
     Host,
     HostSpec,
@@ -75,22 +76,12 @@ def has_eth0(lab: Lab, endpoint: str) -> bool:
 
 # Replaces the agent's table with one only this process may change (the kernel's owner flag),
 # in one transaction, and holds it until its stdin closes; the kernel drops the table when it exits.
-TABLE_TAKER = r"""
-import sys, nftables
-nft = nftables.Nftables()
-rc, _, err = nft.cmd("add table inet veilnet\ndelete table inet veilnet\nadd table inet veilnet { flags owner; }")
-if rc:
-    print(err, file=sys.stderr, flush=True)
-    sys.exit(1)
-print("holding", flush=True)
-sys.stdin.read()
-"""
 
 
 @contextlib.contextmanager
 def table_taken(host: Host) -> Iterator[subprocess.Popen[str]]:
     """While the block runs, ``inet veilnet`` in ``host`` belongs to another process: the agent cannot change it."""
-    proc = host.popen([PY, "-c", TABLE_TAKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    proc = host.popen([PY, "-c", TABLE_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

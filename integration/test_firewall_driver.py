@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from lab import TABLE_HOLDER
 
 from veilnet_agent.core.errors import DriverError
 from veilnet_agent.core.firewall_compiler import FINGERPRINT_PREFIX, CompiledFirewall, Element, compile_firewall
@@ -643,23 +644,13 @@ def test_real_traffic_is_filtered(bridged: tuple[str, str, str]) -> None:
 
 # --- tables in states the agent never leaves them in --------------------------------
 
-OWNER_TAKER = r"""
-import sys, nftables
-nft = nftables.Nftables()
-rc, _, err = nft.cmd("add table inet veilnet { flags owner; }\nadd set inet veilnet allow_x { type ipv4_addr; }")
-if rc:
-    print(err, file=sys.stderr, flush=True)
-    sys.exit(1)
-print("holding", flush=True)
-sys.stdin.read()
-"""
 
 
 def test_a_table_held_by_another_process_is_refused_without_listing_it(host: str, driver: FirewallDriver) -> None:
     """nft 1.0.6 prints an ``owner`` table's flags as JSON by reading past an array: garbage, invalid JSON, or a
     heap corruption that killed the agent in a fail-closed test. The driver reads the flags over netlink and
     refuses to list such a table, naming the holder; many observes in a row leave the process alive."""
-    taker = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", OWNER_TAKER], stdin=subprocess.PIPE,
+    taker = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", TABLE_HOLDER], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert taker.stdout is not None

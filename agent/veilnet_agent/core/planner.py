@@ -102,6 +102,11 @@ def _create_and_update_links(
             yield update
 
 
+def _port_flag(current: bool | None, wanted: bool | None, moved: bool) -> bool | None:
+    """The value to set a managed bridge-port flag to, or None to leave it."""
+    return wanted if wanted is not None and (current != wanted or moved) else None
+
+
 def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | None:
     mtu = wanted.mtu if current.mtu != wanted.mtu else None
     master = wanted.master if (current.master != wanted.master or master_reset) and wanted.master else None
@@ -109,12 +114,10 @@ def _update(current: Link, wanted: Link, master_reset: bool) -> UpdateLink | Non
     add = wanted.addresses - current.addresses
     remove = current.addresses - wanted.addresses
     # A port that changes bridge gets its flags set again: they are per port, and a new master resets them.
-    learning = wanted.learning if wanted.learning is not None and (
-        current.learning != wanted.learning or master is not None) else None
-    suppress = wanted.neigh_suppress if wanted.neigh_suppress is not None and (
-        current.neigh_suppress != wanted.neigh_suppress or master is not None) else None
-    isolated = wanted.isolated if wanted.isolated is not None and (
-        current.isolated != wanted.isolated or master is not None) else None
+    moved = master is not None
+    learning = _port_flag(current.learning, wanted.learning, moved)
+    suppress = _port_flag(current.neigh_suppress, wanted.neigh_suppress, moved)
+    isolated = _port_flag(current.isolated, wanted.isolated, moved)
     # Only a device that has IPv6 can have it turned off (a kernel without IPv6 reports None).
     ipv6 = wanted.ipv6 if wanted.ipv6 is not None and current.ipv6 is not None and current.ipv6 != wanted.ipv6 \
         else None

@@ -466,7 +466,7 @@ NFTA_TABLE_FLAGS = 2
 NFTA_TABLE_OWNER = 10
 NFT_TABLE_F_DORMANT = 0x1
 NFT_TABLE_F_OWNER = 0x2
-NFPROTO_NUMBERS = {"inet": 1, "ipv4": 2, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ipv6": 10, "ip6": 10}
+NFPROTO_NUMBERS = {"inet": 1, "bridge": 7}  # the families of our tables
 NFTA_OBJ_TABLE = 1
 NFTA_OBJ_NAME = 2
 NFTA_OBJ_TYPE = 3
@@ -522,7 +522,6 @@ class _CounterSocket:
         tail = netlink.NFGENMSG.pack(NFPROTO_NUMBERS[family], 0, 0) + name
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
         self._sock.send(netlink.message(msg_type, netlink.NLM_F_REQUEST, seq, tail))
-        found: tuple[int, int | None] | None = None
         while True:
             data = memoryview(self._sock.recv(1 << 16))
             for kind, _flags, msg_seq, body in _messages(data, "firewall"):
@@ -538,13 +537,11 @@ class _CounterSocket:
                     return flags, owner  # a non-dump GET answers with the object alone
                 if kind == netlink.NLMSG_ERROR:
                     code = netlink.error_code(body, 0)
-                    if code == 0:
-                        return found
-                    if code == errno.ENOENT:
+                    if code in (0, errno.ENOENT):
                         return None
                     raise DriverError(f"firewall: reading table {family} {TABLE_NAME}: {os.strerror(code)}")
                 if kind == netlink.NLMSG_DONE:
-                    return found
+                    return None
 
     def dump(self) -> dict[str, tuple[int, int]]:
         for _ in range(_DUMP_RETRIES):

@@ -16,6 +16,10 @@ OWNER_MARK = "veilnet:"
 NAME_PREFIX = "vn"
 IFNAMSIZ = 15
 WG_IFNAME = "vnwg0"
+# XFRM objects carry no name or comment: the agent's SAs and policy templates carry this reqid ("VNET"),
+# and the agent reads back, changes and deletes only SAs and policies with it.
+XFRM_REQID = 0x564E4554
+XFRM_PRIORITY = 0x564E  # of the agent's policies (any other policy with a lower number is consulted first)
 # Links are created under a staging name, marked, configured, then renamed into
 # place: the kernel ignores IFLA_IFALIAS on create, so a crash between create and
 # mark would otherwise leave an unmarked link squatting on the real name. A

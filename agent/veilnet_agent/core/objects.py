@@ -111,6 +111,59 @@ class WgPeer:
     keepalive: int = 0  # seconds, 0 = off
 
 
+XfrmDirection = Literal["out", "in"]
+SaKey = tuple[str, str, int]  # (src, dst, spi): an SA's identity (the kernel's is (dst, spi, proto))
+PolicyKey = tuple[str, str, str, int]  # (direction, src, dst, dport)
+
+
+@dataclass(frozen=True)
+class XfrmSa:
+    """One ESP security association the agent owns: transport mode, ``rfc4106(gcm(aes))`` with a 256-bit
+    key and 32-bit salt, 128-bit ICV, extended sequence numbers, ``reqid`` = ``naming.XFRM_REQID``.
+
+    ``key`` is the 36 bytes the kernel takes (key, then salt); it is never printed. Drivers read it back
+    from the kernel's SA dump, so an adopted SA compares equal to the one that would be installed.
+    """
+
+    src: str  # underlay addresses, normalised text
+    dst: str
+    spi: int
+    key: bytes = field(repr=False)
+    replay_window: int = 4096  # packets; kept in the ESN replay state (any size above 32 works)
+
+    @property
+    def ident(self) -> SaKey:
+        return (self.src, self.dst, self.spi)
+
+
+@dataclass(frozen=True)
+class XfrmPolicy:
+    """A policy the agent owns: UDP from ``src`` to ``dst`` port ``dport`` (the encapsulation's) must be
+    ESP in transport mode (``level required``, template reqid ``naming.XFRM_REQID``). ``out``: what we send
+    to the peer; ``in``: what we accept from it (a cleartext packet matching it is dropped).
+    """
+
+    direction: XfrmDirection
+    src: str  # host addresses, normalised text (selector prefix length: /32 or /128)
+    dst: str
+    dport: int
+
+    @property
+    def ident(self) -> PolicyKey:
+        return (self.direction, self.src, self.dst, self.dport)
+
+
+@dataclass(frozen=True)
+class SaCounters:
+    """What the kernel counted on one SA (``ip -s xfrm state``)."""
+
+    bytes: int = 0
+    packets: int = 0
+    replay: int = 0  # packets dropped as replayed (already seen sequence number)
+    replay_window: int = 0  # packets dropped as too old for the window
+    integrity_failed: int = 0  # packets whose ICV did not verify
+
+
 @dataclass(frozen=True)
 class KernelState:
     links: Mapping[str, Link] = field(default_factory=dict)
@@ -118,6 +171,8 @@ class KernelState:
     neigh: frozenset[NeighEntry] = frozenset()
     wg: WgInterface | None = None
     wg_peers: Mapping[str, WgPeer] = field(default_factory=dict)  # by public key
+    xfrm_sas: Mapping[SaKey, XfrmSa] = field(default_factory=dict)
+    xfrm_policies: Mapping[PolicyKey, XfrmPolicy] = field(default_factory=dict)
 
 
 # --- what the drivers report -------------------------------------------------------
@@ -164,6 +219,16 @@ class WgObservation:
     peers: dict[str, WgPeer] = field(default_factory=dict)  # by public key
     backend: ObservedBackend | None = None
     handshakes: dict[str, int] = field(default_factory=dict)  # epoch seconds, 0 = never
+
+
+@dataclass
+class XfrmObservation:
+    """The agent's SAs and policies as the kernel reports them (only those with our reqid)."""
+
+    sas: dict[SaKey, XfrmSa] = field(default_factory=dict)
+    policies: dict[PolicyKey, XfrmPolicy] = field(default_factory=dict)
+    counters: dict[SaKey, SaCounters] = field(default_factory=dict)
+    added: dict[SaKey, int] = field(default_factory=dict)  # when the kernel added each SA (Unix seconds)
 
 
 @dataclass(frozen=True)

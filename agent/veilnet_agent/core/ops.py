@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .objects import FdbEntry, Link, NeighEntry, WgInterface, WgPeer
+from .objects import FdbEntry, Link, NeighEntry, PolicyKey, SaKey, WgInterface, WgPeer, XfrmPolicy, XfrmSa
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,34 @@ class DelNeigh:
     reason: str
 
 
+@dataclass(frozen=True)
+class SyncXfrm:
+    """One batch of XFRM changes, applied in this order: SAs added, policies set, policies deleted,
+    SAs deleted (a policy never points at nothing, and nothing is ever sent in the clear)."""
+
+    add_sas: tuple[XfrmSa, ...] = ()
+    set_policies: tuple[XfrmPolicy, ...] = ()
+    delete_policies: tuple[PolicyKey, ...] = ()
+    delete_sas: tuple[SaKey, ...] = ()
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.add_sas or self.set_policies or self.delete_policies or self.delete_sas)
+
+
 WgOp = EnsureWgInterface | SyncWgPeers
+XfrmOp = SyncXfrm
 LinkOp = CreateLink | DeleteLink | UpdateLink
 EntryOp = AddFdb | DelFdb | SetNeigh | DelNeigh
-Op = WgOp | LinkOp | EntryOp
+Op = WgOp | XfrmOp | LinkOp | EntryOp
 
 
 def cost(op: Op) -> int:
     """Kernel requests an op takes."""
     if isinstance(op, SyncWgPeers):
         return len(op.upserts) + len(op.removes)
+    if isinstance(op, SyncXfrm):  # one netlink message each, sent in one batch
+        return len(op.add_sas) + len(op.set_policies) + len(op.delete_policies) + len(op.delete_sas)
     if isinstance(op, UpdateLink):
         return (
             int(op.mtu is not None)

@@ -12,8 +12,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from ..core.firewall_compiler import CompiledFirewall, Element
-from ..core.objects import ApplyResult, LinksObservation, LoggedPacket, ObservedFirewall, WgObservation
-from ..core.ops import EntryOp, LinkOp, WgOp
+from ..core.objects import (
+    ApplyResult,
+    LinksObservation,
+    LoggedPacket,
+    ObservedFirewall,
+    WgObservation,
+    XfrmObservation,
+)
+from ..core.ops import EntryOp, LinkOp, WgOp, XfrmOp
 
 
 class LinksPort(Protocol):
@@ -32,6 +39,16 @@ class WireGuardPort(Protocol):
     def apply(self, ops: Sequence[WgOp]) -> ApplyResult[Any]: ...
     def ensure_private_key(self) -> str: ...
     def rotate_private_key(self) -> str: ...
+
+
+class XfrmPort(Protocol):
+    """The agent's ESP SAs and XFRM policies (``drivers.xfrm``), changed in netlink batches."""
+
+    def observe(self) -> XfrmObservation: ...
+    def apply(self, ops: Sequence[XfrmOp]) -> ApplyResult[Any]: ...
+    def unsupported(self) -> str | None:
+        """Why this kernel cannot do ESP with rfc4106(gcm(aes)) and ESN, or None if it can."""
+        ...
 
 
 class FirewallPort(Protocol):

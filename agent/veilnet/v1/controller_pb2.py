@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from veilnet.v1 import state_pb2 as veilnet_dot_v1_dot_state__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveilnet/v1/controller.proto\x12\nveilnet.v1\x1a\x16veilnet/v1/state.proto\"@\n\x0bJoinRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"k\n\x0cJoinResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x18\n\x10\x63ontrol_endpoint\x18\x04 \x01(\t\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"?\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c\"\xe3\x01\n\x0c\x41gentMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.veilnet.v1.HelloH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.veilnet.v1.AckH\x00\x12/\n\tendpoints\x18\x03 \x01(\x0b\x32\x1a.veilnet.v1.EndpointReportH\x00\x12+\n\nkey_update\x18\x04 \x01(\x0b\x32\x15.veilnet.v1.KeyUpdateH\x00\x12)\n\x06status\x18\x05 \x01(\x0b\x32\x17.veilnet.v1.AgentStatusH\x00\x42\x06\n\x04kind\"\xc2\x01\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x1c\n\x14wireguard_public_key\x18\x03 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x04 \x01(\x04\x12\x1d\n\x15\x61pplied_spec_revision\x18\x05 \x01(\x04\x12\x35\n\x12\x61ttached_endpoints\x18\x06 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"\x95\x01\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x15\n\rspec_revision\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x13\n\x0b\x65rror_field\x18\x04 \x01(\t\x12\x13\n\x0b\x65rror_value\x18\x05 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x06 \x01(\t\x12\x19\n\x11kernel_operations\x18\x07 \x01(\r\">\n\x0e\x45ndpointReport\x12,\n\tendpoints\x18\x01 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"\xdf\x01\n\x0b\x41gentStatus\x12\x1d\n\x15\x61pplied_spec_revision\x18\x01 \x01(\x04\x12\x10\n\x08segments\x18\x02 \x01(\r\x12\x11\n\tendpoints\x18\x03 \x01(\r\x12\r\n\x05peers\x18\x04 \x01(\r\x12\x10\n\x08policies\x18\x05 \x01(\r\x12#\n\x1bpeers_with_recent_handshake\x18\x06 \x01(\r\x12\x15\n\rdrift_repairs\x18\x07 \x01(\r\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x1b\n\x13\x63\x65rtificate_expires\x18\t \x01(\t\")\n\tKeyUpdate\x12\x1c\n\x14wireguard_public_key\x18\x01 \x01(\t\"m\n\x11\x43ontrollerMessage\x12(\n\x06update\x18\x01 \x01(\x0b\x32\x16.veilnet.v1.NodeUpdateH\x00\x12&\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x13.veilnet.v1.CommandH\x00\x42\x06\n\x04kind\"\xa8\x01\n\nNodeUpdate\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x15\n\rspec_revision\x18\x02 \x01(\x04\x12\x15\n\rbase_sequence\x18\x03 \x01(\x04\x12)\n\x08snapshot\x18\x04 \x01(\x0b\x32\x15.veilnet.v1.NodeStateH\x00\x12\'\n\x05\x64\x65lta\x18\x05 \x01(\x0b\x32\x16.veilnet.v1.StateDeltaH\x00\x42\x06\n\x04\x62ody\"\x83\x01\n\x07\x43ommand\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.veilnet.v1.Command.Kind\"P\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06RESYNC\x10\x01\x12\x0f\n\x0bROTATE_KEYS\x10\x02\x12\x15\n\x11RENEW_CERTIFICATE\x10\x03\x32\xca\x01\n\nController\x12\x39\n\x04Join\x12\x17.veilnet.v1.JoinRequest\x1a\x18.veilnet.v1.JoinResponse\x12<\n\x05Renew\x12\x18.veilnet.v1.RenewRequest\x1a\x19.veilnet.v1.RenewResponse\x12\x43\n\x04Sync\x12\x18.veilnet.v1.AgentMessage\x1a\x1d.veilnet.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveilnet/v1/controller.proto\x12\nveilnet.v1\x1a\x16veilnet/v1/state.proto\"@\n\x0bJoinRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"k\n\x0cJoinResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x18\n\x10\x63ontrol_endpoint\x18\x04 \x01(\t\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"?\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c\"\xb7\x02\n\x0c\x41gentMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.veilnet.v1.HelloH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.veilnet.v1.AckH\x00\x12/\n\tendpoints\x18\x03 \x01(\x0b\x32\x1a.veilnet.v1.EndpointReportH\x00\x12+\n\nkey_update\x18\x04 \x01(\x0b\x32\x15.veilnet.v1.KeyUpdateH\x00\x12)\n\x06status\x18\x05 \x01(\x0b\x32\x17.veilnet.v1.AgentStatusH\x00\x12)\n\tepoch_key\x18\x06 \x01(\x0b\x32\x14.veilnet.v1.EpochKeyH\x00\x12\'\n\x08sa_ready\x18\x07 \x01(\x0b\x32\x13.veilnet.v1.SaReadyH\x00\x42\x06\n\x04kind\"\xc2\x01\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x1c\n\x14wireguard_public_key\x18\x03 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x04 \x01(\x04\x12\x1d\n\x15\x61pplied_spec_revision\x18\x05 \x01(\x04\x12\x35\n\x12\x61ttached_endpoints\x18\x06 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"\x95\x01\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x15\n\rspec_revision\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x13\n\x0b\x65rror_field\x18\x04 \x01(\t\x12\x13\n\x0b\x65rror_value\x18\x05 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x06 \x01(\t\x12\x19\n\x11kernel_operations\x18\x07 \x01(\r\">\n\x0e\x45ndpointReport\x12,\n\tendpoints\x18\x01 \x03(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"\x8f\x02\n\x0b\x41gentStatus\x12\x1d\n\x15\x61pplied_spec_revision\x18\x01 \x01(\x04\x12\x10\n\x08segments\x18\x02 \x01(\r\x12\x11\n\tendpoints\x18\x03 \x01(\r\x12\r\n\x05peers\x18\x04 \x01(\r\x12\x10\n\x08policies\x18\x05 \x01(\r\x12#\n\x1bpeers_with_recent_handshake\x18\x06 \x01(\r\x12\x15\n\rdrift_repairs\x18\x07 \x01(\r\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x1b\n\x13\x63\x65rtificate_expires\x18\t \x01(\t\x12.\n\nencryption\x18\n \x03(\x0b\x32\x1a.veilnet.v1.PeerEncryption\"\xfc\x01\n\x0ePeerEncryption\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\npeer_epoch\x18\x05 \x01(\x04\x12\x19\n\x11\x65poch_age_seconds\x18\x06 \x01(\r\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x13\n\x0bpackets_out\x18\x08 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x12\n\npackets_in\x18\n \x01(\x04\x12\x17\n\x0freplay_failures\x18\x0b \x01(\x04\x12\x1a\n\x12integrity_failures\x18\x0c \x01(\x04\")\n\tKeyUpdate\x12\x1c\n\x14wireguard_public_key\x18\x01 \x01(\t\"\xc1\x01\n\x11\x43ontrollerMessage\x12(\n\x06update\x18\x01 \x01(\x0b\x32\x16.veilnet.v1.NodeUpdateH\x00\x12&\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x13.veilnet.v1.CommandH\x00\x12)\n\tepoch_key\x18\x03 \x01(\x0b\x32\x14.veilnet.v1.EpochKeyH\x00\x12\'\n\x08sa_ready\x18\x04 \x01(\x0b\x32\x13.veilnet.v1.SaReadyH\x00\x42\x06\n\x04kind\"\x89\x01\n\x08\x45pochKey\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x04\x12\x0f\n\x07\x65xpires\x18\x04 \x01(\x04\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x07 \x01(\x0c\"E\n\x07SaReady\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x14\n\x0csender_epoch\x18\x02 \x01(\x04\x12\x16\n\x0ereceiver_epoch\x18\x03 \x01(\x04\"\xa8\x01\n\nNodeUpdate\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x15\n\rspec_revision\x18\x02 \x01(\x04\x12\x15\n\rbase_sequence\x18\x03 \x01(\x04\x12)\n\x08snapshot\x18\x04 \x01(\x0b\x32\x15.veilnet.v1.NodeStateH\x00\x12\'\n\x05\x64\x65lta\x18\x05 \x01(\x0b\x32\x16.veilnet.v1.StateDeltaH\x00\x42\x06\n\x04\x62ody\"\x83\x01\n\x07\x43ommand\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.veilnet.v1.Command.Kind\"P\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06RESYNC\x10\x01\x12\x0f\n\x0bROTATE_KEYS\x10\x02\x12\x15\n\x11RENEW_CERTIFICATE\x10\x03\x32\xca\x01\n\nController\x12\x39\n\x04Join\x12\x17.veilnet.v1.JoinRequest\x1a\x18.veilnet.v1.JoinResponse\x12<\n\x05Renew\x12\x18.veilnet.v1.RenewRequest\x1a\x19.veilnet.v1.RenewResponse\x12\x43\n\x04Sync\x12\x18.veilnet.v1.AgentMessage\x1a\x1d.veilnet.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,25 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWRESPONSE']._serialized_start=275
   _globals['_RENEWRESPONSE']._serialized_end=338
   _globals['_AGENTMESSAGE']._serialized_start=341
-  _globals['_AGENTMESSAGE']._serialized_end=568
-  _globals['_HELLO']._serialized_start=571
-  _globals['_HELLO']._serialized_end=765
-  _globals['_ACK']._serialized_start=768
-  _globals['_ACK']._serialized_end=917
-  _globals['_ENDPOINTREPORT']._serialized_start=919
-  _globals['_ENDPOINTREPORT']._serialized_end=981
-  _globals['_AGENTSTATUS']._serialized_start=984
-  _globals['_AGENTSTATUS']._serialized_end=1207
-  _globals['_KEYUPDATE']._serialized_start=1209
-  _globals['_KEYUPDATE']._serialized_end=1250
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1252
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1361
-  _globals['_NODEUPDATE']._serialized_start=1364
-  _globals['_NODEUPDATE']._serialized_end=1532
-  _globals['_COMMAND']._serialized_start=1535
-  _globals['_COMMAND']._serialized_end=1666
-  _globals['_COMMAND_KIND']._serialized_start=1586
-  _globals['_COMMAND_KIND']._serialized_end=1666
-  _globals['_CONTROLLER']._serialized_start=1669
-  _globals['_CONTROLLER']._serialized_end=1871
+  _globals['_AGENTMESSAGE']._serialized_end=652
+  _globals['_HELLO']._serialized_start=655
+  _globals['_HELLO']._serialized_end=849
+  _globals['_ACK']._serialized_start=852
+  _globals['_ACK']._serialized_end=1001
+  _globals['_ENDPOINTREPORT']._serialized_start=1003
+  _globals['_ENDPOINTREPORT']._serialized_end=1065
+  _globals['_AGENTSTATUS']._serialized_start=1068
+  _globals['_AGENTSTATUS']._serialized_end=1339
+  _globals['_PEERENCRYPTION']._serialized_start=1342
+  _globals['_PEERENCRYPTION']._serialized_end=1594
+  _globals['_KEYUPDATE']._serialized_start=1596
+  _globals['_KEYUPDATE']._serialized_end=1637
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1640
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1833
+  _globals['_EPOCHKEY']._serialized_start=1836
+  _globals['_EPOCHKEY']._serialized_end=1973
+  _globals['_SAREADY']._serialized_start=1975
+  _globals['_SAREADY']._serialized_end=2044
+  _globals['_NODEUPDATE']._serialized_start=2047
+  _globals['_NODEUPDATE']._serialized_end=2215
+  _globals['_COMMAND']._serialized_start=2218
+  _globals['_COMMAND']._serialized_end=2349
+  _globals['_COMMAND_KIND']._serialized_start=2269
+  _globals['_COMMAND_KIND']._serialized_end=2349
+  _globals['_CONTROLLER']._serialized_start=2352
+  _globals['_CONTROLLER']._serialized_end=2554
 # @@protoc_insertion_point(module_scope)

@@ -45,18 +45,22 @@ class RenewResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_bundle_pem: _Optional[bytes] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "ack", "endpoints", "key_update", "status")
+    __slots__ = ("hello", "ack", "endpoints", "key_update", "status", "epoch_key", "sa_ready")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     KEY_UPDATE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_KEY_FIELD_NUMBER: _ClassVar[int]
+    SA_READY_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
     endpoints: EndpointReport
     key_update: KeyUpdate
     status: AgentStatus
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointReport, _Mapping]] = ..., key_update: _Optional[_Union[KeyUpdate, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
+    epoch_key: EpochKey
+    sa_ready: SaReady
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointReport, _Mapping]] = ..., key_update: _Optional[_Union[KeyUpdate, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., epoch_key: _Optional[_Union[EpochKey, _Mapping]] = ..., sa_ready: _Optional[_Union[SaReady, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("agent_version", "capabilities", "wireguard_public_key", "applied_sequence", "applied_spec_revision", "attached_endpoints")
@@ -99,7 +103,7 @@ class EndpointReport(_message.Message):
     def __init__(self, endpoints: _Optional[_Iterable[_Union[_state_pb2.LocalEndpoint, _Mapping]]] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("applied_spec_revision", "segments", "endpoints", "peers", "policies", "peers_with_recent_handshake", "drift_repairs", "last_error", "certificate_expires")
+    __slots__ = ("applied_spec_revision", "segments", "endpoints", "peers", "policies", "peers_with_recent_handshake", "drift_repairs", "last_error", "certificate_expires", "encryption")
     APPLIED_SPEC_REVISION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,7 @@ class AgentStatus(_message.Message):
     DRIFT_REPAIRS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     applied_spec_revision: int
     segments: int
     endpoints: int
@@ -118,7 +123,36 @@ class AgentStatus(_message.Message):
     drift_repairs: int
     last_error: str
     certificate_expires: str
-    def __init__(self, applied_spec_revision: _Optional[int] = ..., segments: _Optional[int] = ..., endpoints: _Optional[int] = ..., peers: _Optional[int] = ..., policies: _Optional[int] = ..., peers_with_recent_handshake: _Optional[int] = ..., drift_repairs: _Optional[int] = ..., last_error: _Optional[str] = ..., certificate_expires: _Optional[str] = ...) -> None: ...
+    encryption: _containers.RepeatedCompositeFieldContainer[PeerEncryption]
+    def __init__(self, applied_spec_revision: _Optional[int] = ..., segments: _Optional[int] = ..., endpoints: _Optional[int] = ..., peers: _Optional[int] = ..., policies: _Optional[int] = ..., peers_with_recent_handshake: _Optional[int] = ..., drift_repairs: _Optional[int] = ..., last_error: _Optional[str] = ..., certificate_expires: _Optional[str] = ..., encryption: _Optional[_Iterable[_Union[PeerEncryption, _Mapping]]] = ...) -> None: ...
+
+class PeerEncryption(_message.Message):
+    __slots__ = ("peer", "mode", "state", "epoch", "peer_epoch", "epoch_age_seconds", "bytes_out", "packets_out", "bytes_in", "packets_in", "replay_failures", "integrity_failures")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PEER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_OUT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_IN_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    mode: str
+    state: str
+    epoch: int
+    peer_epoch: int
+    epoch_age_seconds: int
+    bytes_out: int
+    packets_out: int
+    bytes_in: int
+    packets_in: int
+    replay_failures: int
+    integrity_failures: int
+    def __init__(self, peer: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., peer_epoch: _Optional[int] = ..., epoch_age_seconds: _Optional[int] = ..., bytes_out: _Optional[int] = ..., packets_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., packets_in: _Optional[int] = ..., replay_failures: _Optional[int] = ..., integrity_failures: _Optional[int] = ...) -> None: ...
 
 class KeyUpdate(_message.Message):
     __slots__ = ("wireguard_public_key",)
@@ -127,12 +161,44 @@ class KeyUpdate(_message.Message):
     def __init__(self, wireguard_public_key: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("update", "command")
+    __slots__ = ("update", "command", "epoch_key", "sa_ready")
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_KEY_FIELD_NUMBER: _ClassVar[int]
+    SA_READY_FIELD_NUMBER: _ClassVar[int]
     update: NodeUpdate
     command: Command
-    def __init__(self, update: _Optional[_Union[NodeUpdate, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
+    epoch_key: EpochKey
+    sa_ready: SaReady
+    def __init__(self, update: _Optional[_Union[NodeUpdate, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., epoch_key: _Optional[_Union[EpochKey, _Mapping]] = ..., sa_ready: _Optional[_Union[SaReady, _Mapping]] = ...) -> None: ...
+
+class EpochKey(_message.Message):
+    __slots__ = ("node", "epoch", "created", "expires", "public_key", "signature", "certificate_pem")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    epoch: int
+    created: int
+    expires: int
+    public_key: bytes
+    signature: bytes
+    certificate_pem: bytes
+    def __init__(self, node: _Optional[str] = ..., epoch: _Optional[int] = ..., created: _Optional[int] = ..., expires: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class SaReady(_message.Message):
+    __slots__ = ("peer", "sender_epoch", "receiver_epoch")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SENDER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    sender_epoch: int
+    receiver_epoch: int
+    def __init__(self, peer: _Optional[str] = ..., sender_epoch: _Optional[int] = ..., receiver_epoch: _Optional[int] = ...) -> None: ...
 
 class NodeUpdate(_message.Message):
     __slots__ = ("sequence", "spec_revision", "base_sequence", "snapshot", "delta")

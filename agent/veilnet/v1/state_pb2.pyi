@@ -158,7 +158,7 @@ class Policy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[_Union[Selector, _Mapping]] = ..., destination: _Optional[_Union[Selector, _Mapping]] = ..., protocol: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRange, _Mapping]]] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels")
+    __slots__ = ("node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels", "encryption")
     class NodeLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class NodeState(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     node: str
     transport_address: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
@@ -180,7 +181,24 @@ class NodeState(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
     node_labels: _containers.ScalarMap[str, str]
-    def __init__(self, node: _Optional[str] = ..., transport_address: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[LocalEndpoint, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    encryption: EncryptionSettings
+    def __init__(self, node: _Optional[str] = ..., transport_address: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[LocalEndpoint, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., node_labels: _Optional[_Mapping[str, str]] = ..., encryption: _Optional[_Union[EncryptionSettings, _Mapping]] = ...) -> None: ...
+
+class EncryptionSettings(_message.Message):
+    __slots__ = ("mode", "ipsec")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    IPSEC_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    ipsec: IpsecSettings
+    def __init__(self, mode: _Optional[str] = ..., ipsec: _Optional[_Union[IpsecSettings, _Mapping]] = ...) -> None: ...
+
+class IpsecSettings(_message.Message):
+    __slots__ = ("replay_window", "rotation_seconds")
+    REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    replay_window: int
+    rotation_seconds: int
+    def __init__(self, replay_window: _Optional[int] = ..., rotation_seconds: _Optional[int] = ...) -> None: ...
 
 class SegmentList(_message.Message):
     __slots__ = ("items",)
@@ -214,7 +232,7 @@ class LabelMap(_message.Message):
     def __init__(self, items: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StateDelta(_message.Message):
-    __slots__ = ("transport_address", "segments", "endpoints", "policies", "peer_upserts", "peer_removes", "node_labels")
+    __slots__ = ("transport_address", "segments", "endpoints", "policies", "peer_upserts", "peer_removes", "node_labels", "encryption")
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +240,7 @@ class StateDelta(_message.Message):
     PEER_UPSERTS_FIELD_NUMBER: _ClassVar[int]
     PEER_REMOVES_FIELD_NUMBER: _ClassVar[int]
     NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     transport_address: str
     segments: SegmentList
     endpoints: LocalEndpointList
@@ -229,4 +248,5 @@ class StateDelta(_message.Message):
     peer_upserts: _containers.RepeatedCompositeFieldContainer[Peer]
     peer_removes: _containers.RepeatedScalarFieldContainer[str]
     node_labels: LabelMap
-    def __init__(self, transport_address: _Optional[str] = ..., segments: _Optional[_Union[SegmentList, _Mapping]] = ..., endpoints: _Optional[_Union[LocalEndpointList, _Mapping]] = ..., policies: _Optional[_Union[PolicyList, _Mapping]] = ..., peer_upserts: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., peer_removes: _Optional[_Iterable[str]] = ..., node_labels: _Optional[_Union[LabelMap, _Mapping]] = ...) -> None: ...
+    encryption: EncryptionSettings
+    def __init__(self, transport_address: _Optional[str] = ..., segments: _Optional[_Union[SegmentList, _Mapping]] = ..., endpoints: _Optional[_Union[LocalEndpointList, _Mapping]] = ..., policies: _Optional[_Union[PolicyList, _Mapping]] = ..., peer_upserts: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., peer_removes: _Optional[_Iterable[str]] = ..., node_labels: _Optional[_Union[LabelMap, _Mapping]] = ..., encryption: _Optional[_Union[EncryptionSettings, _Mapping]] = ...) -> None: ...

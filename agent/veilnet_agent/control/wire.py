@@ -199,8 +199,40 @@ def _items(memo: Memo | None, items: Any, convert: Any) -> list[Any]:
     return _memo(memo, items, lambda xs: [convert(x) for x in xs or ()]) if items else []
 
 
+# --------------------------------------------------------------------------- encryption
+# In the state file: ``encryption`` ("wireguard", the default, or "ipsec") and ``ipsec`` (its settings);
+# on the wire one EncryptionSettings, unset for the default.
+_IPSEC_FIELDS = ("replay_window", "rotation_seconds")
+
+
+def encryption_of(raw: Mapping[str, Any]) -> Raw:
+    """The state's encryption keys (``encryption``, ``ipsec``), only those given."""
+    return {k: raw[k] for k in ("encryption", "ipsec") if raw.get(k) is not None}
+
+
+def encryption_to_proto(raw: Mapping[str, Any]) -> pb.EncryptionSettings | None:
+    given = encryption_of(raw)
+    if not given:
+        return None
+    msg = pb.EncryptionSettings(mode=_text(given, "encryption"))
+    ipsec = given.get("ipsec")
+    if isinstance(ipsec, Mapping):
+        msg.ipsec.CopyFrom(pb.IpsecSettings(**{k: int(ipsec[k]) for k in _IPSEC_FIELDS if ipsec.get(k)}))
+    return msg
+
+
+def encryption_from_proto(msg: pb.EncryptionSettings) -> Raw:
+    out: Raw = {}
+    if msg.mode:
+        out["encryption"] = msg.mode
+    if msg.HasField("ipsec"):
+        out["ipsec"] = {k: getattr(msg.ipsec, k) for k in _IPSEC_FIELDS if getattr(msg.ipsec, k)}
+    return out
+
+
 def state_to_proto(raw: Mapping[str, Any], memo: Memo | None = None) -> pb.NodeState:
     return pb.NodeState(
+        encryption=encryption_to_proto(raw),
         node=_text(raw, "node"),
         transport_address=_text(raw, "transport_address"),
         segments=_items(memo, raw.get("segments"), segment_to_proto),
@@ -221,6 +253,7 @@ def state_from_proto(msg: pb.NodeState) -> Raw:
         "peers": [peer_from_proto(p) for p in msg.peers],
         "policies": [policy_from_proto(p) for p in msg.policies],
         **({"node_labels": dict(msg.node_labels)} if msg.node_labels else {}),
+        **(encryption_from_proto(msg.encryption) if msg.HasField("encryption") else {}),
     }
 
 
@@ -238,11 +271,12 @@ class Delta:
     peer_upserts: list[dict[str, Any]] = field(default_factory=list)
     peer_removes: list[str] = field(default_factory=list)
     node_labels: dict[str, str] | None = None
+    encryption: dict[str, Any] | None = None  # the state's encryption keys, replaced whole ({}: the default)
 
     @property
     def peers_only(self) -> bool:
         return (self.transport_address is None and self.segments is None and self.endpoints is None
-                and self.policies is None and self.node_labels is None)
+                and self.policies is None and self.node_labels is None and self.encryption is None)
 
     def is_empty(self) -> bool:
         return self.peers_only and not self.peer_upserts and not self.peer_removes
@@ -271,7 +305,9 @@ def diff_states(old: Mapping[str, Any], new: Mapping[str, Any]) -> Delta:
         if before is None or _changed(before, p):
             upserts.append(p)
     removes = sorted(name for name in old_peers if name not in new_names)
+    new_encryption = encryption_of(new)
     return Delta(
+        encryption=new_encryption if _changed(encryption_of(old), new_encryption) else None,
         transport_address=transport if _changed(old.get("transport_address"), transport) else None,
         segments=sections["segments"],
         endpoints=sections["endpoints"],
@@ -296,6 +332,10 @@ def apply_delta(state: Mapping[str, Any], delta: Delta) -> dict[str, Any]:
             result["node_labels"] = dict(delta.node_labels)
         else:
             result.pop("node_labels", None)
+    if delta.encryption is not None:
+        result.pop("encryption", None)
+        result.pop("ipsec", None)
+        result.update(delta.encryption)
     if delta.peer_upserts or delta.peer_removes or "peers" not in result:
         peers = {p["name"]: p for p in state.get("peers", [])}
         for name in delta.peer_removes:
@@ -324,6 +364,8 @@ def delta_to_proto(delta: Delta, memo: Memo | None = None) -> pb.StateDelta:
     if delta.node_labels is not None:
         msg.node_labels.SetInParent()
         msg.node_labels.items.update(delta.node_labels)
+    if delta.encryption is not None:
+        msg.encryption.CopyFrom(encryption_to_proto(delta.encryption) or pb.EncryptionSettings())
     return msg
 
 
@@ -336,6 +378,7 @@ def delta_from_proto(msg: pb.StateDelta) -> Delta:
         peer_upserts=[peer_from_proto(p) for p in msg.peer_upserts],
         peer_removes=list(msg.peer_removes),
         node_labels=dict(msg.node_labels.items) if msg.HasField("node_labels") else None,
+        encryption=encryption_from_proto(msg.encryption) if msg.HasField("encryption") else None,
     )
 
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from veilnet_agent.core import firewall_compiler, mtu, naming
-from veilnet_agent.core.encryption import ENCRYPTIONS, WIREGUARD, Encryption
-from veilnet_agent.core.firewall_compiler import FirewallSettings
+from veilnet_agent.core.encryption import ENCRYPTIONS, IPSEC, WIREGUARD, Encryption, encryption_of
+from veilnet_agent.core.model import empty_state
 
 
-def test_wireguard_is_the_default_and_only_encryption_today() -> None:
-    assert ENCRYPTIONS == (WIREGUARD,)
-    assert FirewallSettings().encryption is WIREGUARD
-    encryption: Encryption = WIREGUARD  # mypy checks WireGuard against the Protocol
-    assert encryption.name == "wireguard"
+def test_wireguard_is_the_default_and_ipsec_the_other_encryption() -> None:
+    assert ENCRYPTIONS == (WIREGUARD, IPSEC)
+    import ipaddress
+    from dataclasses import replace
+    state = empty_state("a", ipaddress.ip_interface("10.99.0.1/24"))
+    assert encryption_of(state) is WIREGUARD
+    assert encryption_of(replace(state, encryption="ipsec")) is IPSEC
+    for encryption in (WIREGUARD, IPSEC):  # mypy checks both against the Protocol
+        checked: Encryption = encryption
+        assert checked.name in ("wireguard", "ipsec")
 
 
 def test_wireguard_guard_match_is_the_old_iifname_rule() -> None:

@@ -136,15 +136,24 @@ def cmd_identity(config: AgentConfig) -> int:
 
 def cmd_teardown(config: AgentConfig) -> int:
     from ..core.objects import KernelState
-    from ..core.ops import EnsureWgInterface, SyncWgPeers
+    from ..core.ops import CreateLink, DeleteLink, DelFdb, DelNeigh, SyncXfrm, UpdateLink
     from ..core.planner import plan
+    from ..drivers.xfrm import XfrmDriver
 
     links, wireguard = _drivers(config)
     with links:
         observed = links.observe()
         ops = plan(KernelState(), KernelState(links=observed.links, fdb=observed.fdb, neigh=observed.neigh))
-        result = links.apply([op for op in ops if not isinstance(op, (SyncWgPeers, EnsureWgInterface))])
+        result = links.apply([op for op in ops if isinstance(op, (CreateLink, DeleteLink, UpdateLink, DelFdb,
+                                                                   DelNeigh))])
     wireguard.remove_interface()
+    # IPsec last: the tunnels that used its policies are gone (only SAs and policies with our reqid).
+    xfrm = XfrmDriver()
+    ours = xfrm.observe()
+    gone = SyncXfrm(delete_policies=tuple(sorted(ours.policies)), delete_sas=tuple(sorted(ours.sas)),
+                    reason="teardown")
+    if gone:
+        result.merge(xfrm.apply([gone]))
     from ..drivers.firewall import FirewallDriver
 
     FirewallDriver().remove()

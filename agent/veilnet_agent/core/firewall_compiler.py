@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import addr, naming
-from .encryption import WIREGUARD, Encryption
+from .encryption import encryption_of
 from .firewall_guard import BRIDGE_FAMILY, GuardElements, bridge_table, overlay_chains
 from .model import IPAddress, NodeState, Segment
 from .policy import PROTOCOL_NUMBERS, Policy, Selector
@@ -59,7 +59,6 @@ _MAP_KEY_TAIL: dict[str, list[str]] = {"ports": ["inet_proto", "inet_service"], 
 class FirewallSettings:
     nflog_group: int = 7410
     log_per_second: int = 10
-    encryption: Encryption = WIREGUARD  # the guard drops our VNIs' packets that did not come out of it
 
 
 Shape = frozenset[tuple[str, str, str, int]]  # (family, object kind, name, rules if a chain else 0)
@@ -475,9 +474,10 @@ def _input_chains(state: NodeState, settings: FirewallSettings) -> list[dict[str
             "input",
             _match(_payload("udp", "dport"), {"set": list(ENCAP_PORTS)}),
             _match(VNI_FIELD, {"set": sorted(s.vni for s in state.segments)}),
-            settings.encryption.not_decrypted(),
+            encryption_of(state).not_decrypted(),  # the state's encryption: what did not come out of it
             _jump("guard_drop"),
-            comment="encapsulated packets of our VNIs must come through WireGuard",
+            comment="encapsulated packets of our VNIs must come through "
+            + ("IPsec" if state.encryption == "ipsec" else "WireGuard"),
         ))
         cmds += overlay_chains(state, _obj, _rule, settings.nflog_group, settings.log_per_second)
         cmds.append(_rule(

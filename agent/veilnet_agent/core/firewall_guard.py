@@ -198,8 +198,9 @@ def _endpoint_part(endpoint: LocalEndpoint, vni: int) -> Contribution:
     }
 
 
-def _peer_part(peer: Peer, segments: Mapping[str, Segment]) -> Contribution:
-    source = addr.text(peer.transport_address)
+def _peer_part(peer: Peer, segments: Mapping[str, Segment], encryption: str) -> Contribution:
+    # Where its encapsulated packets come from: its transport address (WireGuard) or underlay address (IPsec).
+    source = addr.text(peer.underlay_address if encryption == "ipsec" else peer.transport_address)
     vni_of = {name: s.vni for name, s in segments.items()}
     vnis = peer_vnis(peer, segments)
     # The gateway MAC of every shared segment: the frames the peer routed into it (same MAC on every host).
@@ -233,6 +234,7 @@ class _Context:
     """What every contribution depends on besides its own endpoint or peer."""
 
     segments: tuple[Segment, ...]
+    encryption: str = "wireguard"
 
     @property
     def by_name(self) -> dict[str, Segment]:
@@ -255,7 +257,7 @@ class GuardElements:
         self._counts: dict[str, Counter[GuardElement]] = {}
         self._sources: dict[tuple[str, str], object] = {}
         self._parts: dict[tuple[str, str], Contribution] = {}
-        self._context = _Context(state.segments)
+        self._context = _Context(state.segments, state.encryption)
         self._segments = self._context.by_name
         self._rebuild(state)
 
@@ -270,10 +272,10 @@ class GuardElements:
         if isinstance(source, LocalEndpoint):
             return _endpoint_part(source, segments[source.segment].vni)
         assert isinstance(source, Peer), identity
-        return _peer_part(source, segments)
+        return _peer_part(source, segments, self._context.encryption)
 
     def _rebuild(self, state: NodeState) -> None:
-        self._context = _Context(state.segments)
+        self._context = _Context(state.segments, state.encryption)
         self._segments = self._context.by_name
         self._sources = self._sources_of(state)
         self._parts = {identity: self._part(identity, source) for identity, source in self._sources.items()}
@@ -287,7 +289,8 @@ class GuardElements:
 
     def update(self, state: NodeState) -> GuardDelta:
         """Bring the sets to ``state``; return what changed."""
-        if _Context(state.segments) != self._context:  # VNIs or gateway MACs changed: every part may change
+        # VNIs, gateway MACs or the encryption (the peers' source addresses) changed: every part may change
+        if _Context(state.segments, state.encryption) != self._context:
             old_sets = self.frozen()
             self._rebuild(state)
             new_sets = self.frozen()
@@ -459,7 +462,7 @@ def overlay_chains(
 
     The caller jumps to ``from_peer`` for encapsulated packets of our VNIs that came through WireGuard.
     """
-    outer = _payload("ip" if state.transport_address.version == 4 else "ip6", "saddr")
+    outer = _payload("ip" if state.tunnel_family == 4 else "ip6", "saddr")
     cmds: list[dict[str, Any]] = [obj("counter", name=PEER_SPOOF_COUNTER)]
     cmds.append(obj("set", name="sg_peer_vni", typeof=_concat(outer, VNI)))
     cmds.append(obj("set", name="sg_peer_mac", typeof=_concat(outer, VNI, INNER_SRC_MAC)))

@@ -9,7 +9,7 @@ controller later.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -32,8 +32,16 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Encapsulation = Literal["vxlan", "geneve"]
+EncryptionMode = Literal["wireguard", "ipsec"]
 
 VNI_MAX = 16_777_215
+REPLAY_WINDOW_MAX = 65536  # packets (the kernel's ESN replay bitmap is bounded by its netlink attribute)
+
+
+@dataclass(frozen=True)
+class IpsecSettings:
+    replay_window: int = 4096  # packets; 0 would turn anti-replay off, so at least 32
+    rotation_seconds: int = 3600  # a new epoch after this long (also by volume, and on demand)
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,21 @@ class NodeState:
     # Uniqueness claims of every name, key, address and MAC, so that a peer delta is
     # validated against the rest without re-validating everything (see update_peers).
     claims: Claims = field(default_factory=lambda: Claims(), compare=False, repr=False)
+    # How the transport between hosts is encrypted: WireGuard between transport addresses, or ESP in
+    # transport mode on the encapsulation between underlay addresses (see core/encryption).
+    encryption: EncryptionMode = "wireguard"
+    ipsec: IpsecSettings = IpsecSettings()
+
+    def tunnel_address(self, peer: Peer) -> IPAddress:
+        """The address this node's tunnels reach ``peer`` at (and its encapsulated packets come from)."""
+        return peer.underlay_address if self.encryption == "ipsec" else peer.transport_address
+
+    @property
+    def tunnel_family(self) -> Literal[4, 6]:
+        """The IP version of the tunnels' outer headers."""
+        if self.encryption == "ipsec":
+            return 6 if self.peers and self.peers[0].underlay_address.version == 6 else 4
+        return 4 if self.transport_address.version == 4 else 6
 
     def segment(self, name: str) -> Segment:
         for segment in self.segments:
@@ -150,7 +173,9 @@ class Claims:
             del self.holder[key]
 
 
-_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels"}
+_STATE_KEYS = {"node", "transport_address", "segments", "endpoints", "peers", "policies", "node_labels",
+               "encryption", "ipsec"}
+_IPSEC_KEYS = {"replay_window", "rotation_seconds"}
 _SEGMENT_KEYS = {
     "name", "vni", "encapsulation", "ipv4_subnet", "ipv4_gateway",
     "ipv6_subnet", "ipv6_gateway", "gateway_mac", "mode", "rate_limit",
@@ -403,8 +428,38 @@ def parse_node_state(raw: object) -> NodeState:
     if node_labels:
         endpoints = tuple(_with_node_labels(e, node_labels, f"endpoints[{i}]") for i, e in enumerate(endpoints))
     policies = parse_policies(data.get("policies"), {s.name for s in segments})
+    mode, ipsec = _parse_encryption(data)
+    if mode == "ipsec":
+        _one_underlay_family(peers)
     return NodeState(node=node, transport_address=transport, segments=segments, endpoints=endpoints, peers=peers,
-                     policies=policies, node_labels=node_labels, claims=claims)
+                     policies=policies, node_labels=node_labels, claims=claims, encryption=mode, ipsec=ipsec)
+
+
+def _parse_encryption(data: Mapping[str, object]) -> tuple[EncryptionMode, IpsecSettings]:
+    mode = v.choice(data.get("encryption", "wireguard"), "encryption", ("wireguard", "ipsec"))
+    raw = data.get("ipsec")
+    if raw is None:
+        return ("ipsec" if mode == "ipsec" else "wireguard"), IpsecSettings()
+    if mode != "ipsec":
+        raise ValidationError("ipsec", "(settings)", "given, but encryption is not ipsec")
+    settings = v.mapping(raw, "ipsec")
+    v.no_unknown_keys(settings, _IPSEC_KEYS, "ipsec")
+    return "ipsec", IpsecSettings(
+        replay_window=v.integer(settings.get("replay_window", 4096), "ipsec.replay_window", 32, REPLAY_WINDOW_MAX),
+        rotation_seconds=v.integer(settings.get("rotation_seconds", 3600), "ipsec.rotation_seconds", 10, 86400),
+    )
+
+
+def _one_underlay_family(peers: Sequence[Peer], start: int = 0) -> None:
+    """IPsec tunnels run between underlay addresses, over one family: the first peer's."""
+    if not peers:
+        return
+    family = peers[0].underlay_address.version
+    for i, peer in enumerate(peers):
+        if peer.underlay_address.version != family:
+            raise ValidationError(f"peers[{start + i}].underlay_address", str(peer.underlay_address),
+                                  f"is IPv{peer.underlay_address.version}; with encryption ipsec every peer's "
+                                  f"underlay must be IPv{family}, like peers[0]'s")
 
 
 def _with_node_labels(endpoint: LocalEndpoint, node_labels: Labels, path: str) -> LocalEndpoint:
@@ -450,6 +505,8 @@ def update_peers(state: NodeState, upserts: Sequence[tuple[str, object]], remove
         peers = tuple(everything[name] for name in order)
     else:
         peers = tuple(new_by_name.pop(name, peer) for name, peer in kept.items()) + tuple(new_by_name.values())
+    if state.encryption == "ipsec":
+        _one_underlay_family(peers)
     return replace(state, peers=peers, claims=claims)
 
 

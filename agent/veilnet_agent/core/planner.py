@@ -1,11 +1,12 @@
 """Target vs observed kernel state -> the minimal ordered list of operations (pure).
 
 Order respects dependencies: the encryption's objects first (the WireGuard
-interface and its peers, see ``core/encryption``);
+interface and its peers, IPsec SAs and policies, see ``core/encryption``);
 stale entries, then stale links (ports before bridges); new bridges, then
-their ports and in-place updates; finally FDB and neighbour entries. Entries
-on links that are deleted or recreated go with the link and are not deleted
-one by one; entries on recreated links are added again.
+their ports and in-place updates; then FDB and neighbour entries; last, what
+the encryption removes only once no tunnel uses it. Entries on links that
+are deleted or recreated go with the link and are not deleted one by one;
+entries on recreated links are added again.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def plan(target: KernelState, observed: KernelState) -> list[Op]:
     for entry in sorted(missing_neigh):
         old_mac = current_mac.get((entry.ifname, entry.ip))
         ops.append(SetNeigh(entry, "missing" if old_mac is None else f"lladdr {old_mac} -> {entry.mac}"))
+    for encryption in ENCRYPTIONS:  # what the tunnels no longer use (IPsec policies: never before them)
+        ops.extend(encryption.plan_after(target, observed))
     return ops
 
 

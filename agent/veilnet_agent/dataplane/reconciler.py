@@ -27,18 +27,32 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..core import addr
 from ..core.config import AgentConfig
 from ..core.describe import op_fields, op_subject
-from ..core.encryption import WireGuardHost
+from ..core.encryption import IpsecHost, WireGuardHost
 from ..core.errors import DriverError, ValidationError
 from ..core.model import NodeState
-from ..core.objects import ApplyResult, KernelState
-from ..core.ops import DeleteLink, DelFdb, DelNeigh, EnsureWgInterface, EntryOp, LinkOp, Op, SyncWgPeers, WgOp, cost
+from ..core.objects import ApplyResult, KernelState, PolicyKey, SaCounters, SaKey, XfrmPolicy, XfrmSa
+from ..core.ops import (
+    DeleteLink,
+    DelFdb,
+    DelNeigh,
+    EnsureWgInterface,
+    EntryOp,
+    LinkOp,
+    Op,
+    SyncWgPeers,
+    SyncXfrm,
+    WgOp,
+    cost,
+)
 from ..core.planner import plan
 from ..core.render import NodeContext, Rendered, render_all, render_peer_changes
 from ..logs import get_logger
 from .firewall_manager import FirewallManager, FirewallOutcome
-from .ports import LinksPort, WireGuardPort
+from .ipsec_manager import Changes, IpsecManager
+from .ports import LinksPort, WireGuardPort, XfrmPort
 
 PER_OP_LOG_LIMIT = 200
 
@@ -47,7 +61,8 @@ def _firewall_view(state: NodeState, peers: Collection[str]) -> dict[str, object
     """What of these peers the firewall depends on: policy tuples on their endpoints, anti-spoofing also on
     their transport address and shared segments (not their WireGuard key or underlay endpoint)."""
     wanted = set(peers)
-    return {p.name: (p.endpoints, p.transport_address, p.segments) for p in state.peers if p.name in wanted}
+    return {p.name: (p.endpoints, p.transport_address, p.underlay_address, p.segments)
+            for p in state.peers if p.name in wanted}
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,8 @@ def split_by_exposure(ops: Sequence[Op]) -> tuple[list[Op], list[Op]]:
             reducing.append(SyncWgPeers(upserts=(), removes=op.removes, reason=op.reason))
             if op.upserts:
                 held.append(SyncWgPeers(upserts=op.upserts, removes=(), reason=op.reason))
+        elif isinstance(op, SyncXfrm) and not op.add_sas and not op.set_policies:
+            reducing.append(op)  # policies and SAs of peers whose tunnels went first
         else:
             held.append(op)
     return reducing, held
@@ -119,11 +136,17 @@ class Reconciler:
         links: LinksPort,
         wireguard: WireGuardPort,
         firewall: FirewallManager | None = None,
+        xfrm: XfrmPort | None = None,
     ) -> None:
         self.config = config
         self.links = links
         self.wireguard = wireguard
         self.firewall = firewall
+        self.xfrm = xfrm
+        self.ipsec: IpsecManager | None = None  # set by the controlled daemon (IPsec needs the controller)
+        self.sa_counters: dict[SaKey, SaCounters] = {}  # as of the last read-back
+        self.sa_added: dict[SaKey, int] = {}
+        self.ipsec_changes = Changes()  # what the key manager asked for while states were accepted (drained)
         self.log = get_logger(node=config.node_name)
         self.public_key = wireguard.ensure_private_key()
         self.desired: NodeState | None = None
@@ -153,8 +176,13 @@ class Reconciler:
         ``changed_peers``: the names of the only peers that differ from the current desired
         state (None: anything may differ). The target is then patched for just those peers.
         """
-        if changed_peers is not None and self.rendered is not None and self.desired is not None:
-            self.rendered = render_peer_changes(self.rendered, state, self._context(), changed_peers)
+        if state.encryption == "ipsec":
+            self._check_ipsec(state)
+        same_mode = self.desired is not None and self.desired.encryption == state.encryption \
+            and self.desired.ipsec == state.ipsec
+        if changed_peers is not None and self.rendered is not None and self.desired is not None and same_mode:
+            sas = self._ipsec_configure(state)
+            self.rendered = render_peer_changes(self.rendered, state, self._context(state), changed_peers, sas)
             if _firewall_view(self.desired, changed_peers) != _firewall_view(state, changed_peers):
                 self._accept_firewall(state)
             self.desired = state
@@ -169,9 +197,49 @@ class Reconciler:
                     f"segments[{i}].encapsulation", "geneve",
                     "is not supported by this kernel (no geneve module); use vxlan",
                 )
-        self.rendered = render_all(state, self._context())
+        sas = self._ipsec_configure(state)
+        self.rendered = render_all(state, self._context(state), sas)
         self._accept_firewall(state)
         self.desired = state
+        self._generation += 1
+
+    def _check_ipsec(self, state: NodeState) -> None:
+        """An IPsec state this host cannot carry is refused whole, naming why."""
+        if self.xfrm is None or self.ipsec is None:
+            raise ValidationError("encryption", "ipsec", "needs the controller (it relays the epoch keys): "
+                                  "run the agent with veilnet-agent run after joining")
+        reason = self.xfrm.unsupported()
+        if reason is not None:
+            raise ValidationError("encryption", "ipsec", f"is not supported by this kernel: {reason}")
+        family = self.config.underlay.address.version
+        for i, peer in enumerate(state.peers):
+            if peer.underlay_address.version != family:
+                raise ValidationError(f"peers[{i}].underlay_address", str(peer.underlay_address),
+                                      f"is IPv{peer.underlay_address.version}, this node's underlay "
+                                      f"({self.config.underlay.address}) IPv{family}: IPsec runs over one family")
+
+    def take_ipsec_changes(self) -> Changes:
+        changes, self.ipsec_changes = self.ipsec_changes, Changes()
+        return changes
+
+    def _ipsec_configure(self, state: NodeState) -> dict[str, tuple[XfrmSa, ...]] | None:
+        """Tell the key manager about the state's peers; the SAs every peer has now (None: not IPsec)."""
+        if state.encryption != "ipsec" or self.ipsec is None or self.xfrm is None:
+            return None
+        if self.ipsec.adopted_from is None:  # first IPsec state since start: adopt the kernel's SAs
+            self.ipsec.adopt(self.xfrm.observe().sas)
+        self.ipsec_changes.merge(self.ipsec.configure(state, addr.text(self.config.underlay.address)))
+        return self.ipsec.sas()
+
+    def ipsec_changed(self, peers: Collection[str]) -> None:
+        """The key manager changed these peers' SAs: patch them into the target (the caller reconciles)."""
+        if self.ipsec is None or self.desired is None or self.rendered is None or not peers:
+            return
+        if self.desired.encryption != "ipsec":
+            return
+        sas = {name: self.ipsec.sas_of(name) for name in peers}
+        self.rendered = render_peer_changes(self.rendered, self.desired, self._context(self.desired),
+                                            [p for p in peers if any(x.name == p for x in self.desired.peers)], sas)
         self._generation += 1
 
     def _accept_firewall(self, state: NodeState) -> None:
@@ -183,10 +251,13 @@ class Reconciler:
             self._geneve = self.links.geneve_supported()
         return self._geneve
 
-    def _context(self) -> NodeContext:
+    def _context(self, state: NodeState | None = None) -> NodeContext:
         underlay = self.config.underlay
+        current = state or self.desired
+        ipsec = current is not None and current.encryption == "ipsec"
         return NodeContext(
-            encryption=WireGuardHost(public_key=self.public_key, listen_port=self.config.wireguard.listen_port),
+            encryption=IpsecHost(underlay.address) if ipsec else
+            WireGuardHost(public_key=self.public_key, listen_port=self.config.wireguard.listen_port),
             underlay_mtu=underlay.mtu if underlay.mtu is not None else self._underlay_mtu(underlay.interface),
             underlay_family=underlay.family,
         )
@@ -225,7 +296,14 @@ class Reconciler:
         wg = self.wireguard.observe()
         self.handshakes = dict(getattr(wg, "handshakes", {}))  # public key -> epoch seconds (0: never)
         self.wireguard_backend = getattr(wg, "backend", None) or self.wireguard_backend
-        return KernelState(links=links.links, fdb=links.fdb, neigh=links.neigh, wg=wg.interface, wg_peers=wg.peers)
+        sas: dict[SaKey, XfrmSa] = {}
+        policies: dict[PolicyKey, XfrmPolicy] = {}
+        if self.xfrm is not None:
+            xfrm = self.xfrm.observe()
+            sas, policies = xfrm.sas, xfrm.policies
+            self.sa_counters, self.sa_added = xfrm.counters, xfrm.added
+        return KernelState(links=links.links, fdb=links.fdb, neigh=links.neigh, wg=wg.interface, wg_peers=wg.peers,
+                           xfrm_sas=sas, xfrm_policies=policies)
 
     def reconcile(self, *, full: bool) -> Outcome:
         """Bring the kernel to the target. ``full`` re-reads the kernel first (resync). Never raises:
@@ -318,8 +396,22 @@ class Reconciler:
     def _apply(self, ops: list[Op]) -> ApplyResult[Op]:
         ensure: list[WgOp] = [op for op in ops if isinstance(op, EnsureWgInterface)]
         peers: list[WgOp] = [op for op in ops if isinstance(op, SyncWgPeers)]
-        rest: list[LinkOp | EntryOp] = [op for op in ops if not isinstance(op, (EnsureWgInterface, SyncWgPeers))]
+        encryption_ops = (EnsureWgInterface, SyncWgPeers, SyncXfrm)
+        rest: list[LinkOp | EntryOp] = [op for op in ops if not isinstance(op, encryption_ops)]
+        # IPsec: what the planner put before the tunnels goes before them, what it put after goes after.
+        first_tunnel_op = next((i for i, op in enumerate(ops) if not isinstance(op, encryption_ops)), len(ops))
+        xfrm_before = [op for op in ops[:first_tunnel_op] if isinstance(op, SyncXfrm)]
+        xfrm_after = [op for op in ops[first_tunnel_op:] if isinstance(op, SyncXfrm)]
         result: ApplyResult[Op] = ApplyResult()
+        if (xfrm_before or xfrm_after) and self.xfrm is None:
+            result.failed.extend((op, "no XFRM driver") for op in xfrm_before + xfrm_after)
+            xfrm_before, xfrm_after = [], []
+        if xfrm_before:
+            assert self.xfrm is not None
+            before = self.xfrm.apply(xfrm_before)
+            result.merge(before)
+            if before.failed:  # never bring tunnels up without their protection
+                rest = [op for op in rest if isinstance(op, (DeleteLink, DelFdb, DelNeigh))]
         if ensure:
             result.merge(self.wireguard.apply(ensure))
         # WireGuard peers (another process) and netlink entries do not depend on each other: apply both at once.
@@ -328,6 +420,9 @@ class Reconciler:
             result.merge(self.links.apply(rest))
         if pending is not None:
             result.merge(pending.result())
+        if xfrm_after:
+            assert self.xfrm is not None
+            result.merge(self.xfrm.apply(xfrm_after))
         return result
 
     # -- logging -------------------------------------------------------

@@ -57,7 +57,7 @@ class _Index:
 
     def __init__(self, state: NodeState) -> None:
         self.by_port = {naming.endpoint_host_name(e.name): e for e in state.endpoints}
-        self.by_transport = {addr.text(p.transport_address): p for p in state.peers}
+        self.by_transport = {addr.text(state.tunnel_address(p)): p for p in state.peers}
         self.segment_of_vni = {s.vni: s for s in state.segments}
         self.owner_of_ip: dict[str, str] = {}
         self.owner_of_mac: dict[tuple[str, str], str] = {}

@@ -20,13 +20,17 @@ Implementations, each in a module of its own:
   ``NodeContext.encryption`` (a :class:`~.wireguard.WireGuardHost`: this host's
   public key and listen port), applied by ``drivers/wireguard.py`` through
   ``dataplane.ports.WireGuardPort``.
-- IPsec plugs in beside it as ``ipsec.py`` (issue 10): ESP's overhead, a
-  ``meta secpath missing`` guard match, xfrm states and policies as its part of
-  the kernel state, an ``XfrmPort`` in ``dataplane/ports.py`` and
-  ``drivers/xfrm.py``; then it joins :data:`ENCRYPTIONS`. Its key agreement is
-  already here, unused so far: ``ipsec_keys.py`` (signed ephemeral X25519 halves
-  per epoch, HKDF-SHA256 directional keys, salts and SPIs per pair), and its
-  rotation state machine: ``ipsec_epochs.py`` (make before break, per peer).
+- ``ipsec.py``: kernel IPsec, ESP in transport mode on the tunnels' UDP between
+  underlay addresses. Its kernel objects are ``KernelState.xfrm_sas`` /
+  ``xfrm_policies``, applied by ``drivers/xfrm.py`` through
+  ``dataplane.ports.XfrmPort``; its keys come from ``ipsec_keys.py`` (signed
+  ephemeral X25519 halves per epoch, HKDF-SHA256 directional keys, salts and SPIs
+  per pair) and rotate by ``ipsec_epochs.py`` (make before break, per peer),
+  driven by ``dataplane/ipsec_manager.py``.
+
+A node state names its mode (``NodeState.encryption``); :func:`encryption_of`
+gives the implementation. Every implementation plans its part of the kernel in
+two phases: ``plan`` before the tunnels change, ``plan_after`` once they have.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from ..model import IPAddress, NodeState, Peer
 from ..mtu import Family
 from ..objects import KernelState
 from ..ops import Op
+from .ipsec import IPSEC, Ipsec, IpsecHost
 from .wireguard import WIREGUARD, WireGuard, WireGuardHost
 
 
@@ -50,15 +56,30 @@ class Encryption(Protocol):
         """Bytes per packet it adds on the underlay (outer IP and UDP headers included)."""
         ...
 
+    def tunnel_address(self, state: NodeState, peer: Peer) -> IPAddress:
+        """Where the tunnels reach ``peer`` (and where its encapsulated packets come from)."""
+        ...
+
     def not_decrypted(self) -> dict[str, Any]:
         """An nft JSON match that is true for a packet that did not come out of this encryption."""
         ...
 
     def plan(self, target: KernelState, observed: KernelState) -> Iterable[Op]:
-        """The ops that bring its part of ``observed`` to ``target``."""
+        """The ops that bring its part of ``observed`` to ``target``, before the tunnels change."""
+        ...
+
+    def plan_after(self, target: KernelState, observed: KernelState) -> Iterable[Op]:
+        """What it removes only once the tunnels that used it are gone."""
         ...
 
 
-ENCRYPTIONS: tuple[Encryption, ...] = (WIREGUARD,)  # every implementation the planner asks; IPsec joins here
+ENCRYPTIONS: tuple[Encryption, ...] = (WIREGUARD, IPSEC)  # every implementation the planner asks
 
-__all__ = ["ENCRYPTIONS", "WIREGUARD", "Encryption", "WireGuard", "WireGuardHost"]
+
+def encryption_of(state: NodeState) -> Encryption:
+    """The implementation of ``state``'s encryption mode."""
+    return IPSEC if state.encryption == "ipsec" else WIREGUARD
+
+
+__all__ = ["ENCRYPTIONS", "IPSEC", "WIREGUARD", "Encryption", "Ipsec", "IpsecHost", "WireGuard", "WireGuardHost",
+           "encryption_of"]

@@ -55,8 +55,14 @@ class WireGuard:
     def interface_mtu(self, underlay_mtu: int, underlay_family: Family) -> int:
         return underlay_mtu - self.overhead(underlay_family)
 
+    def tunnel_address(self, state: NodeState, peer: Peer) -> IPAddress:
+        return peer.transport_address
+
     def not_decrypted(self) -> dict[str, Any]:
         return {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": self.ifname}}
+
+    def plan_after(self, target: KernelState, observed: KernelState) -> Iterable[Op]:
+        return ()  # a removed WireGuard peer takes its allowed IP with it: nothing to leave for later
 
     def interface(
         self, state: NodeState, host: WireGuardHost, underlay_mtu: int, underlay_family: Family

@@ -22,28 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from veilnet.v1 import controller_pb2 as veilnet_dot_v1_dot_controller__pb2
 from veilnet.v1 import state_pb2 as veilnet_dot_v1_dot_state__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16veilnet/v1/agent.proto\x12\nveilnet.v1\x1a\x16veilnet/v1/state.proto\"\x0f\n\rStatusRequest\"\xc8\x02\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x1c\n\x14\x63ontroller_connected\x18\x03 \x01(\x08\x12\x12\n\ncontroller\x18\x04 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x05 \x01(\x04\x12\x1d\n\x15\x61pplied_spec_revision\x18\x06 \x01(\x04\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1c\n\x14wireguard_public_key\x18\x08 \x01(\t\x12\x10\n\x08segments\x18\t \x01(\r\x12\x11\n\tendpoints\x18\n \x01(\r\x12\r\n\x05peers\x18\x0b \x01(\r\x12\x10\n\x08policies\x18\x0c \x01(\r\x12\x1b\n\x13\x63\x65rtificate_expires\x18\r \x01(\t\x12\x1a\n\x12\x63\x65rtificate_renews\x18\x0e \x01(\t\"D\n\x15\x41ttachEndpointRequest\x12+\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"\x18\n\x16\x41ttachEndpointResponse\"%\n\x15\x44\x65tachEndpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65tachEndpointResponse2\xff\x01\n\nAgentLocal\x12?\n\x06Status\x12\x19.veilnet.v1.StatusRequest\x1a\x1a.veilnet.v1.StatusResponse\x12W\n\x0e\x41ttachEndpoint\x12!.veilnet.v1.AttachEndpointRequest\x1a\".veilnet.v1.AttachEndpointResponse\x12W\n\x0e\x44\x65tachEndpoint\x12!.veilnet.v1.DetachEndpointRequest\x1a\".veilnet.v1.DetachEndpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16veilnet/v1/agent.proto\x12\nveilnet.v1\x1a\x1bveilnet/v1/controller.proto\x1a\x16veilnet/v1/state.proto\"\x0f\n\rStatusRequest\"\x91\x03\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x1c\n\x14\x63ontroller_connected\x18\x03 \x01(\x08\x12\x12\n\ncontroller\x18\x04 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x05 \x01(\x04\x12\x1d\n\x15\x61pplied_spec_revision\x18\x06 \x01(\x04\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1c\n\x14wireguard_public_key\x18\x08 \x01(\t\x12\x10\n\x08segments\x18\t \x01(\r\x12\x11\n\tendpoints\x18\n \x01(\r\x12\r\n\x05peers\x18\x0b \x01(\r\x12\x10\n\x08policies\x18\x0c \x01(\r\x12\x1b\n\x13\x63\x65rtificate_expires\x18\r \x01(\t\x12\x1a\n\x12\x63\x65rtificate_renews\x18\x0e \x01(\t\x12\x12\n\nencryption\x18\x0f \x01(\t\x12\x33\n\x0fpeer_encryption\x18\x10 \x03(\x0b\x32\x1a.veilnet.v1.PeerEncryption\"D\n\x15\x41ttachEndpointRequest\x12+\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x19.veilnet.v1.LocalEndpoint\"\x18\n\x16\x41ttachEndpointResponse\"%\n\x15\x44\x65tachEndpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65tachEndpointResponse2\xff\x01\n\nAgentLocal\x12?\n\x06Status\x12\x19.veilnet.v1.StatusRequest\x1a\x1a.veilnet.v1.StatusResponse\x12W\n\x0e\x41ttachEndpoint\x12!.veilnet.v1.AttachEndpointRequest\x1a\".veilnet.v1.AttachEndpointResponse\x12W\n\x0e\x44\x65tachEndpoint\x12!.veilnet.v1.DetachEndpointRequest\x1a\".veilnet.v1.DetachEndpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veilnet.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATUSREQUEST']._serialized_start=62
-  _globals['_STATUSREQUEST']._serialized_end=77
-  _globals['_STATUSRESPONSE']._serialized_start=80
-  _globals['_STATUSRESPONSE']._serialized_end=408
-  _globals['_ATTACHENDPOINTREQUEST']._serialized_start=410
-  _globals['_ATTACHENDPOINTREQUEST']._serialized_end=478
-  _globals['_ATTACHENDPOINTRESPONSE']._serialized_start=480
-  _globals['_ATTACHENDPOINTRESPONSE']._serialized_end=504
-  _globals['_DETACHENDPOINTREQUEST']._serialized_start=506
-  _globals['_DETACHENDPOINTREQUEST']._serialized_end=543
-  _globals['_DETACHENDPOINTRESPONSE']._serialized_start=545
-  _globals['_DETACHENDPOINTRESPONSE']._serialized_end=569
-  _globals['_AGENTLOCAL']._serialized_start=572
-  _globals['_AGENTLOCAL']._serialized_end=827
+  _globals['_STATUSREQUEST']._serialized_start=91
+  _globals['_STATUSREQUEST']._serialized_end=106
+  _globals['_STATUSRESPONSE']._serialized_start=109
+  _globals['_STATUSRESPONSE']._serialized_end=510
+  _globals['_ATTACHENDPOINTREQUEST']._serialized_start=512
+  _globals['_ATTACHENDPOINTREQUEST']._serialized_end=580
+  _globals['_ATTACHENDPOINTRESPONSE']._serialized_start=582
+  _globals['_ATTACHENDPOINTRESPONSE']._serialized_end=606
+  _globals['_DETACHENDPOINTREQUEST']._serialized_start=608
+  _globals['_DETACHENDPOINTREQUEST']._serialized_end=645
+  _globals['_DETACHENDPOINTRESPONSE']._serialized_start=647
+  _globals['_DETACHENDPOINTRESPONSE']._serialized_end=671
+  _globals['_AGENTLOCAL']._serialized_start=674
+  _globals['_AGENTLOCAL']._serialized_end=929
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,9 @@
+from veilnet.v1 import controller_pb2 as _controller_pb2
 from veilnet.v1 import state_pb2 as _state_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -11,7 +13,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "mode", "controller_connected", "controller", "applied_sequence", "applied_spec_revision", "last_error", "wireguard_public_key", "segments", "endpoints", "peers", "policies", "certificate_expires", "certificate_renews")
+    __slots__ = ("node", "mode", "controller_connected", "controller", "applied_sequence", "applied_spec_revision", "last_error", "wireguard_public_key", "segments", "endpoints", "peers", "policies", "certificate_expires", "certificate_renews", "encryption", "peer_encryption")
     NODE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +28,8 @@ class StatusResponse(_message.Message):
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_RENEWS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
+    PEER_ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     node: str
     mode: str
     controller_connected: bool
@@ -40,7 +44,9 @@ class StatusResponse(_message.Message):
     policies: int
     certificate_expires: str
     certificate_renews: str
-    def __init__(self, node: _Optional[str] = ..., mode: _Optional[str] = ..., controller_connected: _Optional[bool] = ..., controller: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., applied_spec_revision: _Optional[int] = ..., last_error: _Optional[str] = ..., wireguard_public_key: _Optional[str] = ..., segments: _Optional[int] = ..., endpoints: _Optional[int] = ..., peers: _Optional[int] = ..., policies: _Optional[int] = ..., certificate_expires: _Optional[str] = ..., certificate_renews: _Optional[str] = ...) -> None: ...
+    encryption: str
+    peer_encryption: _containers.RepeatedCompositeFieldContainer[_controller_pb2.PeerEncryption]
+    def __init__(self, node: _Optional[str] = ..., mode: _Optional[str] = ..., controller_connected: _Optional[bool] = ..., controller: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., applied_spec_revision: _Optional[int] = ..., last_error: _Optional[str] = ..., wireguard_public_key: _Optional[str] = ..., segments: _Optional[int] = ..., endpoints: _Optional[int] = ..., peers: _Optional[int] = ..., policies: _Optional[int] = ..., certificate_expires: _Optional[str] = ..., certificate_renews: _Optional[str] = ..., encryption: _Optional[str] = ..., peer_encryption: _Optional[_Iterable[_Union[_controller_pb2.PeerEncryption, _Mapping]]] = ...) -> None: ...
 
 class AttachEndpointRequest(_message.Message):
     __slots__ = ("endpoint",)

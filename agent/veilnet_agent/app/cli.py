@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                              "input (prompted without echo on a terminal)")
     secret.add_argument("--token", help=argparse.SUPPRESS)  # refused with an explanation: see cmd_join
     p.add_argument("--ca-hash", required=True, help="sha256:... of the controller's CA (pinned; no trust on first use)")
-    add("status", "show the running agent's status (local API)")
+    p = add("status", "show the running agent's status (local API)")
+    p.add_argument("--json", action="store_true", help="print the whole status as JSON")
     p = add("attach", "attach a container endpoint (local API)")
     p.add_argument("--name", required=True)
     p.add_argument("--segment", required=True)
@@ -108,7 +109,9 @@ def cmd_run(config: AgentConfig, state_file: Path | None) -> int:
             reader = run_reader_thread(nflog, sink, stop)
             stack.callback(reader.join, 2)
             stack.callback(stop.set)
-        reconciler = Reconciler(config, links, wireguard, firewall)
+        from ..drivers.xfrm import XfrmDriver
+
+        reconciler = Reconciler(config, links, wireguard, firewall, xfrm=XfrmDriver())
         if state_file is None:
             from .controlled import ControlledDaemon
 
@@ -199,16 +202,27 @@ def _local_call(config: AgentConfig, method: str, request: object) -> object:
         raise VeilnetError(f"{code.name.lower() if code else 'error'}: {detail}") from None
 
 
-def cmd_status(config: AgentConfig) -> int:
+def cmd_status(config: AgentConfig, as_json: bool = False) -> int:
+    from google.protobuf import json_format
+
     from veilnet.v1 import agent_pb2
 
     s = _local_call(config, "Status", agent_pb2.StatusRequest())
     assert isinstance(s, agent_pb2.StatusResponse)
+    if as_json:
+        print(json_format.MessageToJson(s, preserving_proto_field_name=True))
+        return EXIT_OK
     print(f"node:        {s.node} ({s.mode} mode)")
     print(f"controller:  {s.controller} ({'connected' if s.controller_connected else 'DISCONNECTED'})")
     print(f"applied:     spec revision {s.applied_spec_revision} (update {s.applied_sequence})")
     print(f"state:       {s.segments} segments, {s.endpoints} endpoints, {s.peers} peers, {s.policies} policies")
     print(f"wireguard:   {s.wireguard_public_key}")
+    if s.encryption == "ipsec":
+        print(f"encryption:  ipsec, {len(s.peer_encryption)} peers")
+        for p in s.peer_encryption:
+            print(f"  {p.peer}: {p.state}, epoch {p.epoch}/{p.peer_epoch} age {p.epoch_age_seconds}s, "
+                  f"out {p.bytes_out} B/{p.packets_out} pkts, in {p.bytes_in} B/{p.packets_in} pkts, "
+                  f"replay failures {p.replay_failures}, integrity failures {p.integrity_failures}")
     print(f"certificate: expires {s.certificate_expires}, renews {s.certificate_renews}")
     if s.last_error:
         print(f"last error:  {s.last_error}")
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "join":
             return cmd_join(config, args)
         if args.command == "status":
-            return cmd_status(config)
+            return cmd_status(config, args.json)
         if args.command == "attach":
             return cmd_attach(config, args)
         if args.command == "detach":

@@ -43,7 +43,7 @@ from veilnet.v1 import agent_pb2 as lpb
 from veilnet.v1 import controller_pb2 as cpb
 
 from .. import __version__
-from ..control import wire
+from ..control import pki, wire
 from ..control.client import ControlClient, StreamEvent
 from ..control.enrollment import IdentityFiles
 from ..control.files import atomic_write
@@ -52,9 +52,12 @@ from ..core import loading, naming
 from ..core import validate as v
 from ..core.config import AgentConfig
 from ..core.describe import op_subject
+from ..core.encryption import ipsec_keys
 from ..core.errors import DriverError, ValidationError, VeilnetError
 from ..core.model import parse_node_state
+from ..core.objects import SaCounters
 from ..core.ops import CreateLink, DeleteLink, Op, UpdateLink
+from ..dataplane.ipsec_manager import Changes, IpsecManager
 from ..dataplane.reconciler import Failure, Outcome, Reconciler
 from ..logs import get_logger
 from .daemon import gc_paused, settle_heap
@@ -65,6 +68,7 @@ POLL_SECONDS = 0.5
 MAX_OWN_FILE_BYTES = 256 * 1024 * 1024  # applied.json of a very large state
 RENEW_RETRY_SECONDS = 30.0
 HANDSHAKE_RECENT_SECONDS = 180  # WireGuard re-handshakes every 2 minutes while traffic flows
+CONFIRM_RESEND_SECONDS = 5.0  # an IPsec confirmation nothing has been sent with yet is sent again this often
 
 Event = StreamEvent | LocalRequest
 
@@ -149,6 +153,8 @@ class ControlledDaemon:
                                     config.control.reconnect_max_seconds)
         self.local_api = LocalApiServer(config.control.local_socket, config.control.socket_group, self.inbox.put,
                                         node=config.node_name)
+        self.ipsec: IpsecManager | None = None  # made in run(), once the identity is known to exist
+        self._next_confirm_resend = 0.0
 
     # ------------------------------------------------------------------ health
 
@@ -310,6 +316,7 @@ class ControlledDaemon:
             return
         if event.kind == "connected":
             self.received_sequence = 0
+            self._publish_epoch()
         message = event.message
         if event.kind != "message" or message is None:
             return  # connected, disconnected, or a wake-up (signal, renewal finished)
@@ -318,6 +325,10 @@ class ControlledDaemon:
             self._on_update(message.update)
         elif which == "command":
             self._on_command(message.command)
+        elif which == "epoch_key":
+            self._on_epoch_key(message.epoch_key)
+        elif which == "sa_ready":
+            self._on_sa_ready(message.sa_ready)
 
     def _on_update(self, update: cpb.NodeUpdate) -> None:
         body = update.WhichOneof("body")
@@ -395,6 +406,8 @@ class ControlledDaemon:
 
     def _after_pass(self, *, retry: bool) -> None:
         """After anything that may have touched the kernel: schedule a retry, or report the recovery."""
+        if self.ipsec is not None:
+            self._ipsec_handle(self.reconciler.take_ipsec_changes())
         failure = self.failure
         if failure is None:
             self.retry.succeeded()
@@ -430,6 +443,7 @@ class ControlledDaemon:
                                             if k in peer_keys and t >= recent),
             drift_repairs=self.reconciler.drift_repairs,
             last_error=self.last_error,
+            encryption=self._peer_encryption(),
         )
         self._reported_error = self.last_error
         if state is not None:
@@ -443,6 +457,10 @@ class ControlledDaemon:
         if command.kind == cpb.Command.RESYNC:
             self.log.info("command", kind="resync")
             self._resync_now = True
+        elif command.kind == cpb.Command.ROTATE_KEYS and self._ipsec_active():
+            assert self.ipsec is not None
+            self.log.info("command", kind="rotate-keys", encryption="ipsec")
+            self._ipsec_handle(self.ipsec.new_epoch("requested"))
         elif command.kind == cpb.Command.ROTATE_KEYS:
             key = self.reconciler.rotate_wireguard_key()
             self.log.info("command", kind="rotate-keys", public_key=key)
@@ -452,6 +470,126 @@ class ControlledDaemon:
             self.next_renewal = datetime.now(UTC)
         else:
             self.log.warning("command_unknown", kind=int(command.kind), note="ignored (a newer controller?)")
+
+    # ------------------------------------------------------------------ IPsec keys
+
+    def _ipsec_active(self) -> bool:
+        state = self.tracker.state
+        return self.ipsec is not None and state is not None and state.encryption == "ipsec"
+
+    def _make_ipsec(self) -> IpsecManager:
+        key_pem, _cert = self.files.read_pair()
+        return IpsecManager(self.config.node_name, pki.load_private_key_pem(key_pem), self._check_peer_certificate,
+                            self.log)
+
+    def _check_peer_certificate(self, pem: bytes) -> tuple[str, Any]:
+        """(node name, public key) of a peer's certificate, if our CA issued it and it is valid now."""
+        try:
+            cert = pki.load_certificate(pem)
+            cas = pki.load_certificates(self.files.ca_bundle())
+            issued = False
+            for ca in cas:
+                try:
+                    pki.verify_issued_by(cert, ca)
+                except pki.PkiError:
+                    continue
+                issued = True
+                break
+            if not issued:
+                raise ValueError("not issued by this network's CA")
+            now = datetime.now(UTC)
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                raise ValueError("outside its validity period")
+            identity = pki.identity_from_certificate(cert, self.files.certificate().trust_domain)
+        except (VeilnetError, OSError) as exc:
+            raise ValueError(str(exc)) from None
+        if identity.kind != "node":
+            raise ValueError(f"a {identity.kind} certificate, not a node's")
+        return identity.name, cert.public_key()
+
+    def _publish_epoch(self) -> None:
+        if self.ipsec is not None and self.ipsec.published is not None and self._ipsec_active():
+            self.client.send(cpb.AgentMessage(epoch_key=_epoch_key_to_proto(self.ipsec.published)))
+            self._next_confirm_resend = 0.0  # and resend what the peers may have missed
+
+    def _on_epoch_key(self, msg: cpb.EpochKey) -> None:
+        if self.ipsec is None or not self._ipsec_active():
+            self.log.info("ipsec_key_ignored", peer=msg.node, note="this node is not in IPsec mode")
+            return
+        published = ipsec_keys.PublishedKey(msg.node, msg.epoch, msg.created, msg.expires, bytes(msg.public_key),
+                                            bytes(msg.signature))
+        try:
+            changes = self.ipsec.receive_key(published, bytes(msg.certificate_pem))
+        except ipsec_keys.KeyRefused as exc:
+            self.ipsec.refused += 1
+            self.log.warning("security_event", kind="ipsec_key_refused", peer=exc.node, epoch=exc.epoch,
+                             reason=exc.reason)
+            return
+        self._ipsec_handle(changes)
+
+    def _on_sa_ready(self, msg: cpb.SaReady) -> None:
+        if self.ipsec is not None and self._ipsec_active():
+            self._ipsec_handle(self.ipsec.peer_ready(msg.peer, msg.sender_epoch, msg.receiver_epoch))
+
+    def _ipsec_handle(self, changes: Changes) -> None:
+        """Apply what the key manager asked for, until it asks for nothing more (a switch follows an install)."""
+        assert self.ipsec is not None
+        for _ in range(8):
+            if changes.publish is not None:
+                self.client.send(cpb.AgentMessage(epoch_key=_epoch_key_to_proto(changes.publish)))
+            for peer, (ours, theirs) in changes.confirmations:
+                self.client.send(cpb.AgentMessage(sa_ready=cpb.SaReady(peer=peer, sender_epoch=ours,
+                                                                      receiver_epoch=theirs)))
+                self.log.info("ipsec_inbound_ready", peer=peer, generation=[ours, theirs])
+            if not changes.peers:
+                return
+            self.reconciler.ipsec_changed(changes.peers)
+            self.reconciler.reconcile(full=False)
+            changes = self.reconciler.take_ipsec_changes()
+            changes.merge(self.ipsec.installed(self.reconciler.installed_sas()))
+
+    def _ipsec_tick(self) -> None:
+        if self.ipsec is None or not self._ipsec_active():
+            return
+        changes = self.ipsec.tick()
+        due = self.ipsec.rotation_due(self.reconciler.sa_counters)
+        if due is not None:
+            changes.merge(self.ipsec.new_epoch(due))
+        now = time.monotonic()
+        if now >= self._next_confirm_resend and self.client.connected:
+            self._next_confirm_resend = now + CONFIRM_RESEND_SECONDS
+            for peer, (ours, theirs) in self.ipsec.confirmations_to_resend(self.reconciler.sa_counters):
+                self.client.send(cpb.AgentMessage(sa_ready=cpb.SaReady(peer=peer, sender_epoch=ours,
+                                                                      receiver_epoch=theirs)))
+        if changes:
+            self._ipsec_handle(changes)
+
+    def _peer_encryption(self) -> list[cpb.PeerEncryption]:
+        state = self.tracker.state
+        if state is None or self.ipsec is None or state.encryption != "ipsec":
+            return []
+        out = []
+        counters = self.reconciler.sa_counters
+        now = time.time()
+        for peer in state.peers:
+            status = self.ipsec.peer_status(peer.name)
+            generation = status.get("generation") or (0, 0)
+            msg = cpb.PeerEncryption(peer=peer.name, mode="ipsec", state=status.get("state", "waiting for keys"),
+                                     epoch=generation[0], peer_epoch=generation[1])
+            since = status.get("since")
+            if since:
+                msg.epoch_age_seconds = int(max(0, now - since))
+            for sa in self.ipsec.sas_of(peer.name):
+                c = counters.get(sa.ident, SaCounters())
+                msg.replay_failures += c.replay + c.replay_window
+                msg.integrity_failures += c.integrity_failed
+                if sa in status.get("sas", ()):
+                    if sa.src == self.ipsec.local:
+                        msg.bytes_out, msg.packets_out = c.bytes, c.packets
+                    else:
+                        msg.bytes_in, msg.packets_in = c.bytes, c.packets
+            out.append(msg)
+        return out
 
     # ------------------------------------------------------------------ local API
 
@@ -534,6 +672,8 @@ class ControlledDaemon:
         if state is not None:
             response.segments, response.endpoints = len(state.segments), len(state.endpoints)
             response.peers, response.policies = len(state.peers), len(state.policies)
+            response.encryption = state.encryption
+            response.peer_encryption.extend(self._peer_encryption())
         try:
             cert = self.files.certificate()
             response.certificate_expires = cert.not_after.isoformat()
@@ -567,6 +707,10 @@ class ControlledDaemon:
         self._renewing = None
         if event.kind == "renewed":
             self.next_renewal = self.files.renewal_time()
+            if self.ipsec is not None:  # peers check our epoch keys against the new certificate's key
+                self.ipsec.signer = self._make_ipsec().signer
+                if self._ipsec_active():
+                    self._ipsec_handle(self.ipsec.new_epoch("certificate renewed"))
             self.log.info("certificate_renewed", serial=event.reason, next_renewal=self.next_renewal.isoformat())
             return
         # Retry well before the certificate runs out: an expired one can only be replaced by joining again.
@@ -604,6 +748,9 @@ class ControlledDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.local_api.check_directory()  # before anything is touched: refuse an unsafe socket directory
+        if self.reconciler.xfrm is not None:
+            self.ipsec = self._make_ipsec()
+            self.reconciler.ipsec = self.ipsec
         self.log.info("starting", pid=os.getpid(), mode="controller", controller=self.files.control_endpoint(),
                       resync_interval=self.config.resync_interval)
         self._guarded(self._restore)
@@ -630,6 +777,7 @@ class ControlledDaemon:
                     except queue.Empty:
                         event = None
                 self._guarded(self._maybe_renew)
+                self._guarded(self._ipsec_tick)
                 if self.retry.due(time.monotonic()):
                     self._guarded(self._retry)
                     self._guarded(self._after_pass, retry=True)
@@ -646,3 +794,8 @@ class ControlledDaemon:
             self.reconciler.close()
         return 0
 
+
+
+def _epoch_key_to_proto(published: ipsec_keys.PublishedKey) -> cpb.EpochKey:
+    return cpb.EpochKey(node=published.node, epoch=published.epoch, created=published.created,
+                        expires=published.expires, public_key=published.public, signature=published.signature)

@@ -178,6 +178,10 @@ class IdentityFiles:
         (cert,) = self._read_live(_CERT)
         return pki.identity_from_certificate(cert)
 
+    def ca_bundle(self) -> bytes:
+        (ca,) = self._read_live(_CA)
+        return ca
+
     def renewal_time(self) -> datetime:
         (cert,) = self._read_live(_CERT)
         return pki.renewal_time(pki.load_certificate(cert))

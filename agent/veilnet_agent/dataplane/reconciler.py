@@ -218,6 +218,12 @@ class Reconciler:
                                       f"is IPv{peer.underlay_address.version}, this node's underlay "
                                       f"({self.config.underlay.address}) IPv{family}: IPsec runs over one family")
 
+    def installed_sas(self) -> frozenset[SaKey]:
+        """The SAs known to be in the kernel: the target's, if the last pass reached it."""
+        if self._cache is None:
+            return frozenset()
+        return frozenset(self._cache.xfrm_sas)
+
     def take_ipsec_changes(self) -> Changes:
         changes, self.ipsec_changes = self.ipsec_changes, Changes()
         return changes

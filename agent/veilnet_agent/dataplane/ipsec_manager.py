@@ -175,6 +175,8 @@ class IpsecManager:
             raise keys.KeyRefused(node, epoch, "it names this node")
         if node not in self.peers:
             raise keys.KeyRefused(node, epoch, "not a peer: it shares no segment with this node")
+        if self.peer_keys.get(node) == published:
+            return Changes()  # the one already accepted, relayed again (a reconnect): nothing new
         try:
             certificate_node, public_key = self.check_certificate(certificate_pem)
         except ValueError as exc:

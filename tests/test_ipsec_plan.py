@@ -63,7 +63,7 @@ def test_tunnels_run_between_underlay_addresses_with_policies_per_peer_and_no_wi
     target = render(s, CTX)
     assert target.wg is None and not target.wg_peers
     vxlan = target.links[naming.vxlan_name(100)]
-    assert vxlan.spec is not None and getattr(vxlan.spec, "local") == "192.0.2.250"
+    assert vxlan.spec is not None and vxlan.spec.local == "192.0.2.250"
     dsts = {e.dst for e in target.fdb if e.dst is not None}
     assert dsts == {str(p.underlay_address) for p in s.peers}
     # four policies a peer (out and in, VXLAN and Geneve ports), no SA before keys exist

@@ -336,6 +336,9 @@ class Topology:
     policies: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
     # host -> the segments it carries; a host not named carries every segment.
     carries: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    # The network's encryption (network_spec only: IPsec needs the controller) and its IPsec settings.
+    encryption: str = "wireguard"
+    ipsec: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def carried(self, host: str) -> list[SegmentSpec]:
         names = self.carries.get(host)
@@ -450,7 +453,8 @@ class Topology:
 def network_spec(topo: Topology, netns_of: Callable[[str], str]) -> dict[str, Any]:
     """The controller's network spec for ``topo``: every host carries every segment (as ``state_for``)."""
     return {
-        "encryption": "wireguard",
+        "encryption": topo.encryption,
+        **({"ipsec": dict(topo.ipsec)} if topo.ipsec else {}),
         "segments": [s.state() for s in topo.segments],
         "nodes": [
             {

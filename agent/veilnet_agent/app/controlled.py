@@ -155,6 +155,7 @@ class ControlledDaemon:
                                         node=config.node_name)
         self.ipsec: IpsecManager | None = None  # made in run(), once the identity is known to exist
         self._next_confirm_resend = 0.0
+        self._sa_failures: dict[tuple[str, str, int], tuple[int, int]] = {}  # SA -> (replay, integrity) seen
 
     # ------------------------------------------------------------------ health
 
@@ -564,6 +565,24 @@ class ControlledDaemon:
         if changes:
             self._ipsec_handle(changes)
 
+    def _ipsec_failures(self) -> None:
+        """Replayed and forged ESP the kernel dropped since the last read-back, as security events."""
+        if self.ipsec is None or not self._ipsec_active():
+            return
+        peer_of = {address: name for name, address in self.ipsec.addresses.items()}
+        seen: dict[tuple[str, str, int], tuple[int, int]] = {}
+        for ident, c in self.reconciler.sa_counters.items():
+            replay, integrity = c.replay + c.replay_window, c.integrity_failed
+            seen[ident] = (replay, integrity)
+            old_replay, old_integrity = self._sa_failures.get(ident, (0, 0))
+            src, dst, spi = ident
+            for kind, now_count, before in (("ipsec_replay", replay, old_replay),
+                                            ("ipsec_integrity", integrity, old_integrity)):
+                if now_count > before:
+                    self.log.warning("security_event", kind=kind, peer=peer_of.get(src), src=src, dst=dst,
+                                     spi=f"0x{spi:08x}", packets=now_count - before, total=now_count)
+        self._sa_failures = seen
+
     def _peer_encryption(self) -> list[cpb.PeerEncryption]:
         state = self.tracker.state
         if state is None or self.ipsec is None or state.encryption != "ipsec":
@@ -785,6 +804,7 @@ class ControlledDaemon:
                     self._resync_now = False
                     self._guarded(self.reconciler.reconcile, full=True)
                     self._guarded(self._after_pass, retry=False)
+                    self._guarded(self._ipsec_failures)
                     self._guarded(self._send_status)
                     next_resync = time.monotonic() + self.config.resync_interval
         finally:

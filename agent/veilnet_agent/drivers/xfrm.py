@@ -9,7 +9,8 @@ What the agent makes (and only that is "ours"):
   ``XFRM_STATE_ESN``, ``rfc4106(gcm(aes))`` with the 36-byte key (288 bits) and a 128-bit ICV, the replay
   window in the ESN replay state (``XFRMA_REPLAY_ESN_VAL``; the legacy u8 field stays 0, and kernel 6.1
   refuses an ESN SA with window 0, so both directions carry it), lifetimes ``XFRM_INF``.
-  The SA's selector is left zero (``AF_UNSPEC``, as ``ip xfrm state add`` without ``sel``): the policies
+  The SA's selector is left zero (``AF_UNSPEC``, as ``ip xfrm state add`` without ``sel``; the kernel
+  stores and dumps it with the SA's family, and both read as ours): the policies
   select the traffic, and one SA per direction then serves every policy of the peer pair (the VXLAN
   policy for 4789 and the Geneve one for 6081). A selector naming one port would make the kernel refuse
   that SA to the other port's policy (``xfrm_state_look_at`` matches the flow against it).
@@ -394,7 +395,7 @@ def parse_sa(buf: bytes | bytearray | memoryview, start: int, end: int) -> SaRec
         and esn_window > 0
         and flags == XFRM_STATE_ESN
         and legacy_window == 0
-        and sel == _ZERO_SELECTOR
+        and _any_selector(sel, family)
         and all(v == XFRM_INF for v in lft)
         and mark is None
         and not other
@@ -415,6 +416,11 @@ def parse_sa(buf: bytes | bytearray | memoryview, start: int, end: int) -> SaRec
         added=add_time,
         mark=mark,
     )
+
+
+def _any_selector(sel: bytes, family: int) -> bool:
+    """A selector of any traffic: zero, as we send it, or with the SA's family (how the kernel stores it)."""
+    return sel == _ZERO_SELECTOR or sel == _ZERO_SELECTOR[:40] + struct.pack("=H", family) + _ZERO_SELECTOR[42:]
 
 
 def _selector_key(sel: bytes) -> tuple[str, str, int, bool]:

@@ -36,7 +36,8 @@ BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 # What the data-plane tests use; each is loaded in the guest before the command runs (built-ins are fine).
 DEFAULT_MODULES = ("wireguard", "geneve", "vxlan", "bridge", "br_netfilter", "veth", "nf_tables",
                    "nft_ct", "nft_chain_nat", "nf_conntrack", "nfnetlink_log", "nft_log", "nft_limit",
-                   "nft_hash", "nft_fib_inet", "nft_reject_inet", "tun")
+                   "nft_hash", "nft_fib_inet", "nft_reject_inet", "tun", "xfrm_user", "esp4", "esp6", "gcm",
+                   "seqiv", "ctr", "ghash_clmulni_intel", "aesni_intel")
 RESULTS_IN_GUEST = "/mnt/vm-results"
 TAIL_LINES = 80
 

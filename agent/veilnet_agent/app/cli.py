@@ -156,7 +156,9 @@ def cmd_teardown(config: AgentConfig) -> int:
     gone = SyncXfrm(delete_policies=tuple(sorted(ours.policies)), delete_sas=tuple(sorted(ours.sas)),
                     reason="teardown")
     if gone:
-        result.merge(xfrm.apply([gone]))
+        removed = xfrm.apply([gone])
+        result.requests += removed.requests
+        result.failed.extend((op, reason) for op, reason in removed.failed)  # type: ignore[misc]
     from ..drivers.firewall import FirewallDriver
 
     FirewallDriver().remove()

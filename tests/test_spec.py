@@ -116,8 +116,7 @@ Mutation = Callable[[dict[str, Any]], object]
 CASES: list[tuple[str, Mutation, str, str]] = [
     # top level
     ("unknown top-level key", lambda r: r.update(hosts=[]), "hosts", "unknown key"),
-    ("ipsec", lambda r: r.update(encryption="ipsec"), "encryption", "not supported yet"),
-    ("unknown encryption", lambda r: r.update(encryption="none"), "encryption", "must be one of wireguard"),
+    ("unknown encryption", lambda r: r.update(encryption="none"), "encryption", "must be one of wireguard, ipsec"),
     ("segments not a list", lambda r: r.update(segments={"blue": 1}), "segments", "must be a list"),
     # segments (the agent's schema)
     ("segment unknown key", lambda r: r["segments"][0].update(color="x"), "segments[0].color", "unknown key"),
@@ -308,7 +307,7 @@ def test_json_text() -> None:
 
 def test_yaml_errors_surface_through_parse_spec_text() -> None:
     with pytest.raises(ValidationError) as info:
-        parse_spec_text("encryption: ipsec\n")
+        parse_spec_text("encryption: aes\n")
     assert info.value.field == "encryption"
 
 

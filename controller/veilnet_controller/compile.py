@@ -123,6 +123,13 @@ def compile_nodes(
         views[(peer, shared)] = made
         return made
 
+    # IPsec: every node's state says so (and carries the settings given, one shared dict); WireGuard, the
+    # default, adds nothing, so its states stay what they were before IPsec existed.
+    encryption: dict[str, Any] = {}
+    if spec.encryption != "wireguard":
+        encryption["encryption"] = spec.encryption
+        if spec.ipsec:
+            encryption["ipsec"] = dict(spec.ipsec)
     per_set: dict[tuple[str, ...], tuple[list[Any], list[Any]]] = {}
     states: dict[str, dict[str, Any]] = {}
     for n in nodes:
@@ -160,6 +167,8 @@ def compile_nodes(
         if node_labels[n.name]:
             # also for endpoints the agent attaches itself (the spec's own carry them already)
             states[n.name]["node_labels"] = node_labels[n.name]
+        if encryption:
+            states[n.name].update(encryption)
     if previous is not None:
         previous["views"] = views
         previous["sets"] = per_set

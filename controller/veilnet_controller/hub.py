@@ -16,6 +16,14 @@ slot against any later claimant. The claims of accepted endpoints live in one
 table (``spec.AttachedClaims``), updated incrementally when one node's report
 changes and rebuilt in one pass, earliest accepted first, when the spec
 changes.
+
+IPsec epoch keys (docs/control-plane.md, "IPsec epoch keys"): a node's signed
+public half of its newest epoch key is checked for form (the signature is the
+receivers' to verify), kept in memory with the node's current certificate and
+relayed, unchanged, to every connected node that has it as a compiled peer;
+SA confirmations go to the one peer they name. Relays wait in their own queue
+behind a session's state update, so a node never hears of a key before the
+state that made its signer its peer. The controller never holds a session key.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ from .store import Store
 from .trust import CertificateTrust
 
 RECOMPILE_DELAY = 0.05  # seconds: coalesce bursts (1,000 agents saying hello) into one compile
+EPOCH_PUBLIC_KEY_BYTES = 32  # X25519
+MAX_EPOCH_SIGNATURE_BYTES = 200  # a DER ECDSA signature: 72 bytes for P-256, 139 for P-521
+MAX_PENDING_RELAYS = 10_000  # per session; keys are coalesced per signer, confirmations beyond this dropped
+MAX_STATUS_PEERS = 10_000  # per-peer encryption entries kept from one status report (MAX_NODES)
 
 
 def now_utc() -> datetime:
@@ -65,6 +77,20 @@ class NodeRuntime:
     capabilities: tuple[str, ...] = ()
     peers_with_recent_handshake: int = 0
     drift_repairs: int = 0
+    # Per-peer encryption from the last status report (IPsec mode), as reported, strings bounded.
+    encryption: tuple[dict[str, Any], ...] = ()
+
+
+_PEER_ENCRYPTION_TEXT = ("peer", "mode", "state")
+_PEER_ENCRYPTION_NUMBERS = ("epoch", "peer_epoch", "epoch_age_seconds", "bytes_out", "packets_out", "bytes_in",
+                            "packets_in", "replay_failures", "integrity_failures")
+
+
+def peer_encryption(entry: cpb.PeerEncryption) -> dict[str, Any]:
+    """One PeerEncryption of an agent's status as a plain dict (the agent's strings cut to 100 characters)."""
+    out: dict[str, Any] = {k: _cut(getattr(entry, k), 100) for k in _PEER_ENCRYPTION_TEXT}
+    out.update({k: getattr(entry, k) for k in _PEER_ENCRYPTION_NUMBERS})
+    return out
 
 
 @dataclass
@@ -137,9 +163,10 @@ def canonical_wireguard_key(key: str) -> str:
 class Session:
     """One agent's Sync stream."""
 
-    def __init__(self, node: str, serial: str) -> None:
+    def __init__(self, node: str, serial: str, certificate_pem: bytes = b"") -> None:
         self.node = node
         self.serial = serial
+        self.certificate_pem = certificate_pem  # the client certificate the stream was opened with
         self.sequence = 0
         self.sent_state: dict[str, Any] | None = None
         self.sent_revision = 0
@@ -152,6 +179,13 @@ class Session:
         self.unauthenticated = False  # closed because its certificate is no longer acceptable
         self.expiry: asyncio.TimerHandle | None = None  # fires when the certificate stops being acceptable
         self.rearm: Callable[[], None] | None = None  # recomputes ``expiry`` (a renewal retired the serial)
+        # Relayed IPsec messages (epoch keys, SA confirmations), sent after any state update.
+        self.relays: deque[cpb.ControllerMessage] = deque()
+        self._pending_keys: dict[str, cpb.ControllerMessage] = {}  # signer -> its key waiting in ``relays``
+        self.relayed: set[tuple[str, int]] = set()  # (signer, epoch) of keys sent on this stream
+        self.known_peers: frozenset[str] = frozenset()  # the target's peers when relays were last queued
+        self.refusals_audited: set[str] = set()  # kinds of refused IPsec messages audited for this stream
+        self._sent_peers: tuple[object, frozenset[str]] = (None, frozenset())
 
     def close(self, reason: str, *, unauthenticated: bool = False) -> None:
         if self.closed_reason is None:
@@ -172,9 +206,63 @@ class Session:
         self.wake.set()
 
     def next_message(self) -> cpb.ControllerMessage | None:
-        """The next message to send, or None if there is nothing new."""
+        """The next message to send, or None if there is nothing new: commands, then the state update, then
+        relays (so a key never arrives before the state that made its signer this node's peer)."""
         if self.commands:
             return cpb.ControllerMessage(command=self.commands.popleft())
+        update = self._next_update()
+        return update if update is not None else self._next_relay()
+
+    def queue_key(self, message: cpb.ControllerMessage) -> None:
+        """Queue a relayed epoch key: once per (signer, epoch) per stream; a newer key of the same signer
+        still waiting replaces the older one in its place."""
+        key = message.epoch_key
+        if (key.node, key.epoch) in self.relayed:
+            return
+        pending = self._pending_keys.get(key.node)
+        if pending is not None:
+            if pending.epoch_key.epoch < key.epoch:
+                pending.CopyFrom(message)
+            return
+        self._pending_keys[key.node] = message  # at most one per signer: not bounded further
+        self.relays.append(message)
+        self.wake.set()
+
+    def queue_confirmation(self, message: cpb.ControllerMessage) -> bool:
+        if len(self.relays) >= MAX_PENDING_RELAYS:
+            return False
+        self.relays.append(message)
+        self.wake.set()
+        return True
+
+    def sent_peers(self) -> frozenset[str]:
+        """Names of the peers in the state last sent (cached per state)."""
+        state = self.sent_state
+        if self._sent_peers[0] is not state:
+            self._sent_peers = (state, frozenset(p["name"] for p in state["peers"]) if state else frozenset())
+        return self._sent_peers[1]
+
+    def _next_relay(self) -> cpb.ControllerMessage | None:
+        while self.relays:
+            message = self.relays.popleft()
+            if message.WhichOneof("kind") == "epoch_key":
+                key = message.epoch_key
+                self._pending_keys.pop(key.node, None)
+                source = key.node
+            else:
+                source = message.sa_ready.peer
+            # The state this node holds must have the source as a peer (it may have been removed meanwhile;
+            # a recompile that makes it a peer again queues its key again).
+            if source not in self.sent_peers():
+                continue
+            if message.WhichOneof("kind") == "epoch_key":
+                if (key.node, key.epoch) in self.relayed:
+                    continue
+                self.relayed.add((key.node, key.epoch))
+            return message
+        return None
+
+    def _next_update(self) -> cpb.ControllerMessage | None:
         if self.target is None or self.target is self.sent_state:
             return None
         update = cpb.NodeUpdate(spec_revision=self.target_revision, base_sequence=self.sequence)
@@ -215,6 +303,11 @@ class Hub:
         self._compiled: dict[str, Any] = {}  # the last compile's shared parts, reused when unchanged
         self.proto_memo: wire.Memo = {}
         self.compiles = 0  # how many recompiles ran (coalescing shows here)
+        # IPsec: each node's newest epoch key (public half, as it sent it; memory only, never persisted) and
+        # the certificate of its newest stream, relayed with it.
+        self.epoch_keys: dict[str, cpb.EpochKey] = {}
+        self.certificates: dict[str, bytes] = {}
+        self._peer_sets: dict[str, tuple[object, frozenset[str]]] = {}  # node -> (its state, its peers' names)
 
     @property
     def revoked_nodes(self) -> set[str]:
@@ -276,6 +369,7 @@ class Hub:
         self.proto_memo = {}
         for node, session in self.sessions.items():
             session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
+            self._queue_peer_keys(session)
         self.log.info("compiled", revision=self.spec_revision, nodes=len(self.states),
                       seconds=round(self.compile_seconds, 4))
 
@@ -480,17 +574,21 @@ class Hub:
             # Accepting it would make two peers share a key everywhere (and let a node impersonate another).
             raise KeyConflict(f"WireGuard public key already registered to node {holder!r}")
 
-    def connect(self, node: str, serial: str, hello: cpb.Hello, public_key: str | None = None) -> Session:
+    def connect(self, node: str, serial: str, hello: cpb.Hello, public_key: str | None = None,
+                certificate_pem: bytes = b"") -> Session:
         """Open ``node``'s session. ``public_key``: the hello's key as the server validated it (canonical);
-        None takes it from the hello. Either way a key that is not canonical or is another node's is refused."""
+        None takes it from the hello. Either way a key that is not canonical or is another node's is refused.
+        ``certificate_pem``: the stream's client certificate, relayed with the node's IPsec epoch keys."""
         key = hello.wireguard_public_key if public_key is None else public_key
         if key:
             self._check_key(node, key)
         old = self.sessions.get(node)
         if old is not None:
             old.close("replaced by a newer stream from the same node")
-        session = Session(node, serial)
+        session = Session(node, serial, certificate_pem)
         self.sessions[node] = session
+        if certificate_pem:
+            self.certificates[node] = certificate_pem  # a renewed certificate replaces the earlier one
         rt = self.runtime.setdefault(node, NodeRuntime())
         rt.last_seen = now_utc()
         rt.applied_spec_revision = hello.applied_spec_revision
@@ -502,6 +600,7 @@ class Hub:
         # The hello's list is authoritative: an empty one clears what the node attached before.
         changed |= self._report_attached(session, [wire.endpoint_from_proto(e) for e in hello.attached_endpoints])
         session.set_target(self._state_of(node), self.spec_revision, self.proto_memo)
+        self._queue_peer_keys(session)  # sent after the snapshot
         if changed:
             self.request_recompile()
         self.log.info("agent_connected", node=node, capabilities=list(hello.capabilities))
@@ -533,6 +632,7 @@ class Hub:
         rt = self.runtime.setdefault(session.node, NodeRuntime())
         rt.last_seen = now_utc()
         rt.peers_with_recent_handshake = status.peers_with_recent_handshake
+        rt.encryption = tuple(peer_encryption(e) for e in status.encryption[:MAX_STATUS_PEERS])
         if status.drift_repairs > rt.drift_repairs:
             self.log.warning("agent_repaired_drift", node=session.node, drift_repairs=status.drift_repairs)
         rt.drift_repairs = status.drift_repairs
@@ -559,6 +659,102 @@ class Hub:
         if self._report_attached(session, raws):
             self.request_recompile()
 
+    # ------------------------------------------------------------------ IPsec relay
+
+    def peers_of(self, node: str) -> frozenset[str]:
+        """The names of ``node``'s compiled peers (the nodes it shares a segment with), cached per state."""
+        state = self.states.get(node)
+        cached = self._peer_sets.get(node)
+        if cached is None or cached[0] is not state:
+            cached = (state, frozenset(p["name"] for p in state["peers"]) if state else frozenset())
+            self._peer_sets[node] = cached
+        return cached[1]
+
+    def _forget_epoch_key(self, node: str) -> None:
+        self.epoch_keys.pop(node, None)
+        self.certificates.pop(node, None)
+
+    def _relayed_key(self, key: cpb.EpochKey) -> cpb.ControllerMessage:
+        relayed = cpb.EpochKey()
+        relayed.CopyFrom(key)
+        relayed.certificate_pem = self.certificates.get(key.node, b"")
+        return cpb.ControllerMessage(epoch_key=relayed)
+
+    def _queue_peer_keys(self, session: Session) -> None:
+        """Queue to ``session`` the stored key of every compiled peer it had not been queued keys of yet."""
+        peers = self.peers_of(session.node) if session.target is self.states.get(session.node) else frozenset()
+        new = peers - session.known_peers
+        session.known_peers = peers
+        if not self.epoch_keys:
+            return
+        for peer in sorted(new):
+            key = self.epoch_keys.get(peer)
+            if key is not None:
+                session.queue_key(self._relayed_key(key))
+
+    def _refuse_ipsec(self, session: Session, event: str, kind: str, reason: str, **detail: Any) -> None:
+        """Log every refused IPsec message; audit the first of each kind per stream (a looping agent would
+        otherwise fill the log). The stream stays open."""
+        self.log.warning(event, node=session.node, kind=kind, reason=reason, **detail)
+        if kind in session.refusals_audited:
+            return
+        session.refusals_audited.add(kind)
+        self.store.append_audit(session.node, "node", f"node.{event.replace('_', '-')}", session.node, None,
+                                {"kind": kind, "reason": reason, **detail}, actor_serial=session.serial)
+
+    def epoch_key_reported(self, session: Session, key: cpb.EpochKey) -> bool:
+        """``session``'s node published a new IPsec epoch key: checked for form, stored, relayed to every
+        connected node that has it as a peer. False if refused (logged and audited, nothing relayed)."""
+        node = session.node
+        last = self.epoch_keys.get(node)
+        problem: tuple[str, str] | None = None
+        if key.node != node:
+            problem = ("wrong-node", f"names node {_cut(key.node, 100)!r}, not the stream's node {node!r}")
+        elif len(key.public_key) != EPOCH_PUBLIC_KEY_BYTES:
+            problem = ("public-key-length",
+                       f"public_key is {len(key.public_key)} bytes, not {EPOCH_PUBLIC_KEY_BYTES}")
+        elif not key.signature or len(key.signature) > MAX_EPOCH_SIGNATURE_BYTES:
+            problem = ("signature-length",
+                       f"signature is {len(key.signature)} bytes (1..{MAX_EPOCH_SIGNATURE_BYTES})")
+        elif key.certificate_pem:
+            problem = ("certificate-set", "certificate_pem is the controller's to fill in, not the agent's")
+        elif last is not None and key.epoch <= last.epoch:
+            problem = ("stale-epoch", f"epoch {key.epoch} is not newer than epoch {last.epoch}")
+        if problem is not None:
+            self._refuse_ipsec(session, "epoch_key_refused", problem[0], problem[1], epoch=key.epoch)
+            return False
+        stored = cpb.EpochKey()
+        stored.CopyFrom(key)
+        self.epoch_keys[node] = stored
+        if session.certificate_pem:
+            self.certificates[node] = session.certificate_pem
+        relayed = 0
+        for other, target in self.sessions.items():
+            if other != node and target.closed_reason is None and node in self.peers_of(other):
+                target.queue_key(self._relayed_key(stored))
+                relayed += 1
+        self.log.info("epoch_key_relayed", node=node, epoch=key.epoch, to=relayed)
+        return True
+
+    def sa_ready_reported(self, session: Session, ready: cpb.SaReady) -> bool:
+        """``session``'s node installed its inbound SAs for ``ready.peer``: tell that peer (if connected and
+        sharing a segment), as coming from this node. False if refused or dropped."""
+        node = session.node
+        if ready.peer == node:
+            self._refuse_ipsec(session, "sa_ready_refused", "own-name", "names the sending node itself")
+            return False
+        target = self.sessions.get(ready.peer)
+        if target is None or target.closed_reason is not None or node not in self.peers_of(ready.peer):
+            self.log.debug("sa_ready_dropped", node=node, peer=_cut(ready.peer, 100),
+                           reason="not connected" if target is None else "not a peer")
+            return False
+        message = cpb.ControllerMessage(sa_ready=cpb.SaReady(peer=node, sender_epoch=ready.sender_epoch,
+                                                             receiver_epoch=ready.receiver_epoch))
+        if not target.queue_confirmation(message):
+            self.log.warning("sa_ready_dropped", node=node, peer=ready.peer, reason="the peer's queue is full")
+            return False
+        return True
+
     def command(self, node: str, kind: int) -> bool:
         session = self.sessions.get(node)
         if session is None:
@@ -573,6 +769,7 @@ class Hub:
         """Refuse the node's certificates from now on, disconnect it, drop it from every peer."""
         self.revoked_serials.update(serials)
         self.revoked_nodes.add(node)
+        self._forget_epoch_key(node)
         session = self.sessions.get(node)
         if session is not None:
             session.close("certificate revoked", unauthenticated=True)
@@ -593,6 +790,7 @@ class Hub:
         earlier host, if one is open, is closed.
         """
         self.revoked_serials.update(old_serials)
+        self._forget_epoch_key(node)  # the new host has its own key and starts its own epochs
         session = self.sessions.get(node)
         if session is not None:
             session.close("replaced by a newer join")

@@ -363,8 +363,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 key = wg_public_key(hello.wireguard_public_key, "hello.wireguard_public_key")
             except ValidationError as exc:
                 await fail(context, grpc.StatusCode.INVALID_ARGUMENT, _validation_details(exc))
+        # Relayed with the node's IPsec epoch keys: receivers verify them against it (and it against the CA).
+        certificate = (context.auth_context().get("x509_pem_cert") or [b""])[0]
         try:
-            session = s.hub.connect(identity.name, identity.serial, hello, key)
+            session = s.hub.connect(identity.name, identity.serial, hello, key, certificate_pem=certificate)
         except InvalidKey as exc:
             await fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"hello.wireguard_public_key: {exc}")
         except KeyConflict as exc:
@@ -429,6 +431,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 hub.status_reported(session, message.status)
             elif kind == "endpoints":
                 hub.endpoints_reported(session, [wire.endpoint_from_proto(e) for e in message.endpoints.endpoints])
+            elif kind == "epoch_key":
+                hub.epoch_key_reported(session, message.epoch_key)  # a refused one is logged; the stream stays
+            elif kind == "sa_ready":
+                hub.sa_ready_reported(session, message.sa_ready)
             else:
                 raise _BadMessage(f"unexpected message {kind or 'empty'!r} after hello")
 

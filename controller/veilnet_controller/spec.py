@@ -37,13 +37,17 @@ MAX_POLICIES = 10_000
 MAX_EXPANDED_VALUES = 4_000_000
 MAX_DEPTH = 64  # the deepest a valid spec goes is 7
 DEFAULT_UNDERLAY_PORT = 51820
-ENCRYPTIONS = ("wireguard",)
-NOT_YET_SUPPORTED = ("ipsec",)
+ENCRYPTIONS = ("wireguard", "ipsec")  # the first is the default
+# ``ipsec:`` settings (docs/network-spec.md). The replay window is the kernel's ESN replay bitmap, which
+# xfrm_user caps at 128 32-bit words (4096 packets); below 32 the window is smaller than one word.
+IPSEC_REPLAY_WINDOW = (32, 4096, 4096)  # low, high, default (packets)
+IPSEC_ROTATION_SECONDS = (60, 86400, 3600)  # low, high, default: a new epoch key this often
+IPSEC_SETTINGS = {"replay_window": IPSEC_REPLAY_WINDOW, "rotation_seconds": IPSEC_ROTATION_SECONDS}
 NODE_LABEL_PREFIX = "node."
 # A node label key becomes "node.<key>" on endpoints, which must stay a valid (<= 63 character) label key.
 MAX_NODE_LABEL_KEY = 63 - len(NODE_LABEL_PREFIX)
 
-_SPEC_KEYS = {"encryption", "segments", "nodes", "endpoints", "policies"}
+_SPEC_KEYS = {"encryption", "ipsec", "segments", "nodes", "endpoints", "policies"}
 _NODE_KEYS = {"name", "underlay_address", "underlay_port", "transport_address", "keepalive", "segments", "labels"}
 _ENDPOINT_KEYS = {"name", "node", "segment", "mac", "ipv4", "ipv6", "netns", "ifname", "labels"}
 _ATTACHED_KEYS = _ENDPOINT_KEYS - {"node"}
@@ -92,6 +96,8 @@ class NetworkSpec:
     nodes: tuple[NodeSpec, ...]
     endpoints: tuple[EndpointSpec, ...]
     policies: tuple[Policy, ...]
+    # The ``ipsec:`` settings as given (validated; absent keys take the defaults on the agent), or None.
+    ipsec: Mapping[str, int] | None = None
     # The validated input as plain dicts and lists (JSON-compatible); segments and
     # policies are emitted from it verbatim. Treat as immutable.
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
@@ -165,6 +171,7 @@ def parse_spec(raw: object) -> NetworkSpec:
     data = v.mapping(raw, "")
     v.no_unknown_keys(data, _SPEC_KEYS, "")
     encryption = _parse_encryption(data.get("encryption"))
+    ipsec = _parse_ipsec(data.get("ipsec"), encryption)
     index = _Index()
 
     segments_raw = _list(data, "segments", MAX_SEGMENTS)
@@ -198,16 +205,27 @@ def parse_spec(raw: object) -> NetworkSpec:
     _canonicalize(plain, segments, policies)
     return NetworkSpec(
         encryption=encryption, segments=segments, nodes=nodes, endpoints=endpoints, policies=policies,
-        raw=plain, index=index,
+        ipsec=ipsec, raw=plain, index=index,
     )
 
 
 def _parse_encryption(raw: object) -> str:
     if raw is None:
         return ENCRYPTIONS[0]
-    if raw in NOT_YET_SUPPORTED:
-        raise ValidationError("encryption", raw, f"not supported yet (supported: {', '.join(ENCRYPTIONS)})")
     return v.choice(raw, "encryption", ENCRYPTIONS)
+
+
+def _parse_ipsec(raw: object, encryption: str) -> dict[str, int] | None:
+    """The ``ipsec:`` settings given (an empty mapping: None, the defaults); only with ``encryption: ipsec``."""
+    if raw is None:
+        return None
+    if encryption != "ipsec":
+        raise ValidationError("ipsec", raw, f"ipsec settings need encryption: ipsec (encryption is {encryption})")
+    data = v.mapping(raw, "ipsec")
+    v.no_unknown_keys(data, set(IPSEC_SETTINGS), "ipsec")
+    settings = {key: v.integer(data[key], f"ipsec.{key}", low, high)
+                for key, (low, high, _default) in IPSEC_SETTINGS.items() if data.get(key) is not None}
+    return settings or None
 
 
 def _list(data: Mapping[str, Any], key: str, limit: int) -> Sequence[Any]:
@@ -701,6 +719,9 @@ def summarize_changes(old: NetworkSpec | None, new: NetworkSpec) -> dict[str, di
         kinds = {k: names for k, names in kinds.items() if names}
         if kinds:
             summary[section] = kinds
+    if old is not None and (old.encryption, old.ipsec) != (new.encryption, new.ipsec):
+        # every node's encryption changes with it: on the record as the mode it is now
+        summary["encryption"] = {"changed": [new.encryption]}
     return summary
 
 

@@ -271,6 +271,9 @@ class _Context:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:5555"
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # no TLS: no client certificate to relay with epoch keys
+
     async def send_initial_metadata(self, metadata: Any) -> None:
         return None
 
@@ -300,6 +303,15 @@ def agent_messages(draw: st.DrawFn) -> list[cpb.AgentMessage]:
         key.map(lambda k: cpb.AgentMessage(key_update=cpb.KeyUpdate(wireguard_public_key=k))),
         endpoints.map(lambda e: cpb.AgentMessage(endpoints=cpb.EndpointReport(endpoints=e))),
         st.binary(max_size=80).map(_decoded),
+        st.builds(cpb.EpochKey, node=st.one_of(st.just("host-c"), TEXT), epoch=st.integers(0, 2**64 - 1),
+                  public_key=st.binary(max_size=40), signature=st.binary(max_size=210),
+                  certificate_pem=st.one_of(st.just(b""), st.binary(max_size=20)))
+        .map(lambda k: cpb.AgentMessage(epoch_key=k)),
+        st.builds(cpb.SaReady, peer=st.one_of(st.just("host-a"), st.just("host-c"), TEXT),
+                  sender_epoch=st.integers(0, 2**64 - 1)).map(lambda r: cpb.AgentMessage(sa_ready=r)),
+        st.builds(cpb.AgentStatus, encryption=st.lists(st.builds(cpb.PeerEncryption, peer=TEXT, state=TEXT,
+                                                                 bytes_in=st.integers(0, 2**64 - 1)), max_size=3))
+        .map(lambda s: cpb.AgentMessage(status=s)),
     )
     return [first, *draw(st.lists(later, max_size=4))]
 

@@ -35,7 +35,7 @@ Encapsulation = Literal["vxlan", "geneve"]
 EncryptionMode = Literal["wireguard", "ipsec"]
 
 VNI_MAX = 16_777_215
-REPLAY_WINDOW_MAX = 65536  # packets (the kernel's ESN replay bitmap is bounded by its netlink attribute)
+REPLAY_WINDOW_MAX = 4096  # packets: the kernel refuses an ESN replay bitmap over 128 32-bit words
 
 
 @dataclass(frozen=True)
@@ -446,7 +446,7 @@ def _parse_encryption(data: Mapping[str, object]) -> tuple[EncryptionMode, Ipsec
     v.no_unknown_keys(settings, _IPSEC_KEYS, "ipsec")
     return "ipsec", IpsecSettings(
         replay_window=v.integer(settings.get("replay_window", 4096), "ipsec.replay_window", 32, REPLAY_WINDOW_MAX),
-        rotation_seconds=v.integer(settings.get("rotation_seconds", 3600), "ipsec.rotation_seconds", 10, 86400),
+        rotation_seconds=v.integer(settings.get("rotation_seconds", 3600), "ipsec.rotation_seconds", 60, 86400),
     )
 
 

@@ -602,6 +602,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 certificate_expires=rfc3339(rec.certificate_not_after) if rec else "",
                 peers=len(state["peers"]) if state else 0,
                 capabilities=list(rt.capabilities) if rt else [],
+                encryption=(state or {}).get("encryption", "wireguard") if state else "",
+                peer_encryption=[cpb.PeerEncryption(**e) for e in rt.encryption] if rt else [],
             ))
         return apb.ListNodesResponse(current_revision=hub.spec_revision, nodes=out)
 

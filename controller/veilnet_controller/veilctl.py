@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from veilnet.v1 import admin_pb2 as apb
 from veilnet.v1 import admin_pb2_grpc
@@ -211,14 +212,23 @@ def cmd_nodes(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
         if n.applied_spec_revision and n.applied_spec_revision < resp.current_revision and n.in_spec:
             rev += " (behind)"
         handshakes = f"{n.peers_with_recent_handshake}/{n.peers}" if n.connected else "-"
+        if n.encryption == "ipsec":  # no WireGuard handshakes: the peers whose IPsec is established
+            established = sum(1 for p in n.peer_encryption if p.state == "established")
+            handshakes = f"ipsec {established}/{n.peers}" if n.connected else "ipsec"
         rows.append([n.name, _node_state(n), "yes" if n.in_spec else "no", rev, str(n.peers), handshakes,
                      n.last_seen or "-", n.certificate_expires or "-", n.last_error or ""])
+        for p in n.peer_encryption:
+            rows.append([f"  -> {p.peer}", p.state, "", f"epoch {p.epoch}/{p.peer_epoch}",
+                         f"age {p.epoch_age_seconds}s", f"out {p.packets_out} in {p.packets_in}",
+                         f"replay {p.replay_failures}", f"integrity {p.integrity_failures}", ""])
     data = {"current_revision": resp.current_revision, "nodes": [
         {"name": n.name, "state": _node_state(n), "in_spec": n.in_spec, "applied_spec_revision":
          n.applied_spec_revision, "peers": n.peers, "peers_with_recent_handshake": n.peers_with_recent_handshake,
          "drift_repairs": n.drift_repairs, "last_seen": n.last_seen, "certificate_expires":
          n.certificate_expires, "last_error": n.last_error, "wireguard_public_key": n.wireguard_public_key,
-         "capabilities": list(n.capabilities)} for n in resp.nodes]}
+         "capabilities": list(n.capabilities), "encryption": n.encryption,
+         "peer_encryption": [json_format.MessageToDict(p, preserving_proto_field_name=True)
+                             for p in n.peer_encryption]} for n in resp.nodes]}
     _emit(args, data, f"current revision: {resp.current_revision}\n" + _table(
         ["NAME", "STATE", "IN-SPEC", "APPLIED", "PEERS", "HANDSHAKES", "LAST-SEEN", "CERT-EXPIRES", "ERROR"], rows))
     return EXIT_OK

@@ -22,63 +22,64 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from veilnet.v1 import controller_pb2 as veilnet_dot_v1_dot_controller__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16veilnet/v1/admin.proto\x12\nveilnet.v1\"Q\n\x10\x41pplySpecRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x04\"D\n\x11\x41pplySpecResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\"$\n\x0f\x44iffSpecRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\":\n\x10\x44iffSpecResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x04\x12\x0c\n\x04\x64iff\x18\x02 \x01(\t\"\"\n\x0eGetSpecRequest\x12\x10\n\x08revision\x18\x01 \x01(\x04\"k\n\x0fGetSpecResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tspec_yaml\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x1f\n\x0eHistoryRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"k\n\x08Revision\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x18\n\x10rolled_back_from\x18\x05 \x01(\x04\":\n\x0fHistoryResponse\x12\'\n\trevisions\x18\x01 \x03(\x0b\x32\x14.veilnet.v1.Revision\"4\n\x0fRollbackRequest\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x12\n\x10ListNodesRequest\"\xe1\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07in_spec\x18\x02 \x01(\x08\x12\x0e\n\x06joined\x18\x03 \x01(\x08\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x1c\n\x14wireguard_public_key\x18\x06 \x01(\t\x12\x1d\n\x15\x61pplied_spec_revision\x18\x07 \x01(\x04\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x11\n\tlast_seen\x18\t \x01(\t\x12\x1b\n\x13\x63\x65rtificate_expires\x18\n \x01(\t\x12\r\n\x05peers\x18\x0b \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x0c \x03(\t\x12\x1e\n\x16rejected_spec_revision\x18\r \x01(\x04\x12#\n\x1bpeers_with_recent_handshake\x18\x0e \x01(\r\x12\x15\n\rdrift_repairs\x18\x0f \x01(\r\"T\n\x11ListNodesResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x04\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.veilnet.v1.NodeStatus\"@\n\x16\x43reateJoinTokenRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"M\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61_hash\x18\x03 \x01(\t\"6\n\x11RevokeNodeRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x12RevokeNodeResponse\x12\x1c\n\x14\x63\x65rtificates_revoked\x18\x01 \x01(\r\x12\x15\n\rwas_connected\x18\x02 \x01(\x08\"5\n\x15RevokeOperatorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x16RevokeOperatorResponse\x12\x1c\n\x14\x63\x65rtificates_revoked\x18\x01 \x01(\r\"1\n\x10ReadAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06verify\x18\x02 \x01(\x08\"\xd9\x01\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x15\n\rprevious_hash\x18\n \x01(\t\x12\x14\n\x0c\x61\x63tor_serial\x18\x0b \x01(\t\x12\x11\n\tsignature\x18\x0c \x01(\t\"\x8b\x01\n\x11ReadAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.veilnet.v1.AuditEntry\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x14\n\x0cverify_error\x18\x03 \x01(\t\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x16\n\x0everify_summary\x18\x05 \x01(\t\"8\n\x12SendCommandRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\"(\n\x13SendCommandResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x32\xce\x06\n\x05\x41\x64min\x12H\n\tApplySpec\x12\x1c.veilnet.v1.ApplySpecRequest\x1a\x1d.veilnet.v1.ApplySpecResponse\x12\x45\n\x08\x44iffSpec\x12\x1b.veilnet.v1.DiffSpecRequest\x1a\x1c.veilnet.v1.DiffSpecResponse\x12\x42\n\x07GetSpec\x12\x1a.veilnet.v1.GetSpecRequest\x1a\x1b.veilnet.v1.GetSpecResponse\x12\x42\n\x07History\x12\x1a.veilnet.v1.HistoryRequest\x1a\x1b.veilnet.v1.HistoryResponse\x12\x46\n\x08Rollback\x12\x1b.veilnet.v1.RollbackRequest\x1a\x1d.veilnet.v1.ApplySpecResponse\x12H\n\tListNodes\x12\x1c.veilnet.v1.ListNodesRequest\x1a\x1d.veilnet.v1.ListNodesResponse\x12Z\n\x0f\x43reateJoinToken\x12\".veilnet.v1.CreateJoinTokenRequest\x1a#.veilnet.v1.CreateJoinTokenResponse\x12K\n\nRevokeNode\x12\x1d.veilnet.v1.RevokeNodeRequest\x1a\x1e.veilnet.v1.RevokeNodeResponse\x12W\n\x0eRevokeOperator\x12!.veilnet.v1.RevokeOperatorRequest\x1a\".veilnet.v1.RevokeOperatorResponse\x12H\n\tReadAudit\x12\x1c.veilnet.v1.ReadAuditRequest\x1a\x1d.veilnet.v1.ReadAuditResponse\x12N\n\x0bSendCommand\x12\x1e.veilnet.v1.SendCommandRequest\x1a\x1f.veilnet.v1.SendCommandResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16veilnet/v1/admin.proto\x12\nveilnet.v1\x1a\x1bveilnet/v1/controller.proto\"Q\n\x10\x41pplySpecRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x04\"D\n\x11\x41pplySpecResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\"$\n\x0f\x44iffSpecRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\":\n\x10\x44iffSpecResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x04\x12\x0c\n\x04\x64iff\x18\x02 \x01(\t\"\"\n\x0eGetSpecRequest\x12\x10\n\x08revision\x18\x01 \x01(\x04\"k\n\x0fGetSpecResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tspec_yaml\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x1f\n\x0eHistoryRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"k\n\x08Revision\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x18\n\x10rolled_back_from\x18\x05 \x01(\x04\":\n\x0fHistoryResponse\x12\'\n\trevisions\x18\x01 \x03(\x0b\x32\x14.veilnet.v1.Revision\"4\n\x0fRollbackRequest\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x12\n\x10ListNodesRequest\"\xaa\x03\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07in_spec\x18\x02 \x01(\x08\x12\x0e\n\x06joined\x18\x03 \x01(\x08\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x1c\n\x14wireguard_public_key\x18\x06 \x01(\t\x12\x1d\n\x15\x61pplied_spec_revision\x18\x07 \x01(\x04\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x11\n\tlast_seen\x18\t \x01(\t\x12\x1b\n\x13\x63\x65rtificate_expires\x18\n \x01(\t\x12\r\n\x05peers\x18\x0b \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x0c \x03(\t\x12\x1e\n\x16rejected_spec_revision\x18\r \x01(\x04\x12#\n\x1bpeers_with_recent_handshake\x18\x0e \x01(\r\x12\x15\n\rdrift_repairs\x18\x0f \x01(\r\x12\x12\n\nencryption\x18\x10 \x01(\t\x12\x33\n\x0fpeer_encryption\x18\x11 \x03(\x0b\x32\x1a.veilnet.v1.PeerEncryption\"T\n\x11ListNodesResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x04\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.veilnet.v1.NodeStatus\"@\n\x16\x43reateJoinTokenRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"M\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61_hash\x18\x03 \x01(\t\"6\n\x11RevokeNodeRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x12RevokeNodeResponse\x12\x1c\n\x14\x63\x65rtificates_revoked\x18\x01 \x01(\r\x12\x15\n\rwas_connected\x18\x02 \x01(\x08\"5\n\x15RevokeOperatorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x16RevokeOperatorResponse\x12\x1c\n\x14\x63\x65rtificates_revoked\x18\x01 \x01(\r\"1\n\x10ReadAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06verify\x18\x02 \x01(\x08\"\xd9\x01\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x15\n\rprevious_hash\x18\n \x01(\t\x12\x14\n\x0c\x61\x63tor_serial\x18\x0b \x01(\t\x12\x11\n\tsignature\x18\x0c \x01(\t\"\x8b\x01\n\x11ReadAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.veilnet.v1.AuditEntry\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x14\n\x0cverify_error\x18\x03 \x01(\t\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x16\n\x0everify_summary\x18\x05 \x01(\t\"8\n\x12SendCommandRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\"(\n\x13SendCommandResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x32\xce\x06\n\x05\x41\x64min\x12H\n\tApplySpec\x12\x1c.veilnet.v1.ApplySpecRequest\x1a\x1d.veilnet.v1.ApplySpecResponse\x12\x45\n\x08\x44iffSpec\x12\x1b.veilnet.v1.DiffSpecRequest\x1a\x1c.veilnet.v1.DiffSpecResponse\x12\x42\n\x07GetSpec\x12\x1a.veilnet.v1.GetSpecRequest\x1a\x1b.veilnet.v1.GetSpecResponse\x12\x42\n\x07History\x12\x1a.veilnet.v1.HistoryRequest\x1a\x1b.veilnet.v1.HistoryResponse\x12\x46\n\x08Rollback\x12\x1b.veilnet.v1.RollbackRequest\x1a\x1d.veilnet.v1.ApplySpecResponse\x12H\n\tListNodes\x12\x1c.veilnet.v1.ListNodesRequest\x1a\x1d.veilnet.v1.ListNodesResponse\x12Z\n\x0f\x43reateJoinToken\x12\".veilnet.v1.CreateJoinTokenRequest\x1a#.veilnet.v1.CreateJoinTokenResponse\x12K\n\nRevokeNode\x12\x1d.veilnet.v1.RevokeNodeRequest\x1a\x1e.veilnet.v1.RevokeNodeResponse\x12W\n\x0eRevokeOperator\x12!.veilnet.v1.RevokeOperatorRequest\x1a\".veilnet.v1.RevokeOperatorResponse\x12H\n\tReadAudit\x12\x1c.veilnet.v1.ReadAuditRequest\x1a\x1d.veilnet.v1.ReadAuditResponse\x12N\n\x0bSendCommand\x12\x1e.veilnet.v1.SendCommandRequest\x1a\x1f.veilnet.v1.SendCommandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veilnet.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APPLYSPECREQUEST']._serialized_start=38
-  _globals['_APPLYSPECREQUEST']._serialized_end=119
-  _globals['_APPLYSPECRESPONSE']._serialized_start=121
-  _globals['_APPLYSPECRESPONSE']._serialized_end=189
-  _globals['_DIFFSPECREQUEST']._serialized_start=191
-  _globals['_DIFFSPECREQUEST']._serialized_end=227
-  _globals['_DIFFSPECRESPONSE']._serialized_start=229
-  _globals['_DIFFSPECRESPONSE']._serialized_end=287
-  _globals['_GETSPECREQUEST']._serialized_start=289
-  _globals['_GETSPECREQUEST']._serialized_end=323
-  _globals['_GETSPECRESPONSE']._serialized_start=325
-  _globals['_GETSPECRESPONSE']._serialized_end=432
-  _globals['_HISTORYREQUEST']._serialized_start=434
-  _globals['_HISTORYREQUEST']._serialized_end=465
-  _globals['_REVISION']._serialized_start=467
-  _globals['_REVISION']._serialized_end=574
-  _globals['_HISTORYRESPONSE']._serialized_start=576
-  _globals['_HISTORYRESPONSE']._serialized_end=634
-  _globals['_ROLLBACKREQUEST']._serialized_start=636
-  _globals['_ROLLBACKREQUEST']._serialized_end=688
-  _globals['_LISTNODESREQUEST']._serialized_start=690
-  _globals['_LISTNODESREQUEST']._serialized_end=708
-  _globals['_NODESTATUS']._serialized_start=711
-  _globals['_NODESTATUS']._serialized_end=1064
-  _globals['_LISTNODESRESPONSE']._serialized_start=1066
-  _globals['_LISTNODESRESPONSE']._serialized_end=1150
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=1152
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=1216
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=1218
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=1295
-  _globals['_REVOKENODEREQUEST']._serialized_start=1297
-  _globals['_REVOKENODEREQUEST']._serialized_end=1351
-  _globals['_REVOKENODERESPONSE']._serialized_start=1353
-  _globals['_REVOKENODERESPONSE']._serialized_end=1426
-  _globals['_REVOKEOPERATORREQUEST']._serialized_start=1428
-  _globals['_REVOKEOPERATORREQUEST']._serialized_end=1481
-  _globals['_REVOKEOPERATORRESPONSE']._serialized_start=1483
-  _globals['_REVOKEOPERATORRESPONSE']._serialized_end=1537
-  _globals['_READAUDITREQUEST']._serialized_start=1539
-  _globals['_READAUDITREQUEST']._serialized_end=1588
-  _globals['_AUDITENTRY']._serialized_start=1591
-  _globals['_AUDITENTRY']._serialized_end=1808
-  _globals['_READAUDITRESPONSE']._serialized_start=1811
-  _globals['_READAUDITRESPONSE']._serialized_end=1950
-  _globals['_SENDCOMMANDREQUEST']._serialized_start=1952
-  _globals['_SENDCOMMANDREQUEST']._serialized_end=2008
-  _globals['_SENDCOMMANDRESPONSE']._serialized_start=2010
-  _globals['_SENDCOMMANDRESPONSE']._serialized_end=2050
-  _globals['_ADMIN']._serialized_start=2053
-  _globals['_ADMIN']._serialized_end=2899
+  _globals['_APPLYSPECREQUEST']._serialized_start=67
+  _globals['_APPLYSPECREQUEST']._serialized_end=148
+  _globals['_APPLYSPECRESPONSE']._serialized_start=150
+  _globals['_APPLYSPECRESPONSE']._serialized_end=218
+  _globals['_DIFFSPECREQUEST']._serialized_start=220
+  _globals['_DIFFSPECREQUEST']._serialized_end=256
+  _globals['_DIFFSPECRESPONSE']._serialized_start=258
+  _globals['_DIFFSPECRESPONSE']._serialized_end=316
+  _globals['_GETSPECREQUEST']._serialized_start=318
+  _globals['_GETSPECREQUEST']._serialized_end=352
+  _globals['_GETSPECRESPONSE']._serialized_start=354
+  _globals['_GETSPECRESPONSE']._serialized_end=461
+  _globals['_HISTORYREQUEST']._serialized_start=463
+  _globals['_HISTORYREQUEST']._serialized_end=494
+  _globals['_REVISION']._serialized_start=496
+  _globals['_REVISION']._serialized_end=603
+  _globals['_HISTORYRESPONSE']._serialized_start=605
+  _globals['_HISTORYRESPONSE']._serialized_end=663
+  _globals['_ROLLBACKREQUEST']._serialized_start=665
+  _globals['_ROLLBACKREQUEST']._serialized_end=717
+  _globals['_LISTNODESREQUEST']._serialized_start=719
+  _globals['_LISTNODESREQUEST']._serialized_end=737
+  _globals['_NODESTATUS']._serialized_start=740
+  _globals['_NODESTATUS']._serialized_end=1166
+  _globals['_LISTNODESRESPONSE']._serialized_start=1168
+  _globals['_LISTNODESRESPONSE']._serialized_end=1252
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=1254
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=1318
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=1320
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=1397
+  _globals['_REVOKENODEREQUEST']._serialized_start=1399
+  _globals['_REVOKENODEREQUEST']._serialized_end=1453
+  _globals['_REVOKENODERESPONSE']._serialized_start=1455
+  _globals['_REVOKENODERESPONSE']._serialized_end=1528
+  _globals['_REVOKEOPERATORREQUEST']._serialized_start=1530
+  _globals['_REVOKEOPERATORREQUEST']._serialized_end=1583
+  _globals['_REVOKEOPERATORRESPONSE']._serialized_start=1585
+  _globals['_REVOKEOPERATORRESPONSE']._serialized_end=1639
+  _globals['_READAUDITREQUEST']._serialized_start=1641
+  _globals['_READAUDITREQUEST']._serialized_end=1690
+  _globals['_AUDITENTRY']._serialized_start=1693
+  _globals['_AUDITENTRY']._serialized_end=1910
+  _globals['_READAUDITRESPONSE']._serialized_start=1913
+  _globals['_READAUDITRESPONSE']._serialized_end=2052
+  _globals['_SENDCOMMANDREQUEST']._serialized_start=2054
+  _globals['_SENDCOMMANDREQUEST']._serialized_end=2110
+  _globals['_SENDCOMMANDRESPONSE']._serialized_start=2112
+  _globals['_SENDCOMMANDRESPONSE']._serialized_end=2152
+  _globals['_ADMIN']._serialized_start=2155
+  _globals['_ADMIN']._serialized_end=3001
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from veilnet.v1 import controller_pb2 as _controller_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -99,7 +100,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "in_spec", "joined", "connected", "revoked", "wireguard_public_key", "applied_spec_revision", "last_error", "last_seen", "certificate_expires", "peers", "capabilities", "rejected_spec_revision", "peers_with_recent_handshake", "drift_repairs")
+    __slots__ = ("name", "in_spec", "joined", "connected", "revoked", "wireguard_public_key", "applied_spec_revision", "last_error", "last_seen", "certificate_expires", "peers", "capabilities", "rejected_spec_revision", "peers_with_recent_handshake", "drift_repairs", "encryption", "peer_encryption")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IN_SPEC_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +116,8 @@ class NodeStatus(_message.Message):
     REJECTED_SPEC_REVISION_FIELD_NUMBER: _ClassVar[int]
     PEERS_WITH_RECENT_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     DRIFT_REPAIRS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
+    PEER_ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     in_spec: bool
     joined: bool
@@ -130,7 +133,9 @@ class NodeStatus(_message.Message):
     rejected_spec_revision: int
     peers_with_recent_handshake: int
     drift_repairs: int
-    def __init__(self, name: _Optional[str] = ..., in_spec: _Optional[bool] = ..., joined: _Optional[bool] = ..., connected: _Optional[bool] = ..., revoked: _Optional[bool] = ..., wireguard_public_key: _Optional[str] = ..., applied_spec_revision: _Optional[int] = ..., last_error: _Optional[str] = ..., last_seen: _Optional[str] = ..., certificate_expires: _Optional[str] = ..., peers: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., rejected_spec_revision: _Optional[int] = ..., peers_with_recent_handshake: _Optional[int] = ..., drift_repairs: _Optional[int] = ...) -> None: ...
+    encryption: str
+    peer_encryption: _containers.RepeatedCompositeFieldContainer[_controller_pb2.PeerEncryption]
+    def __init__(self, name: _Optional[str] = ..., in_spec: _Optional[bool] = ..., joined: _Optional[bool] = ..., connected: _Optional[bool] = ..., revoked: _Optional[bool] = ..., wireguard_public_key: _Optional[str] = ..., applied_spec_revision: _Optional[int] = ..., last_error: _Optional[str] = ..., last_seen: _Optional[str] = ..., certificate_expires: _Optional[str] = ..., peers: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., rejected_spec_revision: _Optional[int] = ..., peers_with_recent_handshake: _Optional[int] = ..., drift_repairs: _Optional[int] = ..., encryption: _Optional[str] = ..., peer_encryption: _Optional[_Iterable[_Union[_controller_pb2.PeerEncryption, _Mapping]]] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("current_revision", "nodes")

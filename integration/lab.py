@@ -979,8 +979,12 @@ class Lab:
             self.teardown()
             raise
 
+    def ul_cmd(self, cmd: Cmd) -> list[str]:
+        """``cmd`` to run in the underlay switch's namespace (for ``capture``)."""
+        return ["nsenter", f"--net={NETNS_DIR / self.underlay_ns}", "--", *_argv(cmd)]
+
     def run_ul(self, cmd: Cmd, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return sh(["nsenter", f"--net={NETNS_DIR / self.underlay_ns}", "--", *_argv(cmd)], **kw)
+        return sh(self.ul_cmd(cmd), **kw)
 
     def _make_netns(self, name: str) -> None:
         sh(["ip", "netns", "add", name])

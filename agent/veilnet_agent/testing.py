@@ -69,6 +69,7 @@ class FakeKernel:
         self.links = FakeLinks(self)
         self.wireguard = FakeWireGuard(self)
         self.firewall = FakeFirewall(self)
+        self.xfrm = FakeXfrm(self)
 
     def state(self) -> KernelState:
         return KernelState(dict(self.links_by_name), frozenset(self.fdb), frozenset(self.neigh.values()),
@@ -236,3 +237,45 @@ class FakeFirewall:
         self.table = replace(self.table, elements={n: frozenset(e) for n, e in elements.items()})
         self.transactions += 1
         return sum(map(len, add.values())) + sum(map(len, delete.values()))
+
+
+class FakeXfrm:
+    """The agent's SAs and policies, changed in the order ``SyncXfrm`` states; ``unsupported_reason`` as a
+    kernel without ESP would say it. ``protected(src, dst)`` answers "would UDP 4789 leave protected?"."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+        self.sas: dict[Any, Any] = {}
+        self.policies: dict[Any, Any] = {}
+        self.unsupported_reason: str | None = None
+        self.refuse_adds: str | None = None
+
+    def observe(self) -> Any:
+        from .core.objects import XfrmObservation
+
+        self.kernel._check_readable()
+        return XfrmObservation(sas=dict(self.sas), policies=dict(self.policies))
+
+    def apply(self, ops: Sequence[Any]) -> ApplyResult[Any]:
+        result: ApplyResult[Any] = ApplyResult()
+        for op in ops:
+            if self.refuse_adds is not None and (op.add_sas or op.set_policies):
+                result.failed.append((op, self.refuse_adds))
+                continue
+            for ident in op.delete_sas:
+                if ident in {sa.ident for sa in op.add_sas}:
+                    self.sas.pop(ident, None)
+            self.sas.update({sa.ident: sa for sa in op.add_sas})
+            self.policies.update({p.ident: p for p in op.set_policies})
+            for key in op.delete_policies:
+                self.policies.pop(key, None)
+            for ident in op.delete_sas:
+                if ident not in {sa.ident for sa in op.add_sas}:
+                    self.sas.pop(ident, None)
+            result.applied.append(op)
+            self.kernel.applied.append(op)
+            result.requests += len(op.add_sas) + len(op.set_policies) + len(op.delete_policies) + len(op.delete_sas)
+        return result
+
+    def unsupported(self) -> str | None:
+        return self.unsupported_reason

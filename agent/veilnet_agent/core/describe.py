@@ -13,6 +13,7 @@ from .ops import (
     Op,
     SetNeigh,
     SyncWgPeers,
+    SyncXfrm,
     UpdateLink,
 )
 
@@ -28,6 +29,16 @@ def op_fields(op: Op) -> dict[str, object]:
             "upserts": [p.public_key for p in op.upserts[:20]],
             "removes": list(op.removes[:20]),
             "count": len(op.upserts) + len(op.removes),
+        }
+    if isinstance(op, SyncXfrm):  # SPIs and addresses only: never a key
+        return {
+            "action": "sync-xfrm",
+            "object": "xfrm/sas+policies",
+            "add_sas": [f"{sa.src}->{sa.dst} spi 0x{sa.spi:08x}" for sa in op.add_sas[:20]],
+            "delete_sas": [f"{src}->{dst} spi 0x{spi:08x}" for src, dst, spi in op.delete_sas[:20]],
+            "policies_set": len(op.set_policies),
+            "policies_deleted": len(op.delete_policies),
+            "count": len(op.add_sas) + len(op.set_policies) + len(op.delete_policies) + len(op.delete_sas),
         }
     if isinstance(op, CreateLink):
         return {"action": "create", "object": f"link/{op.link.name}", "kind": op.link.kind}

@@ -87,6 +87,10 @@ def test_the_guard_drops_our_vnis_without_a_secpath() -> None:
     text = str(structure)
     assert "'key': 'ipsec'" in text and "come through IPsec" in text
     assert "'key': 'iifname'}}, 'right': 'vnwg0'" not in text
+    from veilnet_agent.core import nft_text
+
+    rendered = nft_text.batch(list(structure), {}, "test")
+    assert "meta ipsec missing" in rendered
 
 
 def test_sas_go_in_before_tunnels_and_policies_out_only_after_them() -> None:

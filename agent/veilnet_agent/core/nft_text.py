@@ -70,8 +70,8 @@ def _address(text: str) -> str | None:
 
 def value(item: Any) -> str:
     """A constant: number, address, port range, ``@set`` reference, anonymous set, or a quoted symbol."""
-    if isinstance(item, bool):
-        raise ValueError(f"nft text: boolean {item!r}")
+    if isinstance(item, bool):  # nft's boolean literals (``meta ipsec missing``: no secpath)
+        return "exists" if item else "missing"
     if isinstance(item, int):
         return _integer(item)
     if isinstance(item, str):

@@ -66,7 +66,9 @@ def test_newsa_carries_the_aead_and_esn_state_the_kernel_wants() -> None:
     assert (bmp_len, window, len(attrs[X.XFRMA_REPLAY_ESN_VAL])) == (2, 64, 24 + 8)
     assert body[215] == 0  # the legacy u8 window: the kernel refuses it with ESN
     assert body[:56] == bytes(56)  # selector: any traffic
-    assert struct.unpack_from("=8Q", body, 96) == (X.XFRM_INF,) * 8
+    # no byte or packet limit, and no time limit (0: XFRM_INF seconds would expire it at once)
+    assert struct.unpack_from("=8Q", body, 96) == (X.XFRM_INF,) * 4 + (0,) * 4
+    assert struct.unpack_from("=8Q", X.encode_policy(POL_OUT), 56) == (X.XFRM_INF,) * 4 + (0,) * 4
 
 
 def test_delsa_names_daddr_spi_esp_and_the_source() -> None:

@@ -8,14 +8,16 @@ What the agent makes (and only that is "ours"):
 * SAs: ESP, transport mode, family of the addresses, ``reqid`` = ``naming.XFRM_REQID``, flags
   ``XFRM_STATE_ESN``, ``rfc4106(gcm(aes))`` with the 36-byte key (288 bits) and a 128-bit ICV, the replay
   window in the ESN replay state (``XFRMA_REPLAY_ESN_VAL``; the legacy u8 field stays 0, and kernel 6.1
-  refuses an ESN SA with window 0, so both directions carry it), lifetimes ``XFRM_INF``.
+  refuses an ESN SA with window 0, so both directions carry it), lifetimes ``XFRM_INF`` (byte and packet
+  limits; the time limits are 0 = none, as ``ip xfrm`` leaves them: ``XFRM_INF`` seconds would overflow the
+  kernel's expiry arithmetic and expire the SA at once).
   The SA's selector is left zero (``AF_UNSPEC``, as ``ip xfrm state add`` without ``sel``; the kernel
   stores and dumps it with the SA's family, and both read as ours): the policies
   select the traffic, and one SA per direction then serves every policy of the peer pair (the VXLAN
   policy for 4789 and the Geneve one for 6081). A selector naming one port would make the kernel refuse
   that SA to the other port's policy (``xfrm_state_look_at`` matches the flow against it).
 * Policies: UDP from a host address to a host address and one destination port, ``dir`` in or out,
-  priority ``naming.XFRM_PRIORITY``, action allow, ``XFRM_INF`` lifetimes, one template: ESP, transport,
+  priority ``naming.XFRM_PRIORITY``, action allow, lifetimes as the SAs', one template: ESP, transport,
   reqid ``XFRM_REQID``, ``level required``, any algorithm.
 
 Batches: ``apply()`` turns every ``SyncXfrm`` into one message per object (add SAs, set policies, delete
@@ -180,7 +182,10 @@ _U32 = struct.Struct("=I")
 assert _SELECTOR.size == 56 and _USERSA_INFO_LEN == 224 and _USERPOLICY_INFO_LEN == 168
 assert _USERPOLICY_ID.size == 64 and _TMPL.size == 64 and _USERSA_ID.size == 24
 
-_INF_LFT = _LFT_CFG.pack(*([XFRM_INF] * 8))
+# Byte and packet limits XFRM_INF, time limits 0 (none), as iproute2 sets them: XFRM_INF in a time limit
+# overflows the kernel's signed seconds arithmetic (xfrm_timer_handler) and expires the object within a second.
+_LFT_VALUES = (XFRM_INF, XFRM_INF, XFRM_INF, XFRM_INF, 0, 0, 0, 0)
+_INF_LFT = _LFT_CFG.pack(*_LFT_VALUES)
 _ZERO_CUR = _LFT_CUR.pack(0, 0, 0, 0)
 _ZERO_ADDR = bytes(16)
 _ZERO_SELECTOR = bytes(_SELECTOR.size)
@@ -396,7 +401,7 @@ def parse_sa(buf: bytes | bytearray | memoryview, start: int, end: int) -> SaRec
         and flags == XFRM_STATE_ESN
         and legacy_window == 0
         and _any_selector(sel, family)
-        and all(v == XFRM_INF for v in lft)
+        and lft == _LFT_VALUES
         and mark is None
         and not other
     )
@@ -475,7 +480,7 @@ def parse_policy(buf: bytes | bytearray | memoryview, start: int, end: int) -> P
         t_daddr, t_spi, t_proto, t_family, t_saddr, t_reqid, t_mode, _t_share, t_opt, aa, ea, ca = tmpls[0]
         ours_shape = (
             direction in _DIR_NAMES and priority == XFRM_PRIORITY and action == XFRM_POLICY_ALLOW
-            and flags == 0 and all(v == XFRM_INF for v in lft)
+            and flags == 0 and lft == _LFT_VALUES
             and t_proto == IPPROTO_ESP and t_family == family and t_daddr == _ZERO_ADDR and t_saddr == _ZERO_ADDR
             and t_spi == 0 and t_reqid == XFRM_REQID and t_mode == XFRM_MODE_TRANSPORT and t_opt == 0
             and aa == ALL_ALGOS and ea == ALL_ALGOS and ca == ALL_ALGOS

@@ -248,6 +248,22 @@ def test_status_and_veilctl_show_each_peers_ipsec(ipsec: Lab) -> None:
     assert {p["peer"] for p in nodes["host-a"]["peer_encryption"]} == {"host-b", "host-c"}
 
 
+@pytest.mark.parametrize("seg", ["blue", "green"])
+def test_df_ping_at_the_ipsec_mtu_passes_and_one_byte_more_is_refused(ipsec: Lab, seg: str) -> None:
+    """1500 - 37 (ESP worst case) - 50 (VXLAN or Geneve over IPv4) = 1413, end to end without fragments."""
+    mtu = 1413
+    vni = 100 if seg == "blue" else 200
+    assert ipsec.host("host-a").links()[naming.bridge_name(vni)]["mtu"] == mtu
+    src, dst = ipsec.endpoint(f"a-{seg}"), ep(ipsec, f"b-{seg}")
+    fits = src.ping(dst.ipv4, count=2, wait=2, args=["-M", "do", "-s", str(mtu - 28)])
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    too_big = src.ping(dst.ipv4, count=1, wait=2, args=["-M", "do", "-s", str(mtu - 27)])
+    assert too_big.returncode != 0 and ("too long" in too_big.stdout + too_big.stderr
+                                        or f"mtu={mtu}" in too_big.stdout + too_big.stderr), too_big.stdout
+    six = src.ping(dst.ipv6 or "", count=2, wait=2, args=["-M", "do", "-s", str(mtu - 48)])
+    assert six.returncode == 0, six.stdout + six.stderr
+
+
 # --------------------------------------------------------------------------- attacks from the underlay
 
 

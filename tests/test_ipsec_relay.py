@@ -156,7 +156,7 @@ REFUSED = [
     ("signature-length", lambda: key("host-a", 5, signature=b"\x30" * 201), "signature is 201 bytes (1..200)"),
     ("certificate-set", lambda: key("host-a", 5, certificate_pem=cert("host-a")),
      "certificate_pem is the controller's to fill in"),
-    ("stale-epoch", lambda: key("host-a", 3), "epoch 3 is not newer than epoch 3"),
+    ("stale-epoch", lambda: key("host-a", 3, public_key=b"\x07" * 32), "epoch 3 is not newer than epoch 3"),
     ("stale-epoch", lambda: key("host-a", 2), "epoch 2 is not newer than epoch 3"),
 ]
 
@@ -181,6 +181,20 @@ def test_a_refused_key_is_not_relayed_but_logged_and_audited_and_the_stream_stay
         (audit,) = net.audited("node.epoch-key-refused")
         assert (audit["actor"], audit["kind"]) == ("host-a", kind)
         assert reason in audit["reason"]
+    asyncio.run(scenario())
+
+
+def test_the_stored_key_published_again_after_a_reconnect_is_taken_quietly(net: Net) -> None:
+    async def scenario() -> None:
+        await net.start(spec())
+        a = net.sessions["host-a"]
+        assert net.hub.epoch_key_reported(a, key("host-a", 3))
+        for s in net.sessions.values():
+            drain(s)
+        with capture_logs() as logs:
+            assert net.hub.epoch_key_reported(a, key("host-a", 3)) is True
+        assert not [e for e in logs if e["event"] == "epoch_key_refused"] and not net.audited("node.epoch-key-refused")
+        assert all(drain(s) == [] for s in net.sessions.values()), "nothing relayed again"
     asyncio.run(scenario())
 
 

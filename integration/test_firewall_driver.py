@@ -282,6 +282,23 @@ def test_real_compiler_output_loads_and_round_trips(driver: FirewallDriver) -> N
     assert driver.observe().elements["sg_ep_mac"] == compiled.elements["sg_ep_mac"]
 
 
+def test_the_ipsec_mode_table_loads_on_this_kernel(driver: FirewallDriver, host: str) -> None:
+    """IPsec's guard (``meta ipsec missing``: no secpath) and its peer sets keyed by underlay addresses load and
+    read back like WireGuard's (the ESP itself needs the VM; nft's secpath match does not)."""
+    import copy
+
+    raw = copy.deepcopy(_REAL_STATE)
+    raw["encryption"] = "ipsec"
+    compiled = compile_firewall(parse_node_state(raw))
+    driver.apply_full(compiled)
+    observed = driver.observe()
+    assert observed.fingerprint == compiled.fingerprint and observed.elements == compiled.elements
+    listed = nft(host, "list", "chain", "inet", "veilnet", "input")
+    assert "meta ipsec missing" in listed and "vnwg0" not in listed
+    peers = {key[0] for key, _ in compiled.elements["sg_peer_vni"]}
+    assert peers == {p["underlay_address"] for p in raw["peers"]}
+
+
 def test_counter_object_maps_round_trip(driver: FirewallDriver) -> None:
     """The jump-free alternative: ``counter name <key> map @m accept`` with a map of counter objects."""
     base = make_compiled({})

@@ -101,3 +101,20 @@ def test_the_key_manager_gets_the_peers_and_publishes_a_first_epoch(tmp_path: Pa
     changes = r.take_ipsec_changes()
     assert changes.publish is not None and changes.publish.node == "host-a"
     assert r.ipsec is not None and set(r.ipsec.peers) == {"peer-0", "peer-1", "peer-2"}
+
+
+def test_a_full_resync_keeps_the_sas_the_key_manager_holds(tmp_path: Path) -> None:
+    from veilnet_agent.core.objects import XfrmSa
+
+    kernel = FakeKernel()
+    r = reconciler(kernel, tmp_path)
+    r.accept(parse_node_state(ipsec_raw(1)))
+    assert r.ipsec is not None
+    peer = next(iter(r.ipsec.peers))
+    sa = XfrmSa("192.0.2.250", r.ipsec.addresses[peer], 0x4242, bytes(36))
+    r.ipsec.peers[peer].adopted = (sa,)  # as if the manager held it
+    r.ipsec_changed([peer])
+    assert r.reconcile(full=False).failure is None and sa.ident in kernel.xfrm.sas
+    for _ in range(2):
+        assert r.reconcile(full=True).failure is None
+        assert sa.ident in kernel.xfrm.sas, "a resync must not drop an SA the key manager holds"

@@ -224,6 +224,12 @@ class Reconciler:
             return frozenset()
         return frozenset(self._cache.xfrm_sas)
 
+    def _current_sas(self) -> dict[str, tuple[XfrmSa, ...]] | None:
+        """Every peer's SAs as the key manager holds them now (None: not in IPsec mode)."""
+        if self.desired is None or self.desired.encryption != "ipsec" or self.ipsec is None:
+            return None
+        return self.ipsec.sas()
+
     def take_ipsec_changes(self) -> Changes:
         changes, self.ipsec_changes = self.ipsec_changes, Changes()
         return changes
@@ -291,7 +297,7 @@ class Reconciler:
         """A new WireGuard key pair, applied now; peers learn the public key from the controller."""
         self.public_key = self.wireguard.rotate_private_key()
         if self.desired is not None:
-            self.rendered = render_all(self.desired, self._context())
+            self.rendered = render_all(self.desired, self._context(), self._current_sas())
             self._generation += 1
             self.reconcile(full=False)
         return self.public_key
@@ -344,7 +350,7 @@ class Reconciler:
         assert self.desired is not None and self.rendered is not None
         if full or (retry and self._underlay_problem is not None):
             # The underlay MTU may have changed: render again from the same desired state.
-            self.rendered = render_all(self.desired, self._context())
+            self.rendered = render_all(self.desired, self._context(), self._current_sas())
         observed = self._cache
         if full or retry or observed is None:
             observed = self.observe()

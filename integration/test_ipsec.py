@@ -117,16 +117,18 @@ def xfrm_states(host: Host) -> dict[int, dict[str, Any]]:
     for begin, end in itertools.pairwise(starts):
         block = text[begin:end]
         head = _STATE.match(block)
-        spi = re.search(r"spi (0x[0-9a-f]+) reqid (\d+) mode (\S+)", block)
-        if head is None or spi is None or int(spi.group(2)) != naming.XFRM_REQID:
+        spi = re.search(r"spi (0x[0-9a-f]+)", block)
+        reqid = re.search(r"reqid (\d+)", block)
+        mode = re.search(r"mode (\w+)", block)
+        if head is None or spi is None or reqid is None or int(reqid.group(1)) != naming.XFRM_REQID:
             continue
-        life = re.search(r"(\d+)\(bytes\), (\d+)\(packets\)", block)
+        life = re.search(r"lifetime current:\s*\n\s*(\d+)\(bytes\), (\d+)\(packets\)", block)
         stats = re.search(r"replay-window (\d+) replay (\d+) failed (\d+)", block)
         window = re.search(r"replay_window (\d+)", block)
         added = re.search(r"add (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", block)
         out[int(spi.group(1), 16)] = {
-            "src": head.group(1), "dst": head.group(2), "mode": spi.group(3),
-            "aead": "rfc4106(gcm(aes))" in block, "esn": "flag esn" in block or "esn" in block.split("\n")[2],
+            "src": head.group(1), "dst": head.group(2), "mode": mode.group(1) if mode else None,
+            "aead": "rfc4106(gcm(aes))" in block, "esn": "esn" in block,
             "bytes": int(life.group(1)) if life else 0, "packets": int(life.group(2)) if life else 0,
             "outside_window": int(stats.group(1)) if stats else 0, "replay": int(stats.group(2)) if stats else 0,
             "integrity": int(stats.group(3)) if stats else 0, "window": int(window.group(1)) if window else 0,

@@ -333,7 +333,9 @@ def test_replayed_esp_is_dropped_and_counted_and_a_tampered_packet_fails_integri
         _inject(ns, bytes(tampered))
         wait_until(lambda: xfrm_states(b)[spi]["integrity"] >= before["integrity"] + 1, 10, 0.2,
                    "integrity failure counted")
-        assert xfrm_states(b)[spi]["packets"] == before["packets"], "a replayed or forged packet was accepted"
+        after = xfrm_states(b)[spi]
+        # exactly our three replays and one forgery were refused (the SA's packet count moves with live traffic)
+        assert (after["replay"] - before["replay"], after["integrity"] - before["integrity"]) == (3, 1), after
         for kind in ("ipsec_replay", "ipsec_integrity"):
             event = b.wait_for_log("security_event", lambda e, k=kind: e.get("kind") == k, timeout=20, since=since)
             assert event["peer"] == "host-a" and event["spi"] == f"0x{spi:08x}", event
@@ -432,8 +434,9 @@ def test_ten_rotations_under_fast_ping_and_iperf3_lose_nothing(ipsec: Lab) -> No
         srv.wait()
     assert pinger.lost() == [], f"lost {len(pinger.lost())} of {pinger.highest()} pings"
     assert pinger.highest() > 500
-    report = json.loads(output[output.index("{"):])
-    assert report["end"]["sum_received"]["bytes"] > 100_000, report.get("error")
+    report = json.loads(output[output.index("{"):])  # stopped by SIGINT: the intervals say what went through
+    carried = sum(i["sum"]["bytes"] for i in report.get("intervals", []))
+    assert carried > 100_000 and len(report["intervals"]) >= 5, (carried, report.get("error"))
     for h in (a, b):
         assert errors(h) == errors_before[h.name], (h.name, errors_before[h.name], errors(h))
     # the old generations were removed after their grace period; what is left is current

@@ -784,13 +784,16 @@ class FirewallDriver:
                     kinds[body["name"]] = str(body.get("map", ""))
                     key_types[body["name"]] = declared_key_types(body)
         where = set_tables(structure)
-        for name in compiled.elements:
-            if name not in where or not name.startswith(MANAGED_PREFIXES):
+        for name, items in compiled.elements.items():
+            # An empty set the structure leaves out (a node without segments has no overlay sets) carries
+            # nothing; elements for an undeclared set would be lost, so they are refused.
+            if (name not in where or not name.startswith(MANAGED_PREFIXES)) and items:
                 raise DriverError(f"firewall elements for a set the structure does not declare: {name!r}")
+        declared = {name: items for name, items in compiled.elements.items() if name in where}
         replace = [{verb: {"table": {"family": family, "name": table}}}
                    for family, table in TABLES for verb in ("add", "delete")]
         try:
-            text = nft_text.batch([*replace, *structure], compiled.elements, where)
+            text = nft_text.batch([*replace, *structure], declared, where)
         except ValueError as exc:
             raise DriverError(f"firewall full load refused before nft: {exc}") from exc
         commands = len(replace) + len(structure) + sum(1 for e in compiled.elements.values() if e)

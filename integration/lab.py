@@ -878,6 +878,11 @@ class Host(_InNamespaces):
         }
         return {"links": links, "fdb": fdb, "neigh": neigh, "addrs": addrs, "wg_peers": peers}
 
+    def nft_counter(self, name: str) -> int:
+        """Packets counted by the named counter of ``inet veilnet``."""
+        out = self.run(["nft", "-j", "list", "counter", "inet", "veilnet", name]).stdout
+        return next(int(o["counter"]["packets"]) for o in json.loads(out)["nftables"] if "counter" in o)
+
     def snmp_counter(self, table: str, name: str) -> int:
         """A counter from /proc/net/snmp (``Ip``, ``FragCreates``) or snmp6 (``Ip6``, ``Ip6FragCreates``)."""
         if table == "Ip6":
@@ -1179,6 +1184,25 @@ class Lab:
             parts.append(f"===== {name} agent log ({host.log_path}) =====")
             parts.append(host.log_text((since or {}).get(name, 0)) or "(empty)")
         return "\n".join(parts)
+
+    # -- attackers
+    def add_attacker(self, ipv4: str = "192.0.2.99", v6: bool = False) -> tuple[str, str]:
+        """A namespace on the underlay switch, outside the overlay: (namespace, the MAC of its interface).
+        Its name has the lab's prefix, so teardown removes it even if the test does not."""
+        ns = f"{self.prefix}-atk"
+        sh(["ip", "netns", "add", ns])
+        self.run_ul(["ip", "link", "add", "ulatk", "type", "veth", "peer", "name", "ul0", "netns", ns])
+        self.run_ul(["ip", "link", "set", "ulatk", "master", UNDERLAY_BRIDGE, "up"])
+        sh(["ip", "-n", ns, "addr", "add", f"{ipv4}/24", "dev", "ul0"])
+        if v6:
+            sh(["ip", "-n", ns, "addr", "add", "2001:db8::99/64", "dev", "ul0", "nodad"])
+        sh(["ip", "-n", ns, "link", "set", "ul0", "up"])
+        mac = json.loads(sh(["ip", "-n", ns, "-j", "link", "show", "ul0"]).stdout)[0]["address"]
+        return ns, mac
+
+    def drop_attacker(self, ns: str) -> None:
+        self.run_ul(["ip", "link", "del", "ulatk"], check=False)
+        sh(["ip", "netns", "delete", ns], check=False)
 
     # -- teardown
     def _own_netns(self) -> list[str]:

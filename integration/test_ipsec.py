@@ -269,22 +269,6 @@ def test_df_ping_at_the_ipsec_mtu_passes_and_one_byte_more_is_refused(ipsec: Lab
 # --------------------------------------------------------------------------- attacks from the underlay
 
 
-def _attacker(lab: Lab) -> tuple[str, str]:
-    ns = f"{lab.prefix}-atk"
-    sh(["ip", "netns", "add", ns])
-    lab.run_ul(["ip", "link", "add", "ulatk", "type", "veth", "peer", "name", "ul0", "netns", ns])
-    lab.run_ul(["ip", "link", "set", "ulatk", "master", UNDERLAY_BRIDGE, "up"])
-    sh(["ip", "-n", ns, "addr", "add", f"{ATTACKER_IP}/24", "dev", "ul0"])
-    sh(["ip", "-n", ns, "link", "set", "ul0", "up"])
-    mac = json.loads(sh(["ip", "-n", ns, "-j", "link", "show", "ul0"]).stdout)[0]["address"]
-    return ns, mac
-
-
-def _drop_attacker(lab: Lab, ns: str) -> None:
-    lab.run_ul(["ip", "link", "del", "ulatk"], check=False)
-    sh(["ip", "netns", "delete", ns], check=False)
-
-
 def _esp_frames(pcap: Path, src: str, dst: str) -> list[bytes]:
     """Raw Ethernet frames of ESP from ``src`` to ``dst`` (IPv4) in a pcap file."""
     data = pcap.read_bytes()
@@ -309,7 +293,7 @@ def test_replayed_esp_is_dropped_and_counted_and_a_tampered_packet_fails_integri
                                                                                      tmp_path: Path) -> None:
     b = ipsec.host("host-b")
     a_ul, b_ul = ul(ipsec, "host-a"), ul(ipsec, "host-b")
-    ns, mac = _attacker(ipsec)
+    ns, mac = ipsec.add_attacker(ATTACKER_IP)
     try:
         with capture(b.cmd, "ul0", tmp_path / "esp.pcap", f"esp and src host {a_ul}") as pcap:
             assert ipsec.endpoint("a-blue").ping(ep(ipsec, "b-blue").ipv4, count=2, wait=2).returncode == 0
@@ -342,7 +326,7 @@ def test_replayed_esp_is_dropped_and_counted_and_a_tampered_packet_fails_integri
         # and the traffic itself goes on
         assert ipsec.endpoint("a-blue").ping(ep(ipsec, "b-blue").ipv4, count=2, wait=2).returncode == 0
     finally:
-        _drop_attacker(ipsec, ns)
+        ipsec.drop_attacker(ns)
 
 
 def _cleartext(lab: Lab, ns: str, mac: str, victim: Host, outer_src: str, encap: str, vni: int,
@@ -358,15 +342,14 @@ def _cleartext(lab: Lab, ns: str, mac: str, victim: Host, outer_src: str, encap:
 
 
 def _guard_counter(host: Host) -> int:
-    out = host.run(["nft", "-j", "list", "counter", "inet", "veilnet", "cleartext_guard"]).stdout
-    return next(int(o["counter"]["packets"]) for o in json.loads(out)["nftables"] if "counter" in o)
+    return host.nft_counter("cleartext_guard")
 
 
 def test_cleartext_encapsulation_toward_an_ipsec_peer_is_dropped_twice_over(ipsec: Lab, tmp_path: Path) -> None:
     """Cleartext VXLAN and Geneve with host-a's underlay address forged as the source: the guard (no secpath)
     drops it; with the guard rules taken out by hand, the XFRM in-policy (level required) still drops it."""
     b = ipsec.host("host-b")
-    ns, mac = _attacker(ipsec)
+    ns, mac = ipsec.add_attacker(ATTACKER_IP)
     try:
         for encap, vni, target in (("vxlan", 100, ep(ipsec, "b-blue")), ("geneve", 200, ep(ipsec, "b-green"))):
             before = _guard_counter(b)
@@ -391,7 +374,7 @@ def test_cleartext_encapsulation_toward_an_ipsec_peer_is_dropped_twice_over(ipse
         finally:
             b.start_agent(timeout=120)
     finally:
-        _drop_attacker(ipsec, ns)
+        ipsec.drop_attacker(ns)
 
 
 # --------------------------------------------------------------------------- rotation, restart

@@ -230,22 +230,11 @@ def test_a_segment_changing_encapsulation_replaces_only_its_devices(rk: Lab) -> 
 
 
 def _attacker(lab: Lab, v6: bool = False) -> tuple[str, str]:
-    """A namespace on the underlay switch, outside the overlay: (namespace, the MAC of its interface)."""
-    ns = f"{lab.prefix}-atk"
-    sh(["ip", "netns", "add", ns])
-    lab.run_ul(["ip", "link", "add", "ulatk", "type", "veth", "peer", "name", "ul0", "netns", ns])
-    lab.run_ul(["ip", "link", "set", "ulatk", "master", "br0", "up"])
-    sh(["ip", "-n", ns, "addr", "add", f"{ATTACKER_IP}/24", "dev", "ul0"])
-    if v6:
-        sh(["ip", "-n", ns, "addr", "add", "2001:db8::99/64", "dev", "ul0", "nodad"])
-    sh(["ip", "-n", ns, "link", "set", "ul0", "up"])
-    mac = json.loads(sh(["ip", "-n", ns, "-j", "link", "show", "ul0"]).stdout)[0]["address"]
-    return ns, mac
+    return lab.add_attacker(ATTACKER_IP, v6)
 
 
 def _drop_attacker(lab: Lab, ns: str) -> None:
-    lab.run_ul(["ip", "link", "del", "ulatk"], check=False)
-    sh(["ip", "netns", "delete", ns], check=False)
+    lab.drop_attacker(ns)
 
 
 def _input_rule_handles(host: Host, target: str) -> list[int]:
@@ -255,8 +244,7 @@ def _input_rule_handles(host: Host, target: str) -> list[int]:
 
 
 def _counter(host: Host, name: str) -> int:
-    out = host.run(["nft", "-j", "list", "counter", "inet", "veilnet", name]).stdout
-    return next(int(o["counter"]["packets"]) for o in json.loads(out)["nftables"] if "counter" in o)
+    return host.nft_counter(name)
 
 
 def cleartext_probe(lab: Lab, ns: str, src_mac: str, victim: Host, victim_ul_mac: str, outer_src: str,

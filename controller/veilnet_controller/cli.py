@@ -29,6 +29,7 @@ import structlog
 from veilnet_agent import logs
 from veilnet_agent.control import pki
 from veilnet_agent.core.errors import ValidationError, VeilnetError
+from veilnet_agent.sdnotify import Readiness
 
 from . import __version__
 from .audit import HEAD_FILE, PUBLIC_KEY_FILE, AuditSigner, load_public_key, open_signed_store, read_head
@@ -184,7 +185,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
-        await serve(data, services, key, cert)
+        readiness = Readiness()
+
+        def ready(control_port: int, bootstrap_port: int) -> None:
+            readiness.report(True, f"serving: control {control_port}, join {bootstrap_port}, "
+                                   f"spec revision {hub.spec_revision}")
+
+        async def watchdog() -> None:  # fed by the event loop that serves every stream: a stuck loop stops it
+            while True:
+                readiness.alive()
+                await asyncio.sleep(1.0)
+
+        keepalive = asyncio.ensure_future(watchdog())
+        try:
+            await serve(data, services, key, cert, ready=ready)
+        finally:
+            keepalive.cancel()
+            readiness.stopping("stopping")
 
     try:
         asyncio.run(main())

@@ -60,6 +60,7 @@ from ..core.ops import CreateLink, DeleteLink, Op, UpdateLink
 from ..dataplane.ipsec_manager import Changes, IpsecManager
 from ..dataplane.reconciler import Failure, Outcome, Reconciler
 from ..logs import get_logger
+from ..sdnotify import Readiness
 from .daemon import gc_paused, settle_heap
 from .retry import RetrySchedule
 from .statefile import StateFileTracker
@@ -156,6 +157,7 @@ class ControlledDaemon:
         self.ipsec: IpsecManager | None = None  # made in run(), once the identity is known to exist
         self._next_confirm_resend = 0.0
         self._sa_failures: dict[tuple[str, str, int], tuple[int, int]] = {}  # SA -> (replay, integrity) seen
+        self.readiness = Readiness()
 
     # ------------------------------------------------------------------ health
 
@@ -426,6 +428,19 @@ class ControlledDaemon:
                  retry_in_seconds=round(delay, 2))
         if self.last_error != self._reported_error:
             self._send_status()
+        self._report_readiness()
+
+    def _report_readiness(self) -> None:
+        """READY once the kernel holds a controller state: the restored one (adopted on restart) or the first update."""
+        failure = self.failure
+        state = self.tracker.state
+        peers = len(state.peers) if state is not None else 0
+        if failure is not None:
+            self.readiness.report(False, f"revision {self.target_revision} not applied, retrying: {failure}"[:200])
+        elif self.applied_revision == 0:
+            self.readiness.report(False, "waiting for the first state from the controller")
+        else:
+            self.readiness.report(True, f"revision {self.applied_revision} applied, {peers} peers")
 
     def _retry(self) -> None:
         """Another attempt at what failed: the desired state if it could not be taken on, else the kernel."""
@@ -781,6 +796,7 @@ class ControlledDaemon:
         next_resync = time.monotonic() + self.config.resync_interval
         try:
             while not self._stop:
+                self.readiness.alive()
                 now = time.monotonic()
                 retry_in = self.retry.seconds_until_due(now)
                 timeout = max(0.0, min(POLL_SECONDS, next_resync - now, POLL_SECONDS if retry_in is None else retry_in))
@@ -808,6 +824,7 @@ class ControlledDaemon:
                     self._guarded(self._send_status)
                     next_resync = time.monotonic() + self.config.resync_interval
         finally:
+            self.readiness.stopping("stopping; the data plane stays in place")
             self.log.info("stopping", note="data plane left in place; a restart adopts it")
             self.client.stop()
             self.local_api.stop()

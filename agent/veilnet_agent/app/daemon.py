@@ -24,6 +24,7 @@ from ..core.config import AgentConfig
 from ..core.errors import ValidationError
 from ..dataplane.reconciler import Failure, Outcome, Reconciler
 from ..logs import get_logger
+from ..sdnotify import Readiness
 from .retry import RetrySchedule
 from .statefile import StateFileTracker, read_state_file
 
@@ -86,6 +87,7 @@ class Daemon:
         self.load_failure: Failure | None = None  # a valid state file that could not be taken on (not a rejection)
         self.pass_failure: Failure | None = None  # the last pass raised (it should not; it must not end the loop)
         self._next_resync = 0.0
+        self.readiness = Readiness()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -164,6 +166,19 @@ class Daemon:
             emit = self.log.warning if retry else self.log.info
             emit("retry_failed" if retry else "retry_scheduled", failure=str(failure), attempt=attempt,
                  retry_in_seconds=round(delay, 2))
+        self.report()
+
+    def report(self) -> None:
+        """Tell systemd: READY once the kernel first holds the state file's state; the status line always."""
+        failure = self.failure
+        desired = self.reconciler.desired
+        if failure is not None:
+            self.readiness.report(False, f"not applied, retrying: {failure}"[:200])
+        elif desired is None:
+            self.readiness.report(False, f"waiting for a valid state file {self.state_file}")
+        else:
+            self.readiness.report(True, f"state file applied: {len(desired.segments)} segments, "
+                                        f"{len(desired.peers)} peers")
 
     def start(self) -> None:
         """The first pass: take on the state file and bring the kernel to it, reading everything back."""
@@ -199,11 +214,13 @@ class Daemon:
             retry_in = self.retry.seconds_until_due(now)
             if retry_in is not None:
                 waits.append(retry_in)
+            self.readiness.alive()
             self._wake.wait(timeout=max(0.0, min(waits)))
             self._wake.clear()
             if self._stop:
                 break
             self.step(time.monotonic())
+        self.readiness.stopping("stopping; the data plane stays in place")
         self.log.info("stopping", note="data plane left in place; a restart adopts it")
         self.reconciler.close()
         return 0

@@ -14,6 +14,7 @@ die() { echo "${0##*/}: $*" >&2; exit 2; }
 
 # parse_args "$@": sets VERSION, OUT (absolute) and CHECK (0 with --no-check).
 parse_args() {
+  # shellcheck disable=SC2034  # CHECK is read by the scripts that source this file
   VERSION="" OUT="$REPO/out/packages" CHECK=1
   while (($#)); do
     case $1 in

@@ -36,13 +36,14 @@ VXLAN_PORT = 4789
 ETH_P_ALL = 0x0003
 WAIT = 5.0  # seconds for a datagram to arrive (TCG is slow)
 QUIET = 1.0  # seconds of silence that show a datagram was not delivered
+CMD_TIMEOUT = 120.0  # seconds for one ip/nft command: a hung one fails the test, naming it
 _counter = itertools.count(1)
 
 FAMILIES = {4: ("192.0.2.1", "192.0.2.2", 24), 6: ("2001:db8::1", "2001:db8::2", 64)}
 
 
 def ip(*args: str, check: bool = True) -> str:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=CMD_TIMEOUT)
     if check and done.returncode != 0:
         raise AssertionError(f"ip {' '.join(args[:6])}... failed: {done.stderr.strip()}")
     return done.stdout
@@ -91,7 +92,7 @@ def namespaces() -> Iterator[list[str]]:
     created: list[str] = []
     yield created
     for ns in reversed(created):
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=CMD_TIMEOUT)
 
 
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
@@ -122,15 +123,18 @@ def packet_socket(ns: str, ifname: str) -> socket.socket:
     return sock
 
 
-def receive_all(sock: socket.socket, quiet: float) -> list[bytes]:
-    """Every datagram until ``quiet`` seconds pass without one."""
+def receive_all(sock: socket.socket, quiet: float, longest: float = 60.0) -> list[bytes]:
+    """Every datagram until ``quiet`` seconds pass without one; a stream that never pauses for ``longest``
+    seconds is a failure that says so (not a test that loops until the suite's timeout)."""
     got = []
     sock.settimeout(quiet)
+    deadline = time.monotonic() + longest
     try:
-        while True:
+        while time.monotonic() < deadline:
             got.append(sock.recv(65535))
     except TimeoutError:
         return got
+    raise AssertionError(f"{len(got)} datagrams in {longest:.0f} s and still arriving; the last: {got[-1][:64]!r}")
 
 
 def wait_datagram(sock: socket.socket, timeout: float = WAIT) -> bytes:
@@ -181,7 +185,7 @@ def ip_s_counters(ns: str) -> dict[int, tuple[int, int]]:
 
 def xfrm_stat(ns: str) -> dict[str, int]:
     text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/xfrm_stat"], capture_output=True,
-                          text=True, check=True).stdout
+                          text=True, check=True, timeout=CMD_TIMEOUT).stdout
     return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
 
 
@@ -362,12 +366,14 @@ def test_a_replayed_packet_is_counted_and_not_delivered_and_a_flipped_byte_fails
     # 2. integrity: a packet the receiver never saw (dropped before XFRM by nftables), one ciphertext byte flipped
     table = ("table inet vnxd {\n chain pre {\n  type filter hook prerouting priority -300; policy accept;\n"
              "  meta l4proto esp drop\n }\n}\n")
-    subprocess.run(["ip", "netns", "exec", pair.b, "nft", "-f", "-"], input=table, text=True, check=True)
+    subprocess.run(["ip", "netns", "exec", pair.b, "nft", "-f", "-"], input=table, text=True, check=True,
+                   timeout=CMD_TIMEOUT)
     receive_all(wire_b, 0.2)  # forget the replayed copy the capture saw
     tx_a.sendto(b"fresh", (pair.addr_b, VXLAN_PORT))
     assert receive_all(rx_b, QUIET) == []
     fresh = esp_frame()
-    subprocess.run(["ip", "netns", "exec", pair.b, "nft", "delete", "table", "inet", "vnxd"], check=True)
+    subprocess.run(["ip", "netns", "exec", pair.b, "nft", "delete", "table", "inet", "vnxd"], check=True,
+                   timeout=CMD_TIMEOUT)
     ciphertext = 14 + ip_header_len(fresh) + 8 + 8  # Ethernet, IP, ESP (SPI, sequence), the GCM IV
     flipped = bytearray(fresh)
     flipped[ciphertext] ^= 0x01

@@ -25,6 +25,14 @@ for m in $(cat "$R/modules"); do
 done
 : > "$R/booted"
 echo "veilnet-vm: kernel $(uname -r), $(nproc) CPUs, modules: $(tr '\n' ' ' < "$R/modules")" >> "$R/output.log"
+# a snapshot of the guest every 30 s (load, memory, the tmpfs upper layer, the busiest processes): when the
+# harness kills a guest that did not finish, it prints the last one, which tells a hung process from a starved
+# or out-of-memory guest
+( while sleep 30; do
+    { date -u; cat /proc/loadavg; free -m | sed -n 2p; df -m / | tail -1
+      ps -eo pid,stat,etime,time,args --sort=-time | head -10 | cut -c1-220; } > "$R/heartbeat.tmp" 2>&1
+    mv "$R/heartbeat.tmp" "$R/heartbeat.log"
+  done ) < /dev/null > /dev/null 2>&1 &
 sh "$R/command.sh" >> "$R/output.log" 2>&1 < /dev/null
 status=$?
 echo "$status" > "$R/exit-status"

@@ -165,7 +165,7 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
-        return "(no console log)"
+        return f"(no {path.name})"
 
 
 def run(command: Sequence[str], *, kernel: Kernel | None = None, modules: Sequence[str] = DEFAULT_MODULES,
@@ -181,7 +181,7 @@ def run(command: Sequence[str], *, kernel: Kernel | None = None, modules: Sequen
     initramfs = build_initramfs(kernel, busybox)
     results = results or Path(tempfile.mkdtemp(prefix="veilnet-vm-"))
     results.mkdir(parents=True, exist_ok=True)
-    for name in ("exit-status", "output.log", "booted"):
+    for name in ("exit-status", "output.log", "booted", "heartbeat.log"):
         (results / name).unlink(missing_ok=True)
     environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                    "HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
@@ -220,7 +220,8 @@ def run(command: Sequence[str], *, kernel: Kernel | None = None, modules: Sequen
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise VmError(f"the guest did not finish within {timeout:.0f} s (hung?); console tail:\n"
-                              f"{tail(console)}")
+                              f"{tail(console)}\nthe guest's last snapshot (heartbeat.log):\n"
+                              f"{tail(results / 'heartbeat.log')}")
             if boot_seconds is None and (results / "booted").exists():
                 boot_seconds = time.monotonic() - started
             if stream:

@@ -67,7 +67,7 @@ copy_sources() {
       agent/veilnet agent/veilnet_agent controller/veilnet_controller controller/README.md \
       systemd README.md docs pyproject.toml \
       packaging/stage packaging/requirements-agent.txt packaging/requirements-controller.txt \
-      packaging/conf packaging/man packaging/sysusers) | tar -x -C "$dest"
+      packaging/conf packaging/man packaging/sysusers packaging/teardown-on-remove) | tar -x -C "$dest"
   # the wheels the build installs: the whole cache (pip picks the pinned ones by hash), hard-linked if it can
   mkdir -p "$dest/wheels"
   cp -l "$WHEEL_CACHE"/*.whl "$dest/wheels/" 2>/dev/null || cp "$WHEEL_CACHE"/*.whl "$dest/wheels/"
@@ -112,16 +112,19 @@ EOF
   fi
 }
 
-# check_teardown_config ROOT SCRIPT: the minimal configuration a maintainer script's teardown falls back
-# to (its printf line) is one the packaged agent accepts.
+# check_teardown_config ROOT SCRIPTLET: the agent's removal scriptlet runs the packaged teardown-on-remove,
+# and the minimal configuration that script falls back to (its printf line) is one the packaged agent accepts.
 check_teardown_config() {
-  local root=$1 script=$2 text
+  local root=$1 scriptlet=$2 script text
+  script=$root/usr/lib/veilnet/agent/teardown-on-remove
+  grep -q "/usr/lib/veilnet/agent/teardown-on-remove" "$scriptlet" || die "${scriptlet##*/} does not run teardown-on-remove"
+  [ -x "$script" ] || die "the package has no executable teardown-on-remove"
   text=$(sh -c "$(grep -o "printf '[^']*'" "$script" | head -1)")
   [ -n "$text" ] || die "no fallback configuration found in $script"
   "$PYTHON" -I -c 'import sys; sys.path.insert(0, sys.argv[1])
 from veilnet_agent.core.config import parse_config_text
 parse_config_text(sys.argv[2], "teardown fallback")' "$root/usr/lib/veilnet/agent" "$text"
-  echo "teardown fallback configuration of ${script##*/} ok"
+  echo "teardown-on-remove is run by ${scriptlet##*/}; its fallback configuration is valid"
 }
 
 # run_wrapper ROOT NAME ARGS...: an extracted package's /usr/bin wrapper, pointed at ROOT's tree.
@@ -131,7 +134,7 @@ run_wrapper() {
   "$PYTHON" -I "$root/$name.test" "$@"
 }
 
-# changelog_date: the commit's date (reproducible builds), or now outside a git checkout.
+# source_date_epoch: the commit's date (reproducible builds), or now outside a git checkout.
 source_date_epoch() {
   git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s
 }

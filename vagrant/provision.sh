@@ -19,7 +19,7 @@ apt-get install -y -qq --no-install-recommends "$(newest veilnet-agent)" iputils
 
 if [ "$address" = "$controller" ]; then
   apt-get install -y -qq --no-install-recommends "$(newest veilnet-controller)"
-  if [ ! -f "$data/ca/ca.crt" ] && [ ! -d "$data/ca" ]; then
+  if [ ! -f "$data/ca/ca.crt" ]; then   # init once (it refuses an initialized directory)
     runuser -u veilnet -- veilnet-controller init --data-dir "$data" --trust-domain veilnet.lab \
       --server-name "$controller" | tee /root/controller-init.txt
   fi

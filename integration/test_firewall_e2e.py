@@ -354,6 +354,11 @@ def ping_ok(lab: Lab, src: str, dst_ip: str, count: int = 3) -> None:
     assert res.returncode == 0, f"{src} -> {dst_ip} failed:\n{res.stdout}{res.stderr}"
 
 
+def pings(lab: Lab, src: str, dst_ip: str) -> bool:
+    """One echo request from ``src`` answered within a second (for polling until a flip)."""
+    return lab.endpoint(src).ping(dst_ip, count=1, wait=1).returncode == 0
+
+
 def ping_fails(lab: Lab, src: str, dst_ip: str) -> None:
     res = lab.endpoint(src).ping(dst_ip, count=2, wait=1, args=("-i", "0.3"))
     assert res.returncode != 0, f"{src} -> {dst_ip} unexpectedly answered:\n{res.stdout}"
@@ -575,7 +580,10 @@ def test_label_change_flips_access_with_element_updates_only(fw: Lab) -> None:
             granted = time.monotonic() - t0
             wait_until(lambda: connect(lab, "c-job", [("a-db", 5432)], 0.5) == ["ok"], FLIP_WITHIN, 0.05,
                        "c-job -> a-db:5432 (host-a's elements) granted")
-            ping_ok(lab, "c-job", ip_of(lab, "b-web"))  # and icmp web -> web, via host-b's elements
+            # And icmp web -> web, via host-b's elements. Each agent reads its new state on its own
+            # schedule, so host-b may flip after host-a: wait for it too, never assume an order.
+            wait_until(lambda: pings(lab, "c-job", ip_of(lab, "b-web")), FLIP_WITHIN, 0.05,
+                       "c-job -> b-web icmp (host-b's elements) granted")
             wait_firewall_applied(lab, marks, "elements")
 
             marks2 = log_marks(lab)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -714,3 +715,33 @@ def test_a_dormant_table_is_not_taken_for_ours(host: str, driver: FirewallDriver
     driver.apply_full(make_compiled(SAMPLE))
     assert "dormant" not in nft(host, "list", "table", "inet", "veilnet")
     assert driver.observe().fingerprint == "fp-one"
+
+
+_WITHOUT_PROTOCOLS = """
+import json, sys
+from veilnet_agent.core.firewall_compiler import compile_firewall
+from veilnet_agent.core.model import parse_node_state
+from veilnet_agent.drivers.firewall import FirewallDriver
+compiled = compile_firewall(parse_node_state(json.loads(sys.argv[2])))
+with FirewallDriver(netns=sys.argv[1]) as driver:
+    driver.apply_full(compiled)
+    observed = driver.observe()
+print(json.dumps([observed.fingerprint == compiled.fingerprint, observed.elements == compiled.elements]))
+"""
+
+
+@pytest.mark.parametrize("encryption", ["wireguard", "ipsec"])
+def test_the_table_loads_on_a_system_without_etc_protocols(host: str, encryption: str) -> None:
+    """nft resolves protocol *names* through /etc/protocols, which minimal systems and container images lack
+    (Debian's netbase): the booted-system install test on a debootstrap minbase found every full load refused
+    ("Could not resolve protocol name"). Every protocol the compiler emits is a number, so it loads without it."""
+    import copy
+
+    raw = copy.deepcopy(_REAL_STATE)
+    raw["encryption"] = encryption
+    script = ("mount --bind /dev/null /etc/protocols && getent protocols udp >/dev/null && exit 99; "
+              f'exec {shlex.quote(sys.executable)} -c "$0" "$1" "$2"')
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, _WITHOUT_PROTOCOLS,
+                           host, json.dumps(raw)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"exit {done.returncode} (99: /etc/protocols still readable)\n{done.stderr}"
+    assert json.loads(done.stdout) == [True, True], done.stdout

@@ -36,6 +36,11 @@ from .firewall_guard import BRIDGE_FAMILY, GuardElements, bridge_table, overlay_
 from .model import IPAddress, NodeState, Segment
 from .policy import PROTOCOL_NUMBERS, Policy, Selector
 
+# ``meta l4proto`` values as numbers: nft resolves a protocol *name* through /etc/protocols (netbase),
+# which minimal systems and container images lack ("Could not resolve protocol name"; found by the
+# booted-system install test on a debootstrap minbase). Numbers need no file.
+L4: dict[str, int] = {**PROTOCOL_NUMBERS, "igmp": 2}
+
 TABLE_FAMILY = "inet"
 TABLE_NAME = "veilnet"
 FINGERPRINT_PREFIX = "veilnet:fingerprint:"
@@ -402,7 +407,7 @@ def _segments_chain(state: NodeState, settings: FirewallSettings) -> list[dict[s
     for family in (4, 6):
         ip = _IP_PROTO[family]
         src, dst = _payload(ip, "saddr"), _payload(ip, "daddr")
-        tcp_udp = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
+        tcp_udp = _match(_meta("l4proto"), {"set": [L4["tcp"], L4["udp"]]})
         port_key = {"concat": [src, dst, _meta("l4proto"), _payload("th", "dport")]}
         proto_key = {"concat": [src, dst, _meta("l4proto")]}
         any_key = {"concat": [src, dst]}
@@ -413,7 +418,7 @@ def _segments_chain(state: NodeState, settings: FirewallSettings) -> list[dict[s
         for interval in (False, True):
             cmds.append(rule(_count_allowed(any_key, map_name(family, "any", interval)), ACCEPT))
     cmds.append(rule(_match(_payload("icmpv6", "type"), {"set": list(LINK_LOCAL_ICMPV6)}), ACCEPT))
-    cmds.append(rule(_match(_meta("l4proto"), "igmp"), ACCEPT))  # IPv4 multicast group management
+    cmds.append(rule(_match(_meta("l4proto"), L4["igmp"]), ACCEPT))  # IPv4 multicast group management
     cmds.append(rule(_match({"concat": [_meta("iifname"), _meta("oifname")]}, "@free_inside"), ACCEPT))
     cmds.append(rule(*_log(settings, "veilnet drop ")))
     cmds.append(rule(_counter("default_drop"), DROP))
@@ -456,7 +461,7 @@ def _connection_limit_rules(segment: Segment, settings: FirewallSettings) -> lis
     bridge = _match(_meta("iifname"), naming.bridge_name(segment.vni))
     new = _match({"ct": {"key": "state"}}, "new", "in")
     cmds = _drop_chain(f"rate_drop_{name}", f"rate_{name}", f"veilnet rate {segment.name} ", settings)
-    for family, proto in ((4, "icmp"), (6, "ipv6-icmp")):
+    for family, proto in ((4, L4["icmp"]), (6, L4["icmpv6"])):
         saddr = _payload(_IP_PROTO[family], "saddr")
         not_icmp = _match(_meta("l4proto"), proto, "!=")
         over = _over_limit(_rate_set(segment, "conn", family), saddr, limit.new_connections_per_second, limit.burst)
@@ -489,7 +494,7 @@ def _input_chains(state: NodeState, settings: FirewallSettings) -> list[dict[str
         ))
     cmds.append(_obj("chain", name="to_host"))
     cmds.append(_rule("to_host", _match({"ct": {"key": "state"}}, ["established", "related"], "in"), ACCEPT))
-    cmds.append(_rule("to_host", _match(_meta("l4proto"), {"set": ["icmp", "ipv6-icmp"]}), ACCEPT))
+    cmds.append(_rule("to_host", _match(_meta("l4proto"), {"set": [L4["icmp"], L4["icmpv6"]]}), ACCEPT))
     cmds.append(_rule("to_host", *_log(settings, "veilnet to-host ")))
     cmds.append(_rule("to_host", _counter("to_host_drop"), DROP))
     cmds.append(_rule("input", _match(_meta("iifname"), "@segment_bridges"), _jump("to_host")))

@@ -399,13 +399,28 @@ def decode_set(obj: Mapping[str, Any]) -> frozenset[Element]:
 
 
 def _clean_error(text: str) -> str:
-    """nft's error text without location prefixes, echoed input, carets and repeats."""
+    """nft's error text without location prefixes, carets and repeats; each error names the input it refused.
+
+    nft prints ``<where>: Error: <what>``, then the offending input line, then carets under the part at
+    fault: that becomes ``Error: <what> (at "<the part>" in: <the line>)``, the line cut to 160 characters.
+    """
+    raw = text.splitlines()
     lines: list[str] = []
-    for raw in text.splitlines():
-        line = _ERROR_LOCATION.sub("", raw).strip()
-        if not line or set(line) <= {"^", "~", " "} or line in lines:
+    i = 0
+    while i < len(raw):
+        line = _ERROR_LOCATION.sub("", raw[i]).strip()
+        i += 1
+        if not line or set(line) <= {"^", "~", " "}:
             continue
-        lines.append(line)
+        if line.startswith("Error:") and i + 1 < len(raw) and raw[i + 1].strip() and set(raw[i + 1]) <= {"^", "~", " "}:
+            echoed, marks = raw[i], raw[i + 1]
+            start = len(marks) - len(marks.lstrip())
+            part = echoed[start:len(marks.rstrip())].strip()
+            shown = echoed.strip()
+            line += f' (at "{part}" in: {shown[:160]}{"..." if len(shown) > 160 else ""})'
+            i += 2
+        if line not in lines:
+            lines.append(line)
     errors = [line for line in lines if line.startswith("Error:")]
     return "; ".join(errors or lines) or "nft failed without a message"
 

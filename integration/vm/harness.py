@@ -121,10 +121,14 @@ exec switch_root /newroot /bin/sh @STAGE2@
 """
 
 
-def build_initramfs(kernel: Kernel, busybox: str) -> Path:
-    """A cpio archive of busybox, /init and the boot modules, cached by kernel and content."""
+def build_initramfs(kernel: Kernel, busybox: str, init: str | None = None) -> Path:
+    """A cpio archive of busybox, /init (``init``, default: this harness's) and the boot modules.
+
+    Cached by kernel and content.
+    """
     modules = module_files(kernel, BOOT_MODULES)
-    init = INIT.replace("@RESULTS@", RESULTS_IN_GUEST).replace("@STAGE2@", str(HERE / "guest.sh"))
+    if init is None:
+        init = INIT.replace("@RESULTS@", RESULTS_IN_GUEST).replace("@STAGE2@", str(HERE / "guest.sh"))
     digest = hashlib.sha256((init + kernel.release + "".join(map(str, modules))).encode()).hexdigest()[:16]
     CACHE.mkdir(parents=True, exist_ok=True)
     target = CACHE / f"initramfs-{kernel.release}-{digest}.cpio"
@@ -172,7 +176,7 @@ def run(command: Sequence[str], *, kernel: Kernel | None = None, modules: Sequen
         timeout: float = 1800, memory: str = "3G", cpus: int | None = None, results: Path | None = None,
         env: dict[str, str] | None = None, workdir: Path = REPO, stream: bool = True) -> Result:
     """Run ``command`` in a guest booted on ``kernel``; its output streams to this process's stdout."""
-    qemu = _require("qemu-system-x86_64")
+    _require("qemu-system-x86_64")
     busybox = _require("busybox")
     _require("cpio")
     kernel = kernel or pick_kernel()
@@ -194,6 +198,20 @@ def run(command: Sequence[str], *, kernel: Kernel | None = None, modules: Sequen
     script += ["exec " + shlex.join(command)]
     (results / "command.sh").write_text("\n".join(script) + "\n")
     (results / "modules").write_text("\n".join(modules) + "\n")
+    shares = [("hostroot", Path("/"), True), ("results", results, False)]
+    return boot(kernel, initramfs, shares, results=results, timeout=timeout, memory=memory, cpus=cpus,
+                stream=stream)
+
+
+def boot(kernel: Kernel, initramfs: Path, shares: Sequence[tuple[str, Path, bool]], *, results: Path,
+         timeout: float, memory: str = "3G", cpus: int | None = None, append: str = "",
+         stream: bool = True) -> Result:
+    """Boot ``kernel`` with ``initramfs`` and the 9p ``shares`` (mount tag, host path, read-only), wait for it.
+
+    The guest's init writes ``exit-status`` (and, as it goes, ``output.log``, ``booted`` and
+    ``heartbeat.log``) to ``results``, which must be one of the shares.
+    """
+    qemu = _require("qemu-system-x86_64")
     console = results / "console.log"
     cpus = cpus or max(1, min(2, os.cpu_count() or 1))
     argv = [
@@ -202,12 +220,13 @@ def run(command: Sequence[str], *, kernel: Kernel | None = None, modules: Sequen
         "-display", "none", "-no-reboot", "-nic", "none", "-monitor", "none",
         "-serial", f"file:{console}",
         "-kernel", str(kernel.image), "-initrd", str(initramfs),
-        "-append", "console=ttyS0 panic=-1 quiet loglevel=4",
+        "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 {append}".strip(),
+    ]
+    for tag, path, readonly in shares:
         # multidevs=remap: the host's / spans file systems whose inode numbers collide (procfs and sysfs both
         # start at 1); without it the guest's 9p client aliases /proc and /sys and its mounts vanish.
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
-        "-virtfs", f"local,path={results},mount_tag=results,security_model=passthrough",
-    ]
+        argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=passthrough"
+                 + (",readonly=on,multidevs=remap" if readonly else "")]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -5,16 +5,46 @@ standard library's ``logging`` (pyroute2, grpc's Python layer) are routed into
 structlog too, at warning and above (debug when the agent logs at debug), so
 the agent's log stays one stream of events in one format (a library's
 exception as a one-line ``error`` field, not its stack).
+
+When stderr is the journal (systemd's ``$JOURNAL_STREAM`` names it), each line
+starts with its syslog priority (``<4>`` for a warning): journald strips it and
+files the entry under that priority, so ``journalctl -p warning`` finds the
+agent's warnings while the message stays the same JSON line.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Any, TextIO
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# syslog priorities (sd-daemon.h's SD_DEBUG .. SD_CRIT), by structlog's level names
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+
+
+def stream_is_journal(stream: TextIO, journal_stream: str | None) -> bool:
+    """Whether ``stream`` is the journal's stream socket (``$JOURNAL_STREAM`` is its ``device:inode``)."""
+    if not journal_stream:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return journal_stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def with_priority(renderer: Any) -> Any:
+    """``renderer``, its line prefixed with the event's syslog priority (journald's level prefix)."""
+
+    def render(logger: Any, name: str, event_dict: Any) -> Any:
+        priority = _PRIORITY.get(str(event_dict.get("level", "info")), 6)
+        return f"<{priority}>{renderer(logger, name, event_dict)}"
+
+    return render
 
 
 class _IntoStructlog(logging.Handler):
@@ -38,6 +68,8 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    if stream_is_journal(sys.stderr, os.environ.get("JOURNAL_STREAM")):
+        renderer = with_priority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
